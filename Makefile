@@ -1,0 +1,45 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# torch and torchvision pinned together: timm needs torchvision, and a torchvision
+# built for another torch fails to import.
+TORCH := torch==2.14.1 torchvision==0.29.1
+APT_PKGS := xvfb xauth libgl1 libegl1 libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 \
+	libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xfixes0 \
+	libxcb-shape0 libxcb-cursor0 libdbus-1-3 libfontconfig1
+
+.PHONY: demo test venv system-deps benchmarks model clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Xvfb and the X/GL libraries Qt needs; installed when we are root and they are missing.
+system-deps:
+	@if ! command -v Xvfb >/dev/null 2>&1 || ! ldconfig -p | grep -q libxkbcommon-x11; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
+		else echo "Xvfb missing: install it (apt-get install $(APT_PKGS)) for the GUI tests"; fi; \
+	fi
+
+test: venv system-deps
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: venv system-deps
+	$(PY) -m hdmil.demo $(DEMO_ARGS)
+
+model: venv
+	$(PY) -m hdmil.cli recipe demo --out out/demo-model
+
+benchmarks: venv system-deps
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,58 @@
+"""The ``hdmil`` command line: each sub-module registers a few commands over the model package."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hdmil.errors import HDMILError
+
+# Each module defines ``register(subparsers)``; a command's handler is ``args.func(args) -> int``.
+COMMAND_MODULES = (
+    "hdmil.cli.slide_cmds",  # info, tissue, synth
+    "hdmil.cli.features_cmds",  # features
+    "hdmil.cli.train_cmds",  # train-dmin, train-lipn, evaluate
+    "hdmil.cli.predict_cmds",  # predict, batch
+    "hdmil.cli.cohort_cmds",  # synth-cohort, recipe
+    "hdmil.cli.slpd_cmds",  # pretrain-slpd, similar
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hdmil", description="Hierarchical distillation MIL for whole-slide images."
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # a command group not written yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except HDMILError as exc:
+        if args.debug:
+            raise
+        print(f"hdmil {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"hdmil {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

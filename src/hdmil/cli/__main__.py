@@ -1,0 +1,5 @@
+import sys
+
+from hdmil.cli import main
+
+sys.exit(main())

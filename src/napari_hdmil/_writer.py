@@ -1,0 +1,59 @@
+"""napari writer: a heatmap (or any single-scale image layer) as a TIFF that keeps its µm scale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# A writer refuses gigapixel pyramids: saving a slide is not what this writer is for.
+_MAX_BYTES = 512 * 2**20
+
+
+def write_heatmap(path: str, data: Any, attributes: dict) -> list[str]:
+    """Write one image layer to ``path`` (.tif/.tiff) with its scale (µm/px) as TIFF resolution.
+
+    The layer's ``translate`` (µm), ``name`` and scalar metadata go to the TIFF description as JSON,
+    so the heatmap can be placed back over its slide.
+    """
+    import tifffile
+
+    from hdmil.export import atomic_write
+
+    if isinstance(data, (list, tuple)):
+        if len(data) != 1:
+            raise ValueError(f"{path}: multiscale layers (whole slides) are not written as heatmaps")
+        data = data[0]
+    array = np.asarray(data)
+    if array.nbytes > _MAX_BYTES:
+        raise ValueError(f"{path}: layer is {array.nbytes / 2**20:.0f} MB, too large for a heatmap TIFF")
+    scale = [float(s) for s in attributes.get("scale", (1.0,) * array.ndim)]
+    translate = [float(t) for t in attributes.get("translate", (0.0,) * array.ndim)]
+    sy, sx = scale[-2], scale[-1]
+    description = {
+        "name": attributes.get("name", Path(path).stem),
+        "unit": "um",
+        "scale_um": scale,
+        "translate_um": translate,
+        "hdmil": {k: v for k, v in (attributes.get("metadata") or {}).items() if _jsonable(v)},
+    }
+    with atomic_write(path, "wb") as fh:
+        tifffile.imwrite(
+            fh,
+            array,
+            resolution=(1e4 / sx, 1e4 / sy),
+            resolutionunit="CENTIMETER",
+            description=json.dumps(description),
+            metadata=None,
+        )
+    return [path]
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
