@@ -1,0 +1,380 @@
+"""Checkpoints: one ``.safetensors`` file with the weights and a JSON config; loading runs no code.
+
+Layout: tensors are the modules' state dicts prefixed by module name (``dmin.proj.0.weight``,
+``lipn.stem.0.0.weight``); the safetensors metadata holds ``{"hdmil": <json>}``:
+
+    {
+      "format_version": 1,
+      "model_type": "hdmil" | "dmin" | "lipn",        # DMIN + LIPN, DMIN alone, LIPN alone
+      "modules": {"dmin": DMINConfig dict, "lipn": LIPNConfig dict},   # registry name -> config
+      "classes": ["normal", "tumor"],
+      "encoder": "resnet50_trunc", "feature_dim": 1024,
+      "patch_px": 256, "magnification": 20.0, "lr_magnification": 1.25,
+      "target_keep_rate": 0.6,
+      "provenance": {"created": ..., "hdmil_version": ..., "seed": ..., "data": ..., "metrics": ...}
+    }
+
+``torch.load`` is only used for ``.pt`` / ``.pth`` files, with ``weights_only=True``; such a file must
+hold ``{"hdmil": config dict or JSON, "state_dict": {name: tensor}}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from hdmil.errors import CheckpointError
+from hdmil.models import DMIN, LIPN, create_model, list_models
+
+__all__ = [
+    "FORMAT_VERSION",
+    "HDMILModel",
+    "default_model_path",
+    "load_model",
+    "read_checkpoint_config",
+    "save_checkpoint",
+]
+
+FORMAT_VERSION = 1
+METADATA_KEY = "hdmil"
+_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+DEMO_MODEL_NAME = "hdmil-demo-v1.safetensors"
+
+
+def default_model_path() -> Path:
+    """Where the demo model is looked for: ``$HDMIL_MODEL``, else ``<cache>/models/hdmil-demo-v1.safetensors``
+    in the cache ``hdmil.synth`` uses ($HDMIL_CACHE, $XDG_CACHE_HOME/napari-hdmil, ~/.cache/napari-hdmil).
+    The file may not exist; callers say so with a CheckpointError."""
+    env = os.environ.get("HDMIL_MODEL")
+    if env:
+        return Path(env).expanduser()
+    from hdmil.synth.slide import cache_dir
+
+    return Path(cache_dir()) / "models" / DEMO_MODEL_NAME
+
+
+# --------------------------------------------------------------------------- saving
+def _module_config(name: str, module: nn.Module) -> dict[str, Any]:
+    cfg = getattr(module, "cfg", None) or getattr(module, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        raise ValueError(f"module {name!r} has no config with to_dict() at .cfg; cannot checkpoint it")
+    return cfg.to_dict()
+
+
+def _model_type(names: set[str]) -> str:
+    if {"dmin", "lipn"} <= names:
+        return "hdmil"
+    if "dmin" in names:
+        return "dmin"
+    if "lipn" in names:
+        return "lipn"
+    return "+".join(sorted(names))
+
+
+def _full_config(modules: dict[str, nn.Module], config: dict[str, Any]) -> dict[str, Any]:
+    from hdmil import __version__
+
+    full = dict(config)
+    full["format_version"] = FORMAT_VERSION
+    full["model_type"] = _model_type(set(modules))
+    full["modules"] = {name: _module_config(name, m) for name, m in modules.items()}
+    dmin = modules.get("dmin")
+    n_classes = None
+    if isinstance(dmin, DMIN):
+        n_classes = dmin.cfg.n_classes
+        full.setdefault("feature_dim", dmin.cfg.in_dim)
+        full.setdefault("target_keep_rate", dmin.cfg.target_keep_rate)
+        if full["feature_dim"] != dmin.cfg.in_dim:
+            raise ValueError(f"config feature_dim {full['feature_dim']} != DMIN in_dim {dmin.cfg.in_dim}")
+    elif isinstance(modules.get("lipn"), LIPN):
+        n_classes = modules["lipn"].cfg.n_classes
+    if n_classes is not None:
+        full.setdefault("classes", [f"class_{i}" for i in range(n_classes)])
+        if len(full["classes"]) != n_classes:
+            raise ValueError(f"{len(full['classes'])} class names for a {n_classes}-class model")
+    full.setdefault("patch_px", 256)
+    full.setdefault("magnification", 20.0)
+    full.setdefault("lr_magnification", 1.25)
+    prov = dict(full.get("provenance") or {})
+    prov.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    prov.setdefault("hdmil_version", __version__)
+    prov.setdefault("torch_version", torch.__version__)
+    full["provenance"] = prov
+    return full
+
+
+def save_checkpoint(path: str | os.PathLike, modules: dict[str, nn.Module], config: dict[str, Any]) -> Path:
+    """Write ``modules`` (name -> module, names from the model registry) and ``config`` to one
+    ``.safetensors`` file, atomically (temp file + ``os.replace``). Returns the path.
+
+    ``config`` holds what the modules don't know: ``classes``, ``encoder``, ``feature_dim``, patch
+    geometry, ``provenance`` (seed, data, dates, metrics...). Format version, model type and every
+    module's hyper-parameters are added here. Must be JSON-serialisable.
+    """
+    path = Path(path)
+    if not modules:
+        raise ValueError("save_checkpoint needs at least one module")
+    unknown = sorted(set(modules) - set(list_models()))
+    if unknown:
+        raise ValueError(f"modules {unknown} are not registered models ({', '.join(list_models())})")
+    full = _full_config(modules, config)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        for key, t in module.state_dict().items():
+            # clone: safetensors refuses tensors that share storage
+            tensors[f"{name}.{key}"] = t.detach().to("cpu").contiguous().clone()
+    metadata = {METADATA_KEY: json.dumps(full, sort_keys=True), "format": "pt"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- loading
+@dataclass
+class HDMILModel:
+    """A loaded checkpoint: rebuilt modules in eval mode, their config and where they came from."""
+
+    dmin: DMIN | None
+    lipn: LIPN | None
+    config: dict[str, Any]
+    classes: list[str]
+    path: Path
+    sha256: str  # first 12 hex digits of the file's SHA-256
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def feature_dim(self) -> int | None:
+        if self.dmin is not None:
+            return self.dmin.cfg.in_dim
+        return self.config.get("feature_dim")
+
+    @property
+    def encoder(self) -> str | None:
+        return self.config.get("encoder")
+
+    @property
+    def patch_px(self) -> int:
+        return int(self.config.get("patch_px", 256))
+
+    @property
+    def magnification(self) -> float:
+        return float(self.config.get("magnification", 20.0))
+
+    @property
+    def lr_magnification(self) -> float:
+        return float(self.config.get("lr_magnification", 1.25))
+
+    @property
+    def target_keep_rate(self) -> float | None:
+        return self.config.get("target_keep_rate")
+
+    def check_feature_dim(self, dim: int, source: str | os.PathLike = "features") -> None:
+        """Raise CheckpointError when features of width ``dim`` (from ``source``) don't fit the DMIN."""
+        expected = self.feature_dim
+        if expected is not None and int(dim) != int(expected):
+            enc = f" (encoder {self.encoder})" if self.encoder else ""
+            raise CheckpointError(
+                f"{source}: features are {int(dim)}-d but the DMIN in {self.path} was trained on "
+                f"{expected}-d features{enc}"
+            )
+
+    def to(self, device: str | torch.device) -> HDMILModel:
+        for m in self.modules.values():
+            m.to(device)
+        return self
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+
+
+def _parse_config(path: Path, raw: Any) -> dict[str, Any]:
+    if raw is None:
+        raise CheckpointError(
+            f"{path}: no HDMIL metadata in this file (a checkpoint of another model, or saved without hdmil?)"
+        )
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: HDMIL metadata is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: HDMIL metadata is not a JSON object")
+    version = raw.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: HDMIL metadata has no format_version")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {version} is newer than this hdmil reads ({FORMAT_VERSION}); update hdmil"
+        )
+    if not isinstance(raw.get("modules"), dict) or not raw["modules"]:
+        raise CheckpointError(f"{path}: HDMIL metadata lists no modules")
+    return raw
+
+
+def _read_safetensors(path: Path, *, tensors: bool, device: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            meta = f.metadata() or {}
+            config = _parse_config(path, meta.get(METADATA_KEY))
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own error type for headers and truncation
+        raise CheckpointError(f"{path}: not a readable safetensors file or corrupt ({e})") from None
+    return config, state
+
+
+def _read_pickle_free(path: Path, *, device: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds Python objects, not only weights "
+            f"(loading it would run code). {first}"
+        ) from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable torch file or corrupt ({e})") from None
+    if not isinstance(obj, dict) or "state_dict" not in obj:
+        raise CheckpointError(f"{path}: no HDMIL metadata in this file (expected keys 'hdmil' and 'state_dict')")
+    config = _parse_config(path, obj.get(METADATA_KEY))
+    state = obj["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: 'state_dict' is not a mapping of names to tensors")
+    return config, state
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON config of a checkpoint, without building any module."""
+    path = Path(path)
+    _check_exists(path)
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        return _read_pickle_free(path, device="cpu")[0]
+    return _read_safetensors(path, tensors=False, device="cpu")[0]
+
+
+def _few(names: list[str], n: int = 5) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def _load_module(path: Path, name: str, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    prefix = f"{name}."
+    given = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: {name} weights missing: {_few([prefix + k for k in missing])}")
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected {name} weights: {_few([prefix + k for k in unexpected])}")
+    wrong = [
+        f"{prefix}{k} {tuple(given[k].shape)} (model wants {tuple(v.shape)})"
+        for k, v in expected.items()
+        if tuple(given[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        raise CheckpointError(f"{path}: weights with the wrong shape: {_few(wrong, 3)}")
+    module.load_state_dict(given, strict=True)
+
+
+def load_model(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", require_dmin: bool = True
+) -> HDMILModel:
+    """Rebuild the modules of a checkpoint from its config and load their weights (strict).
+
+    ``.safetensors`` files are read with safetensors, ``.pt`` / ``.pth`` with
+    ``torch.load(weights_only=True)``: no code from the file runs. Raises CheckpointError naming the
+    file when it is missing, corrupt, not an HDMIL checkpoint, LIPN without its DMIN (unless
+    ``require_dmin=False``), or when its weights don't match the config.
+    """
+    path = Path(path)
+    _check_exists(path)
+    device = torch.device(map_location)
+    # read on the CPU (checks need no device), then move the built modules
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        config, state = _read_pickle_free(path, device="cpu")
+    else:
+        config, state = _read_safetensors(path, tensors=True, device="cpu")
+
+    names = list(config["modules"])
+    if require_dmin and "dmin" not in names:
+        if "lipn" in names:
+            raise CheckpointError(
+                f"{path}: LIPN without its DMIN: this checkpoint holds {', '.join(names)} only; "
+                "hierarchical inference needs the DMIN that LIPN was trained against"
+            )
+        raise CheckpointError(f"{path}: no DMIN in this checkpoint (it holds {', '.join(names)})")
+    modules: dict[str, nn.Module] = {}
+    for name in names:
+        try:
+            module = create_model(name, **config["modules"][name])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot build {name} from its config ({e})") from None
+        _load_module(path, name, module, state)
+        modules[name] = module.to(device).eval()
+    stray = sorted(k for k in state if k.split(".", 1)[0] not in modules)
+    if stray:
+        raise CheckpointError(f"{path}: unexpected weights for no listed module: {_few(stray)}")
+
+    dmin, lipn = modules.get("dmin"), modules.get("lipn")
+    n_classes = (dmin or lipn).cfg.n_classes if (dmin or lipn) is not None else None
+    classes = [str(c) for c in config.get("classes") or [f"class_{i}" for i in range(n_classes or 0)]]
+    if n_classes is not None and len(classes) != n_classes:
+        raise CheckpointError(f"{path}: {len(classes)} class names for a {n_classes}-class model")
+    if dmin is not None and lipn is not None and lipn.cfg.n_classes != dmin.cfg.n_classes:
+        raise CheckpointError(
+            f"{path}: LIPN has {lipn.cfg.n_classes} classes but DMIN has {dmin.cfg.n_classes}"
+        )
+    if dmin is not None and config.get("feature_dim") not in (None, dmin.cfg.in_dim):
+        raise CheckpointError(
+            f"{path}: config says {config['feature_dim']}-d features but the DMIN takes {dmin.cfg.in_dim}-d"
+        )
+    return HDMILModel(
+        dmin=dmin,  # type: ignore[arg-type]
+        lipn=lipn,  # type: ignore[arg-type]
+        config=config,
+        classes=classes,
+        path=path,
+        sha256=_sha256(path),
+        modules=modules,
+    )

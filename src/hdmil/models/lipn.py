@@ -1,0 +1,193 @@
+"""LIPN: the low-resolution instance pre-screening network (METHOD §4).
+
+A tiny MobileNetV4-style CNN over each 16×16 LR patch (the patch's 128 µm square at 1.25x) that
+predicts, per class, whether DMIN would keep the instance; only kept instances are read at 20x.
+
+Spatial size per stage on a 16×16 input (every conv pads k // 2, so each stride-2 stage gives
+ceil(size / 2) and the 1×1 maps of the last stages still work):
+
+    stage                               channels   size
+    input                                     3    16×16
+    conv3×3 s2                               16     8×8
+    conv3×3 s2                               16     4×4
+    conv1×1                                  16     4×4
+    conv3×3 s2                               48     2×2
+    conv1×1                                  24     2×2
+    UIB s2 (expansion 2, depthwise 5/5)      48     1×1
+    UIB s2 (expansion 2, depthwise 3/3)      64     1×1
+    global average pool                      64     1×1
+    conv1×1                                  64     1×1
+    Linear                                    C     -
+
+All convs are followed by BatchNorm + ReLU, as METHOD §4 specifies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hdmil.models.losses import binarize_st
+
+__all__ = ["LIPN", "LIPNConfig", "ConvBNReLU", "UIBlock"]
+
+
+@dataclass
+class LIPNConfig:
+    """Hyper-parameters of LIPN (reference widths, METHOD §4)."""
+
+    n_classes: int = 2
+    tau: float = 0.7  # P = sigmoid(logit / τ)
+    threshold: float = 0.5  # M_LR = 1[P > threshold]
+    in_chans: int = 3
+    input_px: int = 16  # LR patch side
+    conv_widths: tuple[int, ...] = (16, 16, 16, 48, 24)  # conv3×3 s2, 3×3 s2, 1×1, 3×3 s2, 1×1
+    uib_widths: tuple[int, ...] = (48, 64)  # both stride 2
+    uib_kernels: tuple[tuple[int, int], ...] = ((5, 5), (3, 3))  # (start dw, middle dw); 0 = none
+    uib_expansion: float = 2.0
+    head_width: int = 64  # conv1×1 after pooling
+
+    def __post_init__(self) -> None:
+        self.conv_widths = tuple(int(v) for v in self.conv_widths)
+        self.uib_widths = tuple(int(v) for v in self.uib_widths)
+        self.uib_kernels = tuple((int(a), int(b)) for a, b in self.uib_kernels)
+        if self.n_classes < 1:
+            raise ValueError(f"LIPNConfig.n_classes must be >= 1, got {self.n_classes}")
+        if self.tau <= 0:
+            raise ValueError(f"LIPNConfig.tau must be > 0, got {self.tau}")
+        if len(self.conv_widths) != 5:
+            raise ValueError(f"LIPNConfig.conv_widths needs 5 widths, got {self.conv_widths}")
+        if len(self.uib_widths) != len(self.uib_kernels):
+            raise ValueError("LIPNConfig.uib_widths and uib_kernels need the same length")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["conv_widths"] = list(self.conv_widths)
+        d["uib_widths"] = list(self.uib_widths)
+        d["uib_kernels"] = [list(k) for k in self.uib_kernels]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LIPNConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown LIPN config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+
+class ConvBNReLU(nn.Sequential):
+    """Conv2d (padding k // 2, no bias) + BatchNorm + ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UIBlock(nn.Module):
+    """Universal inverted bottleneck (MobileNetV4).
+
+    [depthwise k_a] → 1×1 expand (cin·expansion) → [depthwise k_b, carries the stride] → 1×1 project.
+    A kernel of 0 leaves that depthwise conv out (then the start conv carries the stride, or none).
+    Identity shortcut when stride = 1 and cin = cout.
+    """
+
+    def __init__(
+        self, cin: int, cout: int, start_kernel: int, mid_kernel: int, stride: int = 1, expansion: float = 2.0
+    ) -> None:
+        super().__init__()
+        hidden = max(1, int(round(cin * expansion)))
+        start_stride = stride if mid_kernel == 0 else 1
+        self.start_dw = ConvBNReLU(cin, cin, start_kernel, start_stride, groups=cin) if start_kernel else nn.Identity()
+        self.expand = ConvBNReLU(cin, hidden, 1)
+        self.mid_dw = ConvBNReLU(hidden, hidden, mid_kernel, stride, groups=hidden) if mid_kernel else nn.Identity()
+        self.project = ConvBNReLU(hidden, cout, 1)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.mid_dw(self.expand(self.start_dw(x))))
+        return x + y if self.residual else y
+
+
+class LIPN(nn.Module):
+    """Low-resolution instance pre-screening network: LR patch [N, 3, 16, 16] -> logits [N, C]."""
+
+    def __init__(self, cfg: LIPNConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        if cfg is None:
+            cfg = LIPNConfig(**kwargs)
+        elif kwargs:
+            cfg = dataclasses.replace(cfg, **kwargs)
+        self.cfg = cfg
+        w = cfg.conv_widths
+        self.stem = nn.Sequential(
+            ConvBNReLU(cfg.in_chans, w[0], 3, 2),
+            ConvBNReLU(w[0], w[1], 3, 2),
+            ConvBNReLU(w[1], w[2], 1),
+            ConvBNReLU(w[2], w[3], 3, 2),
+            ConvBNReLU(w[3], w[4], 1),
+        )
+        blocks = []
+        cin = w[4]
+        for cout, (ka, kb) in zip(cfg.uib_widths, cfg.uib_kernels):
+            blocks.append(UIBlock(cin, cout, ka, kb, stride=2, expansion=cfg.uib_expansion))
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = ConvBNReLU(cin, cfg.head_width, 1)
+        self.fc = nn.Linear(cfg.head_width, cfg.n_classes)
+
+    @property
+    def n_classes(self) -> int:
+        return self.cfg.n_classes
+
+    @staticmethod
+    def prepare(lr_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """LR patches uint8 [N, 16, 16, 3] -> float32 [N, 3, 16, 16] scaled x / 255 − 0.5."""
+        x = torch.as_tensor(np.asarray(lr_uint8) if not isinstance(lr_uint8, torch.Tensor) else lr_uint8)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"LIPN.prepare expects uint8 [N, H, W, 3], got {tuple(x.shape)}")
+        return (x.permute(0, 3, 1, 2).float() / 255.0 - 0.5).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x float [N, 3, 16, 16] (from ``prepare``) -> logits [N, C]."""
+        x = self.head(self.pool(self.blocks(self.stem(x))))  # [N, 64, 1, 1]
+        return self.fc(x.flatten(1))
+
+    def soft_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [N, C] -> M_LR [N, C]: P = sigmoid(logit / τ), 1[P > 0.5] with straight-through."""
+        return binarize_st(torch.sigmoid(logits / self.cfg.tau), self.cfg.threshold)
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
+    def keep_mask(self, lr_uint8: torch.Tensor | np.ndarray, batch_size: int = 4096) -> torch.Tensor:
+        """Eval: LR patches uint8 [N, 16, 16, 3] -> bool [N, C] on the CPU (which instances each class keeps)."""
+        n = int(lr_uint8.shape[0])
+        if n == 0:
+            return torch.zeros(0, self.cfg.n_classes, dtype=torch.bool)
+        device = next(self.parameters()).device
+        out = []
+        with self._evaluating():
+            for start in range(0, n, batch_size):
+                x = self.prepare(lr_uint8[start : start + batch_size]).to(device)
+                p = torch.sigmoid(self.forward(x) / self.cfg.tau)
+                out.append((p > self.cfg.threshold).cpu())
+        return torch.cat(out)
