@@ -1,0 +1,396 @@
+"""The patch grid of a slide: HR 256 px at 20x ⇄ LR 16 px at 1.25x, in level-0 coordinates.
+
+One grid cell is one HR patch (``patch_size_level0`` level-0 px, 128 µm at the defaults) and one LR
+patch (16 × 16 px of ``lr_image``, the whole slide at 1.25x laid out exactly on the grid). The grid
+starts at level-0 (0, 0) and covers full patches only. A patch is kept when at least
+``tissue_threshold`` of its LR cell is tissue (METHOD.md §1).
+
+>>> grid = build_grid(slide)                 # slide: hdmil.slide.Slide
+>>> grid.coords[:2], grid.shape, grid.patch_size_level0
+>>> lr = grid.lr_patches()                   # uint8 [N, 16, 16, 3], LIPN's input
+>>> heat = grid.to_raster(scores)            # (rows, cols) with NaN off tissue
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import sparse
+
+from hdmil.errors import Cancelled, SlideError
+from hdmil.tissue import TissueParams, tissue_mask
+
+__all__ = ["PatchGrid", "build_grid", "patch_size_level0", "read_lr_image", "target_mpp"]
+
+Progress = Callable[[str, int, int], Any]
+
+# Source pixels per band while streaming a level into the LR image (≈ 24 MB uint8, 96 MB float).
+_BAND_PIXELS = 8_000_000
+
+
+def target_mpp(magnification: float) -> float:
+    """µm per pixel at an objective magnification: 10x ≈ 1 µm/px, so 20x → 0.5, 1.25x → 8."""
+    if not magnification > 0:
+        raise ValueError(f"magnification must be positive, got {magnification}")
+    return 10.0 / magnification
+
+
+@dataclass(eq=False)
+class PatchGrid:
+    """Tissue patches of one slide on a regular grid.
+
+    Arrays with N rows list the tissue patches only, in row-major grid order.
+    """
+
+    coords: np.ndarray  # int64 [N, 2] level-0 (x, y) of each patch's top-left corner
+    index: np.ndarray  # int64 [N, 2] (row, col) in the full grid
+    shape: tuple[int, int]  # (rows, cols) of the full grid
+    patch_size_level0: int  # side of one patch in level-0 px
+    mpp: float  # level-0 µm/px used
+    tissue_fraction: np.ndarray  # float32 [N]
+    mask: np.ndarray  # bool (rows * lr_patch_px, cols * lr_patch_px)
+    lr_image: np.ndarray  # uint8 (rows * lr_patch_px, cols * lr_patch_px, 3)
+    message: str = ""
+    patch_px: int = 256
+    magnification: float = 20.0
+    lr_magnification: float = 1.25
+    lr_patch_px: int = 16
+    tissue_threshold: float = 0.25
+    origin: tuple[int, int] = (0, 0)
+    dimensions: tuple[int, int] = (0, 0)  # level-0 (w, h) of the slide
+    slide_name: str = ""
+    level: int = 0  # pyramid level the LR image was made from
+    cell_fraction: np.ndarray | None = field(default=None, repr=False)  # float32 (rows, cols)
+
+    @classmethod
+    def from_coords(
+        cls,
+        coords: np.ndarray,
+        patch_size_level0: int,
+        dimensions: tuple[int, int],
+        mpp: float,
+        slide_name: str = "",
+        lr_patch_px: int = 16,
+    ) -> PatchGrid:
+        """A grid around patch coordinates read back from a feature file (no LR image, no mask).
+
+        ``coords`` must lie on this grid (multiples of ``patch_size_level0`` from (0, 0)).
+        """
+        coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+        ps0 = int(patch_size_level0)
+        if (coords % ps0).any() or (coords < 0).any():
+            raise ValueError(
+                f"coordinates are not on a grid of {ps0} px patches from (0, 0); "
+                "they were made with another patch size or offset"
+            )
+        w, h = (int(v) for v in dimensions)
+        rows, cols = h // ps0, w // ps0
+        index = coords[:, ::-1] // ps0
+        if len(index) and ((index[:, 0] >= rows) | (index[:, 1] >= cols)).any():
+            raise ValueError(f"coordinates outside the {w} x {h} px slide's grid of {ps0} px patches")
+        return cls(
+            coords=coords,
+            index=index,
+            shape=(rows, cols),
+            patch_size_level0=ps0,
+            mpp=float(mpp),
+            tissue_fraction=np.full(len(coords), np.nan, np.float32),
+            mask=np.zeros((rows * lr_patch_px, cols * lr_patch_px), bool),
+            lr_image=np.full((rows * lr_patch_px, cols * lr_patch_px, 3), 255, np.uint8),
+            message=f"{len(coords)} patches from coordinates",
+            lr_patch_px=lr_patch_px,
+            dimensions=(w, h),
+            slide_name=slide_name,
+        )
+
+    @property
+    def patch_size_um(self) -> float:
+        return self.patch_size_level0 * self.mpp
+
+    @property
+    def lr_scale(self) -> float:
+        """Level-0 px per LR px."""
+        return self.patch_size_level0 / self.lr_patch_px
+
+    @property
+    def lr_mpp(self) -> float:
+        """µm per px of ``lr_image`` and ``mask``."""
+        return self.mpp * self.lr_scale
+
+    @property
+    def n(self) -> int:
+        return int(self.coords.shape[0])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        rows, cols = self.shape
+        return (
+            f"PatchGrid({self.slide_name!r}, {self.n} tissue patches of {rows}x{cols}, "
+            f"patch {self.patch_size_level0} px = {self.patch_size_um:.1f} µm)"
+        )
+
+    def lr_patches(self) -> np.ndarray:
+        """uint8 [N, lr_patch_px, lr_patch_px, 3]: each tissue patch's cell of ``lr_image``."""
+        p = self.lr_patch_px
+        rows, cols = self.shape
+        cells = self.lr_image.reshape(rows, p, cols, p, 3).transpose(0, 2, 1, 3, 4)
+        return np.ascontiguousarray(cells[self.index[:, 0], self.index[:, 1]])
+
+    def to_raster(self, values: np.ndarray, fill: float = np.nan) -> np.ndarray:
+        """[N] or [N, C] per-patch values -> (rows, cols) or (rows, cols, C), one pixel per patch.
+
+        Cells without a tissue patch hold ``fill``. Floating values keep their dtype.
+        """
+        values = np.asarray(values)
+        if values.ndim not in (1, 2) or values.shape[0] != self.n:
+            raise ValueError(f"values must be [N] or [N, C] with N = {self.n}, got {values.shape}")
+        fill_arr = np.asarray(fill)
+        if np.issubdtype(values.dtype, np.floating) and np.can_cast(
+            fill_arr, values.dtype, casting="same_kind"
+        ):
+            dtype = values.dtype
+        else:
+            dtype = np.result_type(values.dtype, fill_arr.dtype)
+        out = np.full(self.shape + values.shape[1:], fill, dtype=dtype)
+        out[self.index[:, 0], self.index[:, 1]] = values
+        return out
+
+
+def build_grid(
+    slide,
+    mpp: float | None = None,
+    patch_px: int = 256,
+    magnification: float = 20.0,
+    lr_magnification: float = 1.25,
+    tissue_threshold: float = 0.25,
+    tissue_params: TissueParams | None = None,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    snap: float = 0.05,
+) -> PatchGrid:
+    """The tissue patch grid of ``slide``.
+
+    Args:
+        slide: an open ``hdmil.slide.Slide`` (anything with its ``dimensions``,
+            ``level_downsamples``, ``best_level_for_downsample``, ``read_region``, ``mpp``).
+        mpp: level-0 µm/px; overrides the slide's own. Without either: MissingMPPError.
+        patch_px: HR patch side at ``magnification`` (256 at 20x = 128 µm).
+        magnification: HR magnification; µm/px there is 10 / magnification.
+        lr_magnification: LR magnification; LR patch side = patch_px * lr / hr (16).
+        tissue_threshold: keep a patch when this fraction of it or more is tissue.
+        tissue_params: tissue mask settings (``TissueParams()``).
+        progress: ``progress(stage, done, total)`` while the LR image is read.
+        cancel: set it to stop; raises ``Cancelled``.
+        snap: when the slide's µm/px is within this relative distance of a whole multiple (or
+            fraction) of the target's, use the whole ratio: a "20x" scan at 0.499 µm/px gets
+            256 px patches (as CLAM and the reference read it), a "40x" at 0.2527 gets 512.
+            0 for the exact physical size.
+
+    Returns:
+        A ``PatchGrid``; N = 0 (with ``message`` saying why) for a slide smaller than one patch
+        or without tissue.
+    """
+    if mpp is None:
+        mpp = slide.require_mpp()
+    mpp = float(mpp)
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise SlideError(
+            f"{_where(slide)}: mpp must be a positive number of µm per pixel, not {mpp}"
+        )
+    if not 0.0 <= tissue_threshold <= 1.0:
+        raise ValueError(f"tissue_threshold must be within [0, 1], got {tissue_threshold}")
+    lr_exact = patch_px * lr_magnification / magnification
+    lr_px = int(round(lr_exact))
+    if lr_px < 1 or abs(lr_px - lr_exact) > 1e-6:
+        raise ValueError(
+            f"patch_px * lr_magnification / magnification must be a whole number of LR pixels, "
+            f"got {patch_px} * {lr_magnification} / {magnification} = {lr_exact:g}"
+        )
+
+    ps0 = patch_size_level0(mpp, patch_px, magnification, snap)
+    w, h = (int(v) for v in slide.dimensions)
+    rows, cols = h // ps0, w // ps0
+    name = str(getattr(slide, "name", "") or "")
+    common = dict(
+        shape=(rows, cols),
+        patch_size_level0=ps0,
+        mpp=mpp,
+        patch_px=int(patch_px),
+        magnification=float(magnification),
+        lr_magnification=float(lr_magnification),
+        lr_patch_px=lr_px,
+        tissue_threshold=float(tissue_threshold),
+        dimensions=(w, h),
+        slide_name=name,
+    )
+    if rows == 0 or cols == 0:
+        return _empty_grid(
+            message=(
+                f"{_where(slide)}: the slide ({w} x {h} px) is smaller than one patch "
+                f"({ps0} px = {ps0 * mpp:.0f} µm at {mpp:g} µm/px); no patches"
+            ),
+            **common,
+        )
+
+    scale = ps0 / lr_px  # level-0 px per LR px
+    level = int(slide.best_level_for_downsample(scale))
+    lr_image = read_lr_image(
+        slide, (rows * lr_px, cols * lr_px), scale, level=level, progress=progress, cancel=cancel
+    )
+    if progress is not None:
+        progress("tissue", 0, 1)
+    mask = tissue_mask(lr_image, tissue_params or TissueParams(), mpp=mpp * scale)
+    if progress is not None:
+        progress("tissue", 1, 1)
+    cell = mask.reshape(rows, lr_px, cols, lr_px).mean(axis=(1, 3), dtype=np.float32)
+    # Strictly positive: a threshold of 0 must not keep empty background cells.
+    keep = (cell >= tissue_threshold) & (cell > 0)
+    index = np.argwhere(keep).astype(np.int64)  # row-major order
+    coords = index[:, ::-1] * ps0
+    n = len(index)
+    if n == 0:
+        message = (
+            f"{_where(slide)}: no tissue found: no patch of the {rows} x {cols} grid is "
+            f"{tissue_threshold:.0%} tissue or more (tissue covers {mask.mean():.1%} of the slide)"
+        )
+    else:
+        message = (
+            f"{n} tissue patches of {rows * cols} ({rows} x {cols} grid, "
+            f"{ps0} px = {ps0 * mpp:.0f} µm)"
+        )
+    return PatchGrid(
+        coords=coords.astype(np.int64),
+        index=index,
+        tissue_fraction=cell[keep].astype(np.float32),
+        mask=mask,
+        lr_image=lr_image,
+        message=message,
+        level=level,
+        cell_fraction=cell,
+        **common,
+    )
+
+
+def read_lr_image(
+    slide,
+    size_hw: tuple[int, int],
+    scale: float,
+    level: int | None = None,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> np.ndarray:
+    """The slide from level-0 (0, 0) resampled to ``size_hw`` px, ``scale`` level-0 px per px.
+
+    Area-averages pyramid level ``level`` (default: the smallest level still at least as fine
+    as needed) in horizontal bands, so a level without a pyramid above it is never held in
+    memory whole. Returns uint8 (H, W, 3).
+    """
+    out_h, out_w = (int(v) for v in size_hw)
+    out = np.empty((out_h, out_w, 3), np.uint8)
+    if out_h == 0 or out_w == 0:
+        return out
+    if level is None:
+        level = int(slide.best_level_for_downsample(scale))
+    ds = float(slide.level_downsamples[level])
+    s = scale / ds  # source px of this level per output px
+    src_w = math.ceil(out_w * s - 1e-9)
+    ax = _area_matrix(out_w, s, 0, src_w)
+    band_rows = max(1, int(_BAND_PIXELS // max(1, src_w * max(s, 1.0))))
+    starts = list(range(0, out_h, band_rows))
+    for b, i0 in enumerate(starts):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"{_where(slide)}: cancelled while reading the low-resolution image")
+        if progress is not None:
+            progress("lr_image", b, len(starts))
+        i1 = min(out_h, i0 + band_rows)
+        y0 = math.floor(i0 * s + 1e-9)
+        y1 = max(y0 + 1, math.ceil(i1 * s - 1e-9))
+        # A level-0 y that maps back to level row y0 exactly (read_region floors y / ds).
+        loc_y = math.ceil(y0 * ds - 1e-9)
+        band = np.asarray(slide.read_region((0, loc_y), level, (src_w, y1 - y0)))
+        out[i0:i1] = _resample(band[..., :3], _area_matrix(i1 - i0, s, i0 * s - y0, y1 - y0), ax)
+    if progress is not None:
+        progress("lr_image", len(starts), len(starts))
+    return out
+
+
+def patch_size_level0(
+    mpp: float, patch_px: int = 256, magnification: float = 20.0, snap: float = 0.05
+) -> int:
+    """Side in level-0 px of a ``patch_px`` patch at ``magnification`` on a slide at ``mpp``.
+
+    >>> patch_size_level0(0.499), patch_size_level0(0.25), patch_size_level0(0.3)
+    (256, 512, 427)
+    """
+    ratio = target_mpp(magnification) / mpp  # level-0 px per target px
+    # Scanners label 20x anywhere from 0.49 to 0.51 µm/px: snap near-whole ratios.
+    whole = round(ratio) if ratio >= 1 else 1.0 / max(1, round(1.0 / ratio))
+    if whole > 0 and abs(ratio - whole) <= snap * whole:
+        ratio = whole
+    return max(1, int(round(patch_px * ratio)))
+
+
+def _area_matrix(n_out: int, s: float, start: float, n_in: int) -> sparse.csr_matrix:
+    """Sparse [n_out, n_in] area weights: output i averages input [start + i*s, start + (i+1)*s).
+
+    Rows sum to one (renormalised where the window runs past the input).
+    """
+    a = start + np.arange(n_out) * s
+    b = a + s
+    k = int(math.ceil(s)) + 1
+    j = np.floor(a + 1e-9).astype(np.int64)[:, None] + np.arange(k)[None, :]
+    overlap = np.minimum(b[:, None], j + 1) - np.maximum(a[:, None], j)
+    valid = (overlap > 1e-9) & (j >= 0) & (j < n_in)
+    weights = np.where(valid, overlap, 0.0)
+    sums = weights.sum(axis=1, keepdims=True)
+    weights = weights / np.where(sums > 0, sums, 1.0)
+    rows = np.broadcast_to(np.arange(n_out)[:, None], j.shape)
+    return sparse.csr_matrix(
+        (weights[valid].astype(np.float32), (rows[valid], j[valid])), shape=(n_out, n_in)
+    )
+
+
+def _resample(band: np.ndarray, ay: sparse.csr_matrix, ax: sparse.csr_matrix) -> np.ndarray:
+    """(h, w, 3) uint8 -> (ay rows, ax rows, 3) uint8 by separable area averaging."""
+    h, w, _ = band.shape
+    if ay.shape[0] == h and ax.shape[0] == w and _is_identity(ay) and _is_identity(ax):
+        return band  # the level is exactly the LR resolution
+    t = ay @ band.reshape(h, w * 3).astype(np.float32)  # (h_out, w * 3)
+    h_out = t.shape[0]
+    t = np.ascontiguousarray(t.reshape(h_out, w, 3).transpose(1, 0, 2)).reshape(w, h_out * 3)
+    t = ax @ t  # (w_out, h_out * 3)
+    t = t.reshape(ax.shape[0], h_out, 3).transpose(1, 0, 2)
+    return np.clip(np.rint(t), 0, 255).astype(np.uint8)
+
+
+def _is_identity(m: sparse.csr_matrix) -> bool:
+    if m.shape[0] != m.shape[1] or m.nnz != m.shape[0]:
+        return False
+    coo = m.tocoo()
+    return bool(np.all(coo.row == coo.col) and np.allclose(coo.data, 1.0))
+
+
+def _empty_grid(message: str, **common: Any) -> PatchGrid:
+    rows, cols = common["shape"]
+    p = common["lr_patch_px"]
+    return PatchGrid(
+        coords=np.zeros((0, 2), np.int64),
+        index=np.zeros((0, 2), np.int64),
+        tissue_fraction=np.zeros(0, np.float32),
+        mask=np.zeros((rows * p, cols * p), bool),
+        lr_image=np.full((rows * p, cols * p, 3), 255, np.uint8),
+        message=message,
+        cell_fraction=np.zeros((rows, cols), np.float32),
+        **common,
+    )
+
+
+def _where(slide) -> str:
+    return str(getattr(slide, "path", None) or getattr(slide, "name", None) or "slide")
