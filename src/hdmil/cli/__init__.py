@@ -13,7 +13,8 @@ COMMAND_MODULES = (
     "hdmil.cli.slide_cmds",  # info, tissue, synth
     "hdmil.cli.features_cmds",  # features
     "hdmil.cli.train_cmds",  # train-dmin, train-lipn, evaluate
-    "hdmil.cli.predict_cmds",  # predict, batch
+    "hdmil.cli.predict_cmds",  # predict
+    "hdmil.cli.batch_cmds",  # batch
     "hdmil.cli.cohort_cmds",  # synth-cohort, recipe
     "hdmil.cli.slpd_cmds",  # pretrain-slpd, similar
 )
