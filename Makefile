@@ -32,8 +32,15 @@ system-deps:
 test: venv system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# With a display: the viewer opens. Without one: a virtual X server renders the same window to
+# out/demo/screenshot.png and the report is printed.
 demo: venv system-deps
-	$(PY) -m hdmil.demo $(DEMO_ARGS)
+	@if [ -n "$$DISPLAY" ]; then \
+		$(PY) -m napari_hdmil.demo $(DEMO_ARGS); \
+	else \
+		xvfb-run -a -s "-screen 0 1600x1000x24" $(PY) -m napari_hdmil.demo \
+			--screenshot out/demo/screenshot.png --out out/demo $(DEMO_ARGS); \
+	fi
 
 model: venv
 	$(PY) -m hdmil.cli recipe demo --out out/demo-model
