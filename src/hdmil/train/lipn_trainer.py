@@ -1,0 +1,326 @@
+"""Training LIPN against a frozen, trained DMIN (METHOD §4).
+
+For every slide the frozen DMIN, in eval mode, marks which instances each class would pool over
+on the HR features, ``M_HR = 1[s > 0]``; LIPN learns to predict that mask from the same patches'
+16×16 LR views. Loss per slide: ``mean_c L1(M_LR[:, c], M_HR[:, c]) + MSE(r̃_LR, r̃_HR)``.
+LIPN is per instance, so one step batches several slides' patches (up to
+``cfg.lipn_batch_patches``) through the network and averages the per-slide losses, which keeps the
+kept-ratio term per slide.
+
+The output, ``hdmil.safetensors``, holds DMIN and LIPN together: one file is a full HDMIL model.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hdmil.errors import CheckpointError, HDMILError
+from hdmil.train.data import Cohort
+from hdmil.train.dmin_trainer import (
+    CSVLog,
+    EarlyStopping,
+    Progress,
+    TrainConfig,
+    TrainResult,
+    _json_default,
+    check_cancel,
+    epoch_seed,
+    resolve_device,
+    seed_everything,
+)
+from hdmil.train.splits import Split
+
+__all__ = ["hr_targets", "train_lipn"]
+
+HDMIL_NAME = "hdmil.safetensors"
+LIPN_LOG_NAME = "lipn_log.csv"
+
+
+@torch.no_grad()
+def hr_targets(
+    dmin: torch.nn.Module,
+    cohort: Cohort,
+    slide_ids: Sequence[str],
+    cancel: threading.Event | None = None,
+) -> dict[str, torch.Tensor]:
+    """slide id -> bool [N, C]: the frozen DMIN's evaluation mask ``1[s > 0]`` (no dropout)."""
+    bags = cohort.require_bags()
+    dmin.eval()
+    out = {}
+    for sid in slide_ids:
+        check_cancel(cancel)
+        out[sid] = dmin.predict(bags[sid].features, None).mask.bool().cpu()
+    return out
+
+
+def _batches(slide_ids: Sequence[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
+    """Consecutive groups of slides with at most ``budget`` patches (a larger slide alone)."""
+    groups: list[list[str]] = []
+    current: list[str] = []
+    n = 0
+    for sid in slide_ids:
+        if current and n + sizes[sid] > budget:
+            groups.append(current)
+            current, n = [], 0
+        current.append(sid)
+        n += sizes[sid]
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _run_group(
+    lipn: torch.nn.Module,
+    cohort: Cohort,
+    group: Sequence[str],
+    targets: dict[str, torch.Tensor],
+    device: torch.device,
+) -> tuple[torch.Tensor, dict[str, float], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """LIPN on a group of slides: (mean per-slide loss, mean terms, [(M_LR, M_HR) per slide])."""
+    from hdmil.models.losses import lipn_loss
+
+    bags = cohort.require_bags()
+    lr = np.concatenate([bags.lr_patches(s) for s in group])
+    logits = lipn(lipn.prepare(lr).to(device))
+    masks = lipn.soft_mask(logits)
+    losses, sums, pairs = [], {}, []
+    start = 0
+    for sid in group:
+        target = targets[sid].to(device)
+        m = masks[start : start + target.shape[0]]
+        start += target.shape[0]
+        loss, terms = lipn_loss(m, target)
+        losses.append(loss)
+        for k, v in terms.items():
+            if k != "total":
+                sums[k] = sums.get(k, 0.0) + float(v)
+        pairs.append((m.detach() > 0.5, target))
+    total = torch.stack(losses).mean()
+    return total, {k: v / len(group) for k, v in sums.items()}, pairs
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    lipn: torch.nn.Module,
+    cohort: Cohort,
+    groups: Sequence[Sequence[str]],
+    device: torch.device,
+    cancel: threading.Event | None = None,
+) -> None:
+    """Re-estimate BatchNorm running statistics as the plain average over ``groups``.
+
+    The momentum-0.1 running averages lag far behind the batch statistics after a few hundred
+    steps (a small cohort), and in eval mode that lag compounds over LIPN's eleven BN layers
+    until every patch gets the same output. One forward pass over the training patches fixes
+    that, so validation and inference see the network that training optimised.
+    """
+    bns = [m for m in lipn.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    bags = cohort.require_bags()
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = lipn.training
+    lipn.train()
+    try:
+        for group in groups:
+            check_cancel(cancel)
+            lr = np.concatenate([bags.lr_patches(s) for s in group])
+            lipn(lipn.prepare(lr).to(device))
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        lipn.train(was_training)
+
+
+def _agreement(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Mask agreement and the recall of DMIN's kept instances (any class) in LIPN's kept set."""
+    agree = total = hit = wanted = 0
+    for m_lr, m_hr in pairs:
+        agree += int((m_lr == m_hr).sum())
+        total += m_hr.numel()
+        keep_lr, keep_hr = m_lr.any(dim=1), m_hr.any(dim=1)
+        hit += int((keep_lr & keep_hr).sum())
+        wanted += int(keep_hr.sum())
+    return {
+        "agreement": agree / total if total else math.nan,
+        "recall": hit / wanted if wanted else math.nan,
+    }
+
+
+def train_lipn(
+    cohort: Cohort,
+    split: Split,
+    dmin_checkpoint: str | Path | Any,
+    cfg: TrainConfig | None = None,
+    out_dir: str | Path = "lipn-run",
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train LIPN to reproduce the frozen DMIN's masks from LR patches; write ``hdmil.safetensors``
+    (DMIN + LIPN) and ``lipn_log.csv`` into ``out_dir``.
+
+    ``dmin_checkpoint``: a path for ``load_model`` or a loaded model. Uses ``cfg.lipn_*`` settings:
+    Adam lr 1e-4, weight decay 1e-5, early stopping on validation loss with patience 5.
+    """
+    from hdmil.checkpoint import load_model, save_checkpoint
+    from hdmil.models.lipn import LIPN, LIPNConfig
+
+    cfg = cfg or TrainConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bags = cohort.require_bags()
+    if bags.instances != "patch":
+        raise HDMILError("LIPN screens patches: train it on --instances patch features")
+    model = (
+        load_model(dmin_checkpoint) if isinstance(dmin_checkpoint, (str, Path)) else dmin_checkpoint
+    )
+    dmin = model.dmin
+    if dmin is None:
+        raise CheckpointError(f"{dmin_checkpoint}: no DMIN in this checkpoint")
+    base_config = dict(getattr(model, "config", {}) or {})
+    classes = base_config.get("classes")
+    if classes is not None and tuple(classes) != tuple(cohort.classes):
+        raise CheckpointError(
+            f"{dmin_checkpoint}: the DMIN's classes ({', '.join(classes)}) differ from the "
+            f"labels' ({', '.join(cohort.classes)})"
+        )
+    if dmin.cfg.in_dim != bags.dim:
+        raise CheckpointError(
+            f"{dmin_checkpoint}: the DMIN takes {dmin.cfg.in_dim}-d features, the feature files "
+            f"hold {bags.dim}-d ones"
+        )
+    unknown = [s for s in split.train + split.val if s not in set(cohort.slide_ids)]
+    if unknown:
+        raise HDMILError(
+            f"fold {split.fold}: {len(unknown)} slides of the split have no label or features: "
+            f"{', '.join(unknown[:5])}"
+        )
+    if not split.train or not split.val:
+        raise HDMILError(f"fold {split.fold}: LIPN needs training and validation slides")
+
+    device = resolve_device(cfg.device)
+    dmin.to(device).eval()
+    for p in dmin.parameters():
+        p.requires_grad_(False)
+    seed_everything(cfg.seed)
+    lipn = LIPN(LIPNConfig(n_classes=cohort.n_classes, tau=cfg.lipn_tau)).to(device)
+    optimizer = torch.optim.Adam(
+        lipn.parameters(), lr=cfg.lipn_lr, weight_decay=cfg.lipn_weight_decay
+    )
+    stopper = EarlyStopping(cfg.lipn_patience, cfg.lipn_min_epochs)
+
+    ids = list(split.train) + list(split.val)
+    if progress is not None:
+        progress("targets", 0, len(ids))
+    targets = hr_targets(dmin, cohort, ids, cancel)
+    for sid in ids:  # read (and cache) the LR patches up front: errors surface before training
+        if bags.lr_patches(sid).shape[0] != targets[sid].shape[0]:
+            raise HDMILError(f"{bags.path(sid)}: LR patches and features differ in number")
+    sizes = {s: int(targets[s].shape[0]) for s in ids}
+    val_groups = _batches(list(split.val), sizes, cfg.lipn_batch_patches)
+
+    log = CSVLog(out_dir / LIPN_LOG_NAME)
+    best_metrics: dict[str, float] = {}
+    best_state: dict[str, torch.Tensor] | None = None
+    stopped = False
+    epoch = -1
+    for epoch in range(cfg.lipn_max_epochs):
+        t0 = time.perf_counter()
+        es = epoch_seed(cfg.seed, epoch)
+        seed_everything(es)
+        order = [split.train[i] for i in np.random.default_rng(es).permutation(len(split.train))]
+        lipn.train()
+        sums: dict[str, float] = {}
+        steps = 0
+        train_groups = _batches(order, sizes, cfg.lipn_batch_patches)
+        for group in train_groups:
+            check_cancel(cancel)
+            loss, terms, _ = _run_group(lipn, cohort, group, targets, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
+            for k, v in terms.items():
+                sums[f"train_{k}"] = sums.get(f"train_{k}", 0.0) + v
+        row: dict[str, Any] = {"epoch": epoch, **{k: v / steps for k, v in sums.items()}}
+
+        recalibrate_batchnorm(lipn, cohort, train_groups, device, cancel)
+        lipn.eval()
+        vsum: dict[str, float] = {}
+        pairs = []
+        with torch.no_grad():
+            for group in val_groups:
+                check_cancel(cancel)
+                loss, terms, p = _run_group(lipn, cohort, group, targets, device)
+                vsum["val_loss"] = vsum.get("val_loss", 0.0) + float(loss) * len(group)
+                for k, v in terms.items():
+                    vsum[f"val_{k}"] = vsum.get(f"val_{k}", 0.0) + v * len(group)
+                pairs += p
+        row.update({k: v / len(split.val) for k, v in vsum.items()})
+        row.update({f"val_{k}": v for k, v in _agreement(pairs).items()})
+        row["seconds"] = time.perf_counter() - t0
+
+        if stopper.step(epoch, row["val_loss"]):
+            best_state = {k: v.detach().clone() for k, v in lipn.state_dict().items()}
+            best_metrics = {k: v for k, v in row.items() if k.startswith("val_")}
+            best_metrics["epoch"] = epoch
+        log.append(row)
+        if on_epoch is not None:
+            on_epoch(row)
+        if progress is not None:
+            progress("lipn", epoch + 1, cfg.lipn_max_epochs)
+        stopped = stopper.should_stop(epoch)
+        if stopped:
+            break
+
+    if best_state is None:
+        raise HDMILError(f"{out_dir}: no LIPN epoch finished, so no checkpoint was written")
+    lipn.load_state_dict(best_state)
+    lipn.eval()
+    config = {k: v for k, v in base_config.items() if k not in ("modules", "model_type")}
+    prov = dict(config.get("provenance") or {})
+    prov["stage"] = "hdmil"
+    prov["dmin_checkpoint"] = str(getattr(model, "path", dmin_checkpoint))
+    prov["lipn"] = {
+        "epochs": epoch + 1,
+        "best_val": best_metrics,
+        "seed": cfg.seed,
+        "lr": cfg.lipn_lr,
+        "weight_decay": cfg.lipn_weight_decay,
+        "patience": cfg.lipn_patience,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if "split" not in prov:
+        prov["split"] = {"train": list(split.train), "val": list(split.val), "test": list(split.test)}
+        prov["fold"] = split.fold
+    config["provenance"] = prov
+    path = save_checkpoint(
+        out_dir / HDMIL_NAME,
+        {"dmin": dmin, "lipn": lipn},
+        json.loads(json.dumps(config, default=_json_default)),
+    )
+    return TrainResult(
+        out_dir=out_dir,
+        checkpoint=path,
+        log_path=out_dir / LIPN_LOG_NAME,
+        best_epoch=stopper.best_epoch,
+        best_metrics=best_metrics,
+        epochs_run=epoch + 1,
+        stopped_early=stopped,
+        history=[dict(r) for r in log.rows],
+    )

@@ -1,0 +1,333 @@
+"""Training DMIN and LIPN on a small synthetic cohort, resuming, metrics, and ``hdmil evaluate``.
+
+The cohort: bags of 50-110 instances of dim 32; a bag is positive when it holds a few "tumour"
+instances from a shifted Gaussian cluster. Each instance also has a 16x16 LR patch: tumour
+patches dark purple, the others pale pink, with pixel noise, so LIPN can tell them apart at LR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hdmil.errors import Cancelled, HDMILError
+from hdmil.train.data import load_cohort
+from hdmil.train.dmin_trainer import TrainConfig, train_dmin
+from hdmil.train.evaluate import evaluate_folds, evaluate_model
+from hdmil.train.lipn_trainer import train_lipn
+from hdmil.train.metrics import auc, classification_metrics, mean_std
+from hdmil.train.splits import make_splits
+
+DIM = 32
+TUMOUR_RGB = (95, 40, 105)
+NORMAL_RGB = (225, 175, 205)
+
+# small widths for speed; every number the test is about (loss weights, keep rate, Chebyshev
+# degree, early-stopping rule, optimizer) keeps its paper default
+SMALL = dict(hidden=64, attn_dim=32, k_sample=8, device="cpu")
+
+
+@contextlib.contextmanager
+def _one_thread():
+    # tiny models: intra-op threads only add overhead on a shared 2-core runner
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def make_cohort(root: Path, n_bags: int = 40, seed: int = 0) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """Write h5 feature files (features, coords, lr_patches, attrs) and labels.csv; returns
+    (labels, features dir, slide id -> bool [N] tumour instances)."""
+    import h5py
+
+    rng = np.random.default_rng(seed)
+    feats_dir = root / "features"
+    feats_dir.mkdir(parents=True)
+    rows, tumour = [], {}
+    for b in range(n_bags):
+        sid = f"slide_{b:03d}"
+        label = b % 2
+        n = int(rng.integers(50, 111))
+        is_t = np.zeros(n, bool)
+        if label:
+            is_t[rng.choice(n, int(rng.integers(4, 10)), replace=False)] = True
+        x = rng.normal(size=(n, DIM)).astype(np.float32)
+        x[is_t, :8] += 2.0
+        base = np.where(is_t[:, None], TUMOUR_RGB, NORMAL_RGB).astype(np.float32)
+        lr = np.clip(base[:, None, None, :] + rng.normal(0, 12, (n, 16, 16, 3)), 0, 255).astype(np.uint8)
+        coords = np.stack([np.arange(n) % 16, np.arange(n) // 16], 1).astype(np.int64) * 512
+        with h5py.File(feats_dir / f"{sid}.h5", "w") as h5:
+            h5["features"] = x
+            h5["coords"] = coords
+            h5["lr_patches"] = lr
+            h5.attrs.update(encoder="synthetic", dim=DIM, patch_size_level0=512, patch_px=256,
+                            magnification=20.0, mpp=0.25)
+        rows.append((sid, "tumor" if label else "normal", f"case_{b // 2:03d}"))
+        tumour[sid] = is_t
+    labels = root / "labels.csv"
+    with open(labels, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "label", "case_id"])
+        w.writerows(rows)
+    return labels, feats_dir, tumour
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    with _one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    labels, feats, tumour = make_cohort(root)
+    cohort = load_cohort(labels, feats)
+    splits = make_splits(cohort, k=5, seed=0)
+    return root, labels, feats, tumour, cohort, splits
+
+
+@pytest.fixture(scope="module")
+def trained(synth):
+    """DMIN then LIPN on fold 0 (the expensive part, shared by the tests below)."""
+    root, _, _, _, cohort, splits = synth
+    # larger learning rates than the paper's (3e-4 / 1e-4) so that 30 bags learn in ~10 epochs
+    cfg = TrainConfig(**SMALL, lr=1e-3, max_epochs=25, min_epochs=10, patience=5, lipn_lr=1e-3,
+                      lipn_max_epochs=20, lipn_batch_patches=512)
+    out = root / "run" / "fold_0"
+    dmin = train_dmin(cohort, splits[0], cfg, out)
+    lipn = train_lipn(cohort, splits[0], dmin.checkpoint, cfg, out)
+    return cfg, dmin, lipn
+
+
+# -- DMIN -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_dmin_learns_the_task(trained):
+    _, res, _ = trained
+    assert res.best_metrics["val_auc"] > 0.95
+    assert res.checkpoint.name == "dmin.safetensors" and res.checkpoint.is_file()
+    # the best epoch's validation loss is the lowest in the log
+    losses = [float(r["val_loss"]) for r in res.history]
+    assert math.isclose(min(losses), res.best_metrics["val_loss"], rel_tol=1e-5)
+
+
+@pytest.mark.slow
+def test_dmin_log_and_checkpoint_config(trained, synth):
+    from hdmil.checkpoint import load_model
+
+    _, res, _ = trained
+    cohort, splits = synth[4], synth[5]
+    with open(res.log_path) as fh:
+        rows = list(csv.DictReader(fh))
+    cols = set(rows[0])
+    for need in ("epoch", "train_loss", "train_ce", "train_clu", "train_emb", "train_kl",
+                 "train_rate", "train_kept_ratio", "val_loss", "val_auc", "val_acc",
+                 "val_kept_ratio", "seconds"):
+        assert need in cols
+    assert [int(r["epoch"]) for r in rows] == list(range(len(rows)))
+    model = load_model(res.checkpoint)
+    cfg = model.config
+    assert model.classes == list(cohort.classes)
+    assert cfg["encoder"] == "synthetic" and cfg["feature_dim"] == DIM
+    assert cfg["patch_size_level0"] == 512 and cfg["target_keep_rate"] == 0.6
+    prov = cfg["provenance"]
+    assert prov["fold"] == 0 and prov["seed"] == 0
+    assert prov["split"]["test"] == list(splits[0].test)
+    assert prov["best_val"]["epoch"] == res.best_epoch
+    assert model.dmin.cfg.cheby_degree == 12  # paper default kept
+
+
+# -- LIPN ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_lipn_keeps_tumour_instances(trained, synth):
+    from hdmil.checkpoint import load_model
+
+    _, _, res = trained
+    _, _, _, tumour, cohort, splits = synth
+    model = load_model(res.checkpoint)
+    assert model.dmin is not None and model.lipn is not None  # one file, the full model
+    hit = total = kept = n = 0
+    for sid in splits[0].test:  # slides LIPN never saw
+        keep = model.lipn.keep_mask(cohort.bags.lr_patches(sid)).any(dim=1).numpy()
+        hit += int((keep & tumour[sid]).sum())
+        total += int(tumour[sid].sum())
+        kept += int(keep.sum())
+        n += keep.size
+    assert total > 0
+    assert hit / total >= 0.9
+    assert kept < n  # it screens: not everything is kept
+    with open(res.log_path) as fh:
+        rows = list(csv.DictReader(fh))
+    assert {"train_loss", "train_l1", "train_rate", "val_loss", "val_recall"} <= set(rows[0])
+
+
+@pytest.mark.slow
+def test_evaluate_model_both_paths(trained, synth):
+    from hdmil.checkpoint import load_model
+
+    _, _, res = trained
+    cohort, splits = synth[4], synth[5]
+    model = load_model(res.checkpoint)
+    dagger = evaluate_model(model, cohort, splits[0].test, use_lipn=False)
+    hdmil = evaluate_model(model, cohort, splits[0].test, use_lipn=True)
+    assert dagger.method == "HDMIL†" and hdmil.method == "HDMIL"
+    assert dagger.probabilities.shape == (len(splits[0].test), 2)
+    np.testing.assert_allclose(hdmil.probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    # HDMIL pools over LIPN's mask, HDMIL† over DMIN's own s > 0
+    for i, sid in enumerate(splits[0].test[:3]):
+        keep = model.lipn.keep_mask(cohort.bags.lr_patches(sid)).any(dim=1)
+        assert hdmil.kept_ratio[i] == pytest.approx(float(keep.float().mean()))
+        own = model.dmin.predict(cohort.bags[sid].features).kept_ratio
+        assert dagger.kept_ratio[i] == pytest.approx(own)
+    expected = classification_metrics(hdmil.labels, hdmil.probabilities)
+    assert hdmil.metrics == expected
+    assert hdmil.metrics["auc"] > 0.9
+    with pytest.raises(HDMILError, match="no LIPN"):
+        evaluate_model(load_model(trained[1].checkpoint), cohort, splits[0].test, use_lipn=True)
+
+
+# -- resume, cancel -----------------------------------------------------------------------------
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_resume_continues_from_the_saved_epoch(synth, tmp_path):
+    _, _, _, _, cohort, splits = synth
+    small = cohort.subset(splits[0].train[:8] + splits[0].val[:4])
+    from hdmil.train.splits import Split
+
+    split = Split(splits[0].train[:8], splits[0].val[:4], (), fold=0)
+    cfg = TrainConfig(**SMALL, max_epochs=3, min_epochs=100)
+    train_dmin(small, split, cfg, tmp_path / "a")
+    cfg.max_epochs = 5
+    res = train_dmin(small, split, cfg, tmp_path / "a", resume=True)
+    straight = train_dmin(small, split, cfg, tmp_path / "b")
+    with open(tmp_path / "a" / "log.csv") as fh:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(fh)]
+    assert epochs == [0, 1, 2, 3, 4]
+    assert res.epochs_run == 5 and len(res.history) == 5
+    # every epoch is seeded from (seed, epoch): stopping and resuming changes nothing
+    a, b = _weights(tmp_path / "a" / "last.safetensors"), _weights(tmp_path / "b" / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    assert res.best_metrics["val_loss"] == pytest.approx(straight.best_metrics["val_loss"])
+
+
+def test_resume_refuses_another_split(synth, tmp_path):
+    _, _, _, _, cohort, splits = synth
+    from hdmil.train.splits import Split
+
+    a = Split(splits[0].train[:6], splits[0].val[:2], (), fold=0)
+    b = Split(splits[0].train[1:7], splits[0].val[:2], (), fold=0)
+    cfg = TrainConfig(**SMALL, max_epochs=1)
+    train_dmin(cohort, a, cfg, tmp_path)
+    with pytest.raises(HDMILError, match="another split"):
+        train_dmin(cohort, b, cfg, tmp_path, resume=True)
+
+
+def test_cancel_stops_training(synth, tmp_path):
+    _, _, _, _, cohort, splits = synth
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        train_dmin(cohort, splits[0], TrainConfig(**SMALL, max_epochs=2), tmp_path, cancel=cancel)
+
+
+def test_region_instances_need_region_embeddings(synth):
+    root, labels, feats = synth[0], synth[1], synth[2]
+    cohort = load_cohort(labels, feats, instances="region")
+    with pytest.raises(HDMILError, match="region_embeddings"):
+        cohort.bags[cohort.slide_ids[0]]
+
+
+def test_missing_lr_patches_tell_what_to_do(tmp_path):
+    import h5py
+
+    feats = tmp_path / "f"
+    feats.mkdir()
+    with h5py.File(feats / "a.h5", "w") as h5:
+        h5["features"] = np.zeros((4, 8), np.float32)
+    (tmp_path / "l.csv").write_text("slide_id,label\na,0\n")
+    # a single class is refused by read_labels; give the classes explicitly
+    cohort = load_cohort(tmp_path / "l.csv", feats, classes=["0", "1"])
+    with pytest.raises(HDMILError, match="hdmil features"):
+        cohort.bags.lr_patches("a")
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def test_metrics_match_definitions():
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.35, 0.65], [0.2, 0.8]])
+    m = classification_metrics(labels, probs)
+    # positives score 0.65, 0.8; negatives 0.1, 0.6: all 4 pairs ordered right -> AUC 1
+    assert m["auc"] == 1.0
+    assert m["acc"] == 0.75  # one negative called positive
+    # class 0: P 1, R 0.5 -> F1 2/3; class 1: P 2/3, R 1 -> F1 0.8
+    assert m["f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert math.isnan(auc(np.array([1, 1]), probs[:2]))  # one class: undefined, not an error
+    three = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]])
+    assert auc(np.array([0, 1, 2, 0]), three) == 1.0
+    mean, std = mean_std([0.8, 1.0, float("nan")])
+    assert mean == pytest.approx(0.9) and std == pytest.approx(np.std([0.8, 1.0], ddof=1))
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def test_cli_train_and_evaluate_table(synth, tmp_path, capsys):
+    from hdmil.cli import main
+
+    _, labels, feats, *_ = synth
+    out = tmp_path / "cli"
+    common = ["--features", str(feats), "--labels", str(labels), "--device", "cpu"]
+    assert main(["train-dmin", *common, "--out", str(out), "--folds", "4", "--fold", "0,1",
+                 "--epochs", "2", "--hidden", "32", "--attn-dim", "16", "--k-sample", "4"]) == 0
+    assert sorted(p.name for p in (out / "splits").iterdir()) == [f"splits_{i}.csv" for i in range(4)]
+    assert main(["train-lipn", *common, "--dmin", str(out), "--out", str(out),
+                 "--epochs", "2"]) == 0
+    assert (out / "fold_0" / "hdmil.safetensors").is_file()
+    assert (out / "fold_1" / "hdmil.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", *common, "--model", str(out), "--splits", str(out / "splits"),
+                 "--csv", str(tmp_path / "table.csv")]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    for fold in (0, 1):
+        for method in ("HDMIL†", "HDMIL "):
+            assert any(line.split()[:2] == [str(fold), method.strip()] for line in lines), text
+    summary = [line for line in lines if "mean ± std" in line]
+    assert len(summary) == 2 and "HDMIL†" in summary[0] and "AUC" in summary[1]
+    with open(tmp_path / "table.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["fold"] for r in rows] == ["0", "0", "1", "1", "mean", "std", "mean", "std"]
+
+
+def test_cli_error_is_one_line(synth, tmp_path, capsys):
+    from hdmil.cli import main
+
+    _, labels, _, *_ = synth
+    assert main(["train-dmin", "--features", str(tmp_path), "--labels", str(labels),
+                 "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hdmil train-dmin: error:") and len(err.splitlines()) == 1
