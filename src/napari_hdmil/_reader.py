@@ -1,0 +1,118 @@
+"""napari reader: a whole-slide image as one multiscale RGB layer in µm.
+
+The layer's data is exactly the plain approach (tiffslide zarr array → ``dask.array.from_zarr``
+per level, chunks = the file's tiles), so opening and panning cost the same; the reader only adds
+``scale`` (µm per pixel) and metadata. Open slides live in a module-level cache, one per file,
+so repeated ``get_reader`` calls and the layers that read from a slide share one file handle.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from hdmil.errors import HDMILError
+from hdmil.slide import SLIDE_EXTENSIONS, Slide, open_slide
+
+LayerData = tuple[Any, dict[str, Any], str]
+ReaderFunction = Callable[[Any], list[LayerData]]
+
+# (resolved path, mtime_ns, size) -> open Slide. One handle per file for the session; a file that
+# changed on disk gets a new key (the old Slide stays alive only while a layer still uses it).
+_SLIDES: dict[tuple[str, int, int], Slide] = {}
+_LOCK = threading.Lock()
+
+
+def get_reader(path: str | os.PathLike | list) -> ReaderFunction | None:
+    """The reader for a slide path, or None for anything this plugin cannot open (never raises)."""
+    try:
+        p = _single_path(path)
+        if p is None or p.suffix.lower() not in SLIDE_EXTENSIONS or not p.is_file():
+            return None
+        cached_slide(p)  # the cheap check: the header parses, the levels are there
+    except Exception:  # noqa: BLE001 - a reader check must never raise into napari
+        return None
+    return read_slide
+
+
+def read_slide(path: str | os.PathLike | list) -> list[LayerData]:
+    """One multiscale RGB image layer for the slide at ``path`` (µm scale when mpp is known)."""
+    p = _single_path(path)
+    if p is None:
+        raise HDMILError(f"{path}: the HDMIL reader opens one slide at a time")
+    slide = cached_slide(p)
+    mpp = slide.mpp
+    metadata: dict[str, Any] = {
+        "slide_path": str(slide.path),
+        "mpp": mpp,
+        "objective_power": slide.objective_power,
+        "vendor": slide.vendor,
+        "level_dimensions": [tuple(d) for d in slide.level_dimensions],
+        "properties": dict(slide.properties),
+        "hdmil_slide": True,
+    }
+    if mpp is None:
+        metadata["note"] = (
+            "no microns-per-pixel in the file: the layer is in pixels (scale 1.0); "
+            "set the mpp in the HDMIL widget or pass --mpp to the CLI"
+        )
+    scale = (mpp, mpp) if mpp else (1.0, 1.0)
+    add_kwargs = {
+        "name": slide.name,
+        "multiscale": True,
+        "rgb": True,
+        "scale": scale,
+        "metadata": metadata,
+    }
+    return [(slide.pyramid(), add_kwargs, "image")]
+
+
+def read_associated(path: str | os.PathLike) -> list[LayerData]:
+    """The slide's label / macro / thumbnail images as small RGB image layers (on request only)."""
+    p = _single_path(path)
+    if p is None:
+        raise HDMILError(f"{path}: the HDMIL reader opens one slide at a time")
+    slide = cached_slide(p)
+    layers: list[LayerData] = []
+    for name, rgb in slide.associated_images.items():
+        meta = {"slide_path": str(slide.path), "associated_image": name, "hdmil_slide": False}
+        kwargs = {"name": f"{slide.name} [{name}]", "rgb": True, "metadata": meta}
+        layers.append((rgb, kwargs, "image"))
+    return layers
+
+
+def cached_slide(path: str | os.PathLike) -> Slide:
+    """The open Slide for ``path`` from the module cache (opened on first use)."""
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    key = (str(p), st.st_mtime_ns, st.st_size)
+    with _LOCK:
+        slide = _SLIDES.get(key)
+        if slide is None or slide._closed:
+            for old in [k for k in _SLIDES if k[0] == key[0]]:
+                del _SLIDES[old]  # stale version of a changed file; layers keep their own ref
+            slide = open_slide(p)
+            _SLIDES[key] = slide
+    return slide
+
+
+def close_cached(path: str | os.PathLike | None = None) -> None:
+    """Close cached slides (all, or those of ``path``); their layers can no longer read pixels."""
+    with _LOCK:
+        keys = list(_SLIDES) if path is None else [
+            k for k in _SLIDES if k[0] == str(Path(path).expanduser().resolve())
+        ]
+        for k in keys:
+            _SLIDES.pop(k).close()
+
+
+def _single_path(path: Any) -> Path | None:
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    if not isinstance(path, (str, os.PathLike)):
+        return None
+    return Path(path)

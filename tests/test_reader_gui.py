@@ -1,0 +1,143 @@
+"""The napari reader: ``get_reader`` checks, layer data, the CMU slide rendered in a real viewer.
+
+The viewer tests need a real X server with OpenGL (pytest-xvfb starts Xvfb; Mesa renders).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hdmil.errors import HDMILError
+from napari_hdmil import _reader
+from napari_hdmil._reader import get_reader, read_associated, read_slide
+
+
+# -- get_reader: cheap checks, None for anything it cannot read, never raises -----------------
+
+
+def test_get_reader_accepts_slides(cmu_slide, tiny_slide):
+    assert get_reader(str(cmu_slide)) is read_slide
+    assert get_reader(cmu_slide) is read_slide
+    assert get_reader([str(cmu_slide)]) is read_slide
+    assert get_reader(str(tiny_slide)) is read_slide
+
+
+def test_get_reader_rejects_bad_input(tmp_path, broken_slide, cmu_slide):
+    text = tmp_path / "notes.svs"
+    text.write_text("not a slide")
+    txt = tmp_path / "notes.txt"
+    txt.write_text("not a slide")
+    folder = tmp_path / "folder.svs"
+    folder.mkdir()
+    for path in (
+        broken_slide,
+        text,
+        txt,
+        tmp_path / "missing.svs",
+        folder,
+        tmp_path,
+        [str(cmu_slide), str(cmu_slide)],  # one slide at a time
+        [],
+        None,
+        42,
+    ):
+        assert get_reader(path) is None, path
+
+
+def test_read_slide_layer_data(cmu_slide):
+    [(data, kwargs, layer_type)] = read_slide(str(cmu_slide))
+    assert layer_type == "image"
+    assert isinstance(data, list) and len(data) == 1
+    assert data[0].shape == (2967, 2220, 3) and data[0].chunksize == (240, 240, 3)
+    assert kwargs["multiscale"] is True and kwargs["rgb"] is True
+    assert kwargs["name"] == "CMU-1-Small-Region"
+    assert kwargs["scale"] == pytest.approx((0.499, 0.499), abs=1e-4)
+    meta = kwargs["metadata"]
+    assert meta["hdmil_slide"] is True
+    assert meta["slide_path"] == str(cmu_slide.resolve())
+    assert meta["mpp"] == pytest.approx(0.499, abs=1e-4)
+    assert meta["objective_power"] == pytest.approx(20)
+    assert meta["vendor"] == "aperio"
+    assert meta["level_dimensions"] == [(2220, 2967)]
+    assert type(meta["properties"]) is dict and meta["properties"]["tiffslide.vendor"] == "aperio"
+    # associated images are not layers unless asked for
+    extra = read_associated(str(cmu_slide))
+    names = {kw["name"] for _, kw, _ in extra}
+    assert {"CMU-1-Small-Region [label]", "CMU-1-Small-Region [macro]"} <= names
+    assert all(t == "image" and kw["rgb"] and d.shape[2] == 3 for d, kw, t in extra)
+
+
+def test_reader_shares_one_open_slide_per_file(cmu_slide):
+    _reader.close_cached(cmu_slide)
+    get_reader(str(cmu_slide))
+    get_reader([str(cmu_slide)])
+    read_slide(str(cmu_slide))
+    keys = [k for k in _reader._SLIDES if k[0] == str(cmu_slide.resolve())]
+    assert len(keys) == 1
+
+
+def test_reader_without_mpp_uses_pixels(tmp_path):
+    import tifffile
+
+    path = tmp_path / "plain.tif"
+    tifffile.imwrite(path, np.full((64, 96, 3), 128, np.uint8), tile=(32, 32), photometric="rgb")
+    [(data, kwargs, _)] = get_reader(str(path))(str(path))
+    assert kwargs["scale"] == (1.0, 1.0)
+    assert kwargs["metadata"]["mpp"] is None
+    assert "mpp" in kwargs["metadata"]["note"]
+    with pytest.raises(HDMILError):
+        read_slide([str(path), str(path)])
+
+
+# -- in a real viewer -------------------------------------------------------------------------
+
+
+def _tissue_fraction(rgb: np.ndarray) -> float:
+    """Share of pixels that look like H&E tissue: pink / purple, neither white nor black."""
+    px = rgb[..., :3].astype(np.int16)
+    r, g, b = px[..., 0], px[..., 1], px[..., 2]
+    pink = (r - g > 20) & (b - g > 10) & (px.max(-1) > 60) & (px.min(-1) < 215)
+    return float(pink.mean())
+
+
+@pytest.mark.gui
+def test_viewer_opens_cmu_and_renders_tissue(make_napari_viewer, qtbot, cmu_slide):
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(900, 800)
+    layers = viewer.open(str(cmu_slide), plugin="napari-hdmil")
+    assert len(layers) == 1 and len(viewer.layers) == 1
+    layer = viewer.layers[0]
+    assert layer.name == "CMU-1-Small-Region"
+    assert layer.multiscale and layer.rgb
+    np.testing.assert_allclose(layer.scale, (0.499, 0.499), atol=1e-4)
+    assert layer.metadata["hdmil_slide"] is True
+    assert layer.metadata["mpp"] == pytest.approx(0.499, abs=1e-4)
+    assert layer.data[0].shape == (2967, 2220, 3)
+    # the world is in µm: the whole slide spans 2967 px * 0.499 µm
+    extent = layer.extent.world
+    assert extent[1][0] - extent[0][0] == pytest.approx(2967 * 0.499, rel=0.01)
+
+    viewer.reset_view()
+    shot = None
+    for _ in range(40):  # up to ~4 s for the tiles to load and the canvas to draw
+        qtbot.wait(100)
+        shot = viewer.screenshot(canvas_only=True, flash=False)
+        if _tissue_fraction(shot) > 0.05:
+            break
+    assert shot is not None and shot.ndim == 3 and min(shot.shape[:2]) > 100
+    rgb = shot[..., :3]
+    not_black = (rgb.max(-1) > 30).mean()
+    assert not_black > 0.2, f"canvas mostly black ({not_black:.0%} lit)"
+    assert rgb.std() > 10, "canvas is a flat frame"
+    frac = _tissue_fraction(rgb)
+    assert frac > 0.05, f"only {frac:.1%} of the canvas looks like tissue"
+
+
+@pytest.mark.gui
+def test_viewer_open_bad_file_is_an_error_not_a_crash(make_napari_viewer, broken_slide):
+    viewer = make_napari_viewer()
+    # napari turns a reader that declines into an error it shows as a notification in the GUI
+    with pytest.raises(Exception, match="broken.svs"):
+        viewer.open(str(broken_slide), plugin="napari-hdmil")
+    assert len(viewer.layers) == 0
