@@ -1,0 +1,118 @@
+"""``hdmil features``: tissue patches of slides → one ``<slide>.h5`` feature file each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hdmil.errors import HDMILError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "features",
+        help="extract patch features of slides into <out>/<slide>.h5",
+        description="Find the 256 px @ 20x tissue patches of each slide, embed them with an encoder "
+        "and write <out>/<slide>.h5 (datasets features, coords, lr_patches; the layout CLAM and "
+        "TRIDENT use). A slide that fails is reported and the others go on.",
+    )
+    p.add_argument("slides", type=Path, nargs="+", metavar="SLIDE", help="slide files")
+    p.add_argument(
+        "--encoder", default="resnet50_trunc",
+        help="registered encoder (resnet50_trunc, resnet18_trunc), any timm model name, or a "
+        "weights file (.safetensors / .pth) (default resnet50_trunc)",
+    )
+    p.add_argument("--weights", type=Path, default=None, help="local weights file for --encoder")
+    p.add_argument("--arch", default=None, help="architecture of a weights file without metadata")
+    p.add_argument(
+        "--pretrained", action="store_true",
+        help="use timm's pretrained weights (downloaded once; otherwise weights are random)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=64, help="patches per forward pass (default 64)")
+    p.add_argument("--mpp", type=float, default=None, help="µm per level-0 pixel (overrides the files)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="recompute slides whose <out>/<slide>.h5 exists (default: skip them when the encoder matches)",
+    )
+    p.set_defaults(func=features)
+
+
+def features(args: argparse.Namespace) -> int:
+    from hdmil.features import create_encoder
+
+    if args.batch_size < 1:
+        raise HDMILError(f"--batch-size must be at least 1, got {args.batch_size}")
+    encoder = create_encoder(
+        str(args.encoder), pretrained=args.pretrained, weights=args.weights, device=args.device,
+        arch=args.arch,
+    )
+    print(
+        f"encoder {encoder.name}: {encoder.dim}-d on {encoder.device}, weights: {encoder.weights}",
+        file=sys.stderr,
+    )
+    if encoder.weights.startswith("random"):
+        print("note: random weights give features only for tests and demos; "
+              "pass --pretrained or --weights FILE for real ones", file=sys.stderr)
+    counts = {"written": 0, "skipped": 0, "empty": 0, "failed": 0}
+    for path in args.slides:
+        try:
+            outcome = _one_slide(path, encoder, args)
+        except KeyboardInterrupt:
+            raise
+        except HDMILError as exc:
+            outcome = "failed"
+            named = path.name in str(exc)  # our errors name the file already
+            print(f"hdmil features: error: {'' if named else f'{path}: '}{exc}", file=sys.stderr)
+        except Exception as exc:  # a decoder crash on one slide must not stop the rest
+            if getattr(args, "debug", False):
+                raise
+            outcome = "failed"
+            print(f"hdmil features: error: {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        counts[outcome] += 1
+    summary = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    print(f"{len(args.slides)} slides: {summary} → {args.out}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
+def _one_slide(path: Path, encoder, args: argparse.Namespace) -> str:
+    from tqdm import tqdm
+
+    from hdmil.features import extract_slide_features, write_features
+    from hdmil.grid import build_grid
+    from hdmil.slide import open_slide
+
+    with open_slide(path, mpp=args.mpp) as slide:
+        out = args.out / f"{slide.name}.h5"
+        if out.exists() and not args.overwrite and _same_encoder(out, encoder.name):
+            print(f"{slide.name}: {out} exists (encoder {encoder.name}), skipped", file=sys.stderr)
+            return "skipped"
+        grid = build_grid(slide, mpp=args.mpp)
+        if len(grid.coords) == 0:
+            why = getattr(grid, "message", "") or "no tissue found"
+            print(f"{slide.name}: no tissue patches ({why}); nothing written", file=sys.stderr)
+            return "empty"
+        with tqdm(total=len(grid.coords), desc=slide.name, unit="patch", file=sys.stderr) as bar:
+
+            def progress(stage: str, done: int, total: int) -> None:
+                bar.update(done - bar.n)
+
+            bag = extract_slide_features(slide, grid, encoder, batch_size=args.batch_size, progress=progress)
+        write_features(out, bag)
+        failed = bag.attrs.get("n_failed", 0)
+        note = f" ({failed} patches could not be read)" if failed else ""
+        print(f"{slide.name}: {len(bag)} patches → {out}{note}", file=sys.stderr)
+        return "written"
+
+
+def _same_encoder(path: Path, name: str) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            found = f.attrs.get("encoder")
+            return "features" in f and (found.decode() if isinstance(found, bytes) else found) == name
+    except OSError:
+        return False  # unreadable: recompute

@@ -1,0 +1,96 @@
+"""Batched feature extraction: patch batches in, features in the order of the grid's coords out."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from hdmil.errors import Cancelled
+from hdmil.features.encoders import Encoder
+from hdmil.features.io import FeatureBag
+
+Progress = Callable[[str, int, int], None]
+
+
+class PatchBatchLike(Protocol):
+    indices: np.ndarray  # int64 [B]: rows of the coords
+    pixels: np.ndarray  # uint8 [B, H, W, 3]
+
+
+def extract_features(
+    encoder: Encoder,
+    batches: Iterable[PatchBatchLike],
+    n_total: int,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embed every batch and put each row where its index says.
+
+    Batches may come in any order (tile-aligned reading reorders patches) and may skip patches
+    that failed to decode (listed in ``batch.failed``). Returns ``features`` float32 [n_total, D]
+    (zeros where not read) and ``ok`` bool [n_total].
+    """
+    features = np.zeros((n_total, encoder.dim), dtype=np.float32)
+    ok = np.zeros(n_total, dtype=bool)
+    done = 0
+    if progress:
+        progress("features", 0, n_total)
+    for batch in batches:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("feature extraction cancelled")
+        idx = np.asarray(batch.indices, dtype=np.int64)
+        if idx.size:
+            if idx.min() < 0 or idx.max() >= n_total:
+                raise ValueError(f"batch indices out of range [0, {n_total}): {idx.min()}..{idx.max()}")
+            if len(batch.pixels) != idx.size:
+                raise ValueError(f"batch has {idx.size} indices but {len(batch.pixels)} patches")
+            features[idx] = encoder.embed(batch.pixels).cpu().numpy()
+            ok[idx] = True
+        done += idx.size + len(getattr(batch, "failed", ()) or ())
+        if progress:
+            progress("features", min(done, n_total), n_total)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("feature extraction cancelled")
+    return features, ok
+
+
+def extract_slide_features(
+    slide: Any,
+    grid: Any,
+    encoder: Encoder,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> FeatureBag:
+    """Features of every tissue patch of ``grid``, with coords, LR patches and geometry attributes.
+
+    Patches that could not be decoded are left out of the bag (features, coords and LR patches
+    alike, so rows stay aligned); ``attrs["n_failed"]`` counts them.
+    """
+    from hdmil.reading import iter_patches
+
+    coords = np.asarray(grid.coords, dtype=np.int64)
+    n = len(coords)
+    patch_px = int(getattr(grid, "patch_px", 256))
+    batches = iter_patches(
+        slide, coords, grid.patch_size_level0, out_px=patch_px, batch_size=batch_size, cancel=cancel
+    )
+    features, ok = extract_features(encoder, batches, n, progress=progress, cancel=cancel)
+    lr = np.asarray(grid.lr_patches(), dtype=np.uint8) if n else np.zeros((0, 16, 16, 3), np.uint8)
+    attrs = {
+        "encoder": encoder.name,
+        "dim": encoder.dim,
+        "patch_size_level0": int(grid.patch_size_level0),
+        "patch_px": patch_px,
+        "magnification": float(getattr(grid, "magnification", 20.0)),
+        "mpp": float(grid.mpp) if getattr(grid, "mpp", None) is not None else None,
+        "slide": slide.name,
+        # lets the viewer open a slide found by SLPD similarity from its feature file
+        "slide_path": str(Path(slide.path).resolve()) if getattr(slide, "path", None) else None,
+        "n_failed": int(n - ok.sum()),
+    }
+    return FeatureBag(features[ok], coords[ok], attrs, lr[ok], slide.name, None)
