@@ -1,0 +1,443 @@
+"""Hierarchical inference on one slide: LIPN pre-screens at 1.25x, only kept patches are read at 20x.
+
+    slide ─► tissue grid ─► LR patches ─► LIPN keep mask [N, C]
+                                               │ union of kept rows
+                                               ▼
+             PatchReader (tile-aligned, prefetched) ─► encoder ─► DMIN.predict(features, mask)
+                                                                        │
+                                                                        ▼
+                                                  Result (probabilities, attention, stage seconds)
+
+The CLI (``hdmil predict``), the Dask batch runner and the napari widget all call ``run_slide``.
+``use_lipn=False`` is HDMIL†: every tissue patch is read and DMIN pools over its own mask.
+
+Stage seconds (``Result.timings``):
+
+* ``tissue``: open the slide, tissue mask and patch grid (with the 1.25x image LIPN reads);
+* ``lipn``: cutting LR patches and running LIPN on them;
+* ``crop``: read + decode + resize of the HR patches, measured in the reader's own thread (its
+  working time, not time it waited for the encoder to take a batch);
+* ``features``: the encoder, measured in the calling thread;
+* ``dmin``: DMIN's masked pooling and classification;
+* ``total``: wall-clock of the whole run. Reading overlaps feature extraction, so
+  ``crop + features`` can exceed the time they took together; ``crop_wait`` is the part of the
+  total the encoder sat waiting for patches (the crop time not hidden behind features).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hdmil.errors import Cancelled, CheckpointError, HDMILError
+
+__all__ = ["NoTissueError", "Result", "encoder_for", "run_slide", "warm_up"]
+
+ProgressFn = Callable[[str, int, int], None]
+STAGES = ("tissue", "lipn", "crop", "features", "dmin", "total")
+# Failed-patch messages kept verbatim in the report; the rest are counted.
+_MAX_FAILURE_MESSAGES = 10
+
+
+class NoTissueError(HDMILError):
+    """The slide has no patch with enough tissue: nothing to classify."""
+
+
+@dataclass
+class Result:
+    """What hierarchical inference found on one slide. Arrays are over the N tissue patches.
+
+    coords int64 [N, 2] level-0 (x, y) top-left; grid_index int64 [N, 2] (row, col);
+    lipn_mask bool [N, C] which patches each class keeps (all True for HDMIL†);
+    kept bool [N] patches read at 20x (the union of lipn_mask; all for HDMIL†);
+    attention float32 [N, C] DMIN's per-class attention within the pooled set, NaN elsewhere;
+    scores float32 [N, C] DMIN's raw attention logits s, NaN where not read;
+    features float32 [K, D] of the patches read, rows ``feature_index`` int64 [K] of coords;
+    failed int64 [F] rows that were kept but could not be decoded.
+    """
+
+    slide_name: str
+    slide_path: str | None
+    classes: list[str]
+    probabilities: np.ndarray
+    prediction_index: int
+    coords: np.ndarray
+    grid_index: np.ndarray
+    lipn_mask: np.ndarray
+    kept: np.ndarray
+    attention: np.ndarray
+    scores: np.ndarray
+    features: np.ndarray
+    feature_index: np.ndarray
+    failed: np.ndarray
+    use_lipn: bool
+    timings: dict[str, float]
+    errors: list[str] = field(default_factory=list)
+    grid: Any = None
+    mpp: float | None = None
+    patch_size_level0: int = 0
+    model_name: str = ""
+    model_sha256: str = ""
+    encoder: str = ""
+    reading: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prediction(self) -> str:
+        return self.classes[self.prediction_index]
+
+    @property
+    def n_patches(self) -> int:
+        return int(len(self.coords))
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.kept.sum())
+
+    @property
+    def n_read(self) -> int:
+        return int(len(self.feature_index))
+
+    @property
+    def kept_ratio(self) -> float:
+        return self.n_kept / self.n_patches if self.n_patches else 0.0
+
+    @property
+    def method(self) -> str:
+        return "HDMIL" if self.use_lipn else "HDMIL†"
+
+    def to_report(self) -> dict[str, Any]:
+        """A JSON-ready summary (``report.json``)."""
+        from hdmil import __version__
+
+        return {
+            "slide": self.slide_name,
+            "path": self.slide_path,
+            "classes": list(self.classes),
+            "probabilities": [float(p) for p in self.probabilities],
+            "prediction": self.prediction,
+            "prediction_index": int(self.prediction_index),
+            "use_lipn": bool(self.use_lipn),
+            "method": self.method,
+            "n_patches": self.n_patches,
+            "n_kept": self.n_kept,
+            "n_read": self.n_read,
+            "n_failed": int(len(self.failed)),
+            "kept_ratio": round(float(self.kept_ratio), 6),
+            "kept_per_class": {c: int(n) for c, n in zip(self.classes, self.lipn_mask.sum(axis=0))},
+            "timings": {k: round(float(v), 4) for k, v in self.timings.items()},
+            "model": {"name": self.model_name, "sha256": self.model_sha256},
+            "encoder": self.encoder,
+            "mpp": self.mpp,
+            "patch_size_level0": int(self.patch_size_level0),
+            "reading": self.reading,
+            "errors": list(self.errors),
+            "hdmil_version": __version__,
+        }
+
+    def save(self, out_dir: str | os.PathLike) -> Path:
+        """Write ``patches.h5`` then ``report.json`` into ``out_dir``, each atomically.
+
+        The report is written last, so a folder with a report holds complete results.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_patches_h5(out / "patches.h5", self)
+        _write_json(out / "report.json", self.to_report())
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def run_slide(
+    slide_or_path: Any,
+    model: Any,
+    use_lipn: bool = True,
+    mpp: float | None = None,
+    encoder: Any = None,
+    batch_size: int = 64,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+    device: Any = None,
+    workers: int | None = None,
+) -> Result:
+    """Classify one slide with HDMIL (``use_lipn=True``) or HDMIL† (all tissue patches).
+
+    Args:
+        slide_or_path: a ``hdmil.slide.Slide`` or a path (opened here, closed at the end).
+        model: a loaded ``HDMILModel`` (``hdmil.checkpoint.load_model``).
+        mpp: level-0 µm per pixel for slides without that metadata (overrides the file's).
+        encoder: an ``Encoder``; default: the one named in the checkpoint, built once per call
+            (pass one in when running many slides).
+        batch_size: HR patches per batch (reading and features).
+        progress: ``progress(stage, done, total)`` for stages tissue, lipn, features, dmin.
+        cancel: set it to stop between batches (raises ``Cancelled``).
+        device: where the encoder runs when it is built here (default: CUDA if available).
+        workers: decoding threads (default: all cores).
+
+    Raises:
+        SlideError / MissingMPPError: the slide cannot be read, or has no mpp and none was given.
+        NoTissueError: no patch of the slide has enough tissue.
+        CheckpointError: the model has no DMIN, no LIPN while ``use_lipn``, or its feature width
+            does not fit the encoder.
+        Cancelled: ``cancel`` was set.
+    """
+    from hdmil.grid import build_grid
+    from hdmil.reading import PatchReader
+    from hdmil.slide import open_slide
+
+    timings = dict.fromkeys(STAGES, 0.0)
+    ckpt = getattr(model, "path", None) or "the model"
+    if getattr(model, "dmin", None) is None:
+        raise CheckpointError(f"{ckpt}: the checkpoint has no DMIN; it cannot classify slides")
+    if use_lipn and getattr(model, "lipn", None) is None:
+        raise CheckpointError(
+            f"{ckpt}: the checkpoint has no LIPN, so hierarchical inference is not possible; "
+            "run HDMIL† over all patches instead (use_lipn=False, --no-lipn)"
+        )
+    if encoder is None:
+        encoder = encoder_for(model, device)
+    model.check_feature_dim(encoder.dim, source=f"encoder {getattr(encoder, 'name', '?')}")
+
+    def report(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(stage, done, total)
+
+    # The clock starts after model setup: stage seconds are per slide.
+    t_start = time.perf_counter()
+    own = isinstance(slide_or_path, (str, os.PathLike))
+    slide = open_slide(slide_or_path, mpp=mpp) if own else slide_or_path
+    try:
+        _check(cancel, slide)
+        # -- tissue: mask and grid at 1.25x ----------------------------------------------------
+        report("tissue", 0, 1)
+        t0 = time.perf_counter()
+        grid = build_grid(
+            slide,
+            mpp=mpp,
+            patch_px=int(getattr(model, "patch_px", 256)),
+            magnification=float(getattr(model, "magnification", 20.0)),
+            lr_magnification=float(getattr(model, "lr_magnification", 1.25)),
+        )
+        timings["tissue"] = time.perf_counter() - t_start  # opening the file belongs here
+        report("tissue", 1, 1)
+        coords = np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2)
+        n = len(coords)
+        if n == 0:
+            why = str(getattr(grid, "message", "") or "no patch has enough tissue")
+            why = why.removeprefix(f"{slide.path}: ")
+            raise NoTissueError(f"{slide.path}: no tissue found ({why})")
+        classes = list(model.classes)
+        n_classes = len(classes)
+        _check(cancel, slide)
+
+        # -- LIPN: which patches each class keeps, from the LR patches ---------------------------
+        report("lipn", 0, n)
+        t0 = time.perf_counter()
+        if use_lipn:
+            lr = grid.lr_patches()
+            lipn_mask = np.asarray(model.lipn.keep_mask(lr), dtype=bool).reshape(n, n_classes)
+            kept = lipn_mask.any(axis=1)
+        else:
+            lipn_mask = np.ones((n, n_classes), dtype=bool)
+            kept = np.ones(n, dtype=bool)
+        timings["lipn"] = time.perf_counter() - t0
+        report("lipn", n, n)
+        errors: list[str] = []
+        if use_lipn and not kept.any():
+            errors.append(
+                f"warning: LIPN kept no patch of {slide.path}: no HR patch was read and every class "
+                "was scored from an empty (zero) embedding"
+            )
+
+        # -- crop + features: only the kept rows are read at 20x --------------------------------
+        rows = np.flatnonzero(kept)
+        feats = np.zeros((len(rows), int(encoder.dim)), np.float32)
+        got = np.zeros(len(rows), dtype=bool)
+        position = np.full(n, -1, np.int64)
+        position[rows] = np.arange(len(rows))
+        failed: list[tuple[int, str]] = []
+        reader = PatchReader(
+            slide, coords[rows], grid.patch_size_level0,
+            out_px=int(getattr(grid, "patch_px", getattr(model, "patch_px", 256))),
+            batch_size=batch_size, workers=workers,
+        )
+        t_feat = 0.0
+        report("features", 0, len(rows))
+        batches = reader.batches(cancel=cancel)
+        try:
+            for batch in batches:
+                local = np.asarray(batch.indices, dtype=np.int64)  # rows of coords[rows]
+                failed.extend((int(rows[i]), msg) for i, msg in batch.failed)
+                if len(local):
+                    t0 = time.perf_counter()
+                    feats[local] = _as_numpy(encoder.embed(batch.pixels))
+                    t_feat += time.perf_counter() - t0
+                    got[local] = True
+                report("features", int(got.sum()) + len(failed), len(rows))
+        finally:
+            batches.close()  # stops the reader thread at once if the encoder raised
+        _check(cancel, slide)
+        timings["crop"] = reader.seconds
+        timings["crop_wait"] = reader.wait_seconds
+        timings["features"] = t_feat
+        read_rows = rows[got]
+        feats = feats[got]
+        if failed:
+            errors.append(f"{len(failed)} of {len(rows)} kept patches could not be decoded and were skipped")
+            errors.extend(msg for _, msg in failed[:_MAX_FAILURE_MESSAGES])
+            if len(failed) > _MAX_FAILURE_MESSAGES:
+                errors.append(f"... and {len(failed) - _MAX_FAILURE_MESSAGES} more")
+
+        # -- DMIN: per-class pooling over LIPN's mask (its own mask for HDMIL†) -----------------
+        report("dmin", 0, 1)
+        t0 = time.perf_counter()
+        pred = model.dmin.predict(feats, mask=lipn_mask[read_rows] if use_lipn else None)
+        timings["dmin"] = time.perf_counter() - t0
+        report("dmin", 1, 1)
+        attention = np.full((n, n_classes), np.nan, np.float32)
+        scores = np.full((n, n_classes), np.nan, np.float32)
+        if len(read_rows):
+            attention[read_rows] = _as_numpy(pred.attention)
+            scores[read_rows] = _as_numpy(pred.scores)
+        for c in pred.empty_classes if kept.any() else ():  # none kept: warned above
+            errors.append(
+                f"warning: class {classes[c]!r} pooled no patch of {slide.path}; "
+                "its score comes from an empty (zero) embedding"
+            )
+        probabilities = _as_numpy(pred.probabilities).astype(np.float64)
+        timings["total"] = time.perf_counter() - t_start
+        return Result(
+            slide_name=str(getattr(slide, "name", Path(str(slide.path)).stem)),
+            slide_path=str(slide.path) if getattr(slide, "path", None) else None,
+            classes=classes,
+            probabilities=probabilities,
+            prediction_index=int(np.argmax(probabilities)),
+            coords=coords,
+            grid_index=np.asarray(grid.index, dtype=np.int64).reshape(-1, 2),
+            lipn_mask=lipn_mask,
+            kept=kept,
+            attention=attention,
+            scores=scores,
+            features=feats,
+            feature_index=read_rows.astype(np.int64),
+            failed=np.array(sorted(i for i, _ in failed), dtype=np.int64),
+            use_lipn=bool(use_lipn),
+            timings=timings,
+            errors=errors,
+            grid=grid,
+            mpp=float(grid.mpp) if getattr(grid, "mpp", None) else None,
+            patch_size_level0=int(grid.patch_size_level0),
+            model_name=Path(str(ckpt)).name,
+            model_sha256=str(getattr(model, "sha256", "")),
+            encoder=str(getattr(encoder, "name", "")),
+            reading={
+                "level": int(reader.level),
+                "tiled": bool(reader.tiled),
+                "n_tiles_decoded": int(reader.n_tiles_decoded),
+                "bytes_decoded": int(reader.bytes_decoded),
+            },
+        )
+    finally:
+        if own:
+            slide.close()
+
+
+def warm_up(model: Any, encoder: Any, patch_px: int = 256) -> None:
+    """Run LIPN, the encoder and DMIN once on dummy input.
+
+    The first call of a torch model pays one-time setup (kernel selection, thread pools, CUDA
+    context): a quarter of a second for LIPN on a CPU, more than LIPN's whole per-slide cost. Call
+    this once per process before timing slides so stage seconds are per slide, not per process.
+    """
+    lr = np.full((2, 16, 16, 3), 200, np.uint8)
+    if getattr(model, "lipn", None) is not None:
+        model.lipn.keep_mask(lr)
+    feats = encoder.embed(np.full((2, patch_px, patch_px, 3), 200, np.uint8))
+    model.dmin.predict(feats, mask=None)
+
+
+def encoder_for(model: Any, device: Any) -> Any:
+    """The encoder the checkpoint's DMIN was trained on (seeded random weights unless stated)."""
+    from hdmil.features import create_encoder
+
+    config = getattr(model, "config", {}) or {}
+    name = config.get("encoder")
+    if not name:
+        raise CheckpointError(
+            f"{getattr(model, 'path', 'the model')}: the checkpoint does not name the encoder its "
+            "DMIN was trained on; pass the encoder explicitly"
+        )
+    try:
+        return create_encoder(
+            name, pretrained=bool(config.get("encoder_pretrained", False)), device=device
+        )
+    except HDMILError as exc:
+        raise CheckpointError(f"{getattr(model, 'path', 'the model')}: encoder {name!r}: {exc}") from exc
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _check(cancel: threading.Event | None, slide: Any) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"{getattr(slide, 'path', 'slide')}: cancelled")
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    from hdmil.export import write_json_atomic
+
+    write_json_atomic(path, obj)
+
+
+def _write_patches_h5(path: Path, r: Result) -> None:
+    """coords, grid index, LIPN mask, kept, attention and scores per patch; features of the read
+    patches with their rows; written to a temporary name in the same folder, then renamed."""
+    import h5py
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("coords", data=r.coords.astype(np.int64))
+            f.create_dataset("grid_index", data=r.grid_index.astype(np.int64))
+            f.create_dataset("lipn_mask", data=r.lipn_mask.astype(bool))
+            f.create_dataset("kept", data=r.kept.astype(bool))
+            f.create_dataset("attention", data=r.attention.astype(np.float32))
+            f.create_dataset("scores", data=r.scores.astype(np.float32))
+            f.create_dataset("features", data=r.features.astype(np.float32))
+            f.create_dataset("feature_index", data=r.feature_index.astype(np.int64))
+            f.create_dataset("failed", data=r.failed.astype(np.int64))
+            f.attrs["slide"] = r.slide_name
+            f.attrs["classes"] = json.dumps(r.classes)
+            f.attrs["use_lipn"] = bool(r.use_lipn)
+            f.attrs["patch_size_level0"] = int(r.patch_size_level0)
+            f.attrs["mpp"] = float(r.mpp) if r.mpp is not None else math.nan
+            f.attrs["encoder"] = r.encoder
+            f.attrs["model"] = r.model_name
+            f.attrs["model_sha256"] = r.model_sha256
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

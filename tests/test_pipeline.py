@@ -1,0 +1,306 @@
+"""Hierarchical inference: only LIPN's kept patches are read, the prediction is DMIN's masked one,
+HDMIL† reads everything, results are saved atomically, bad input raises clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hdmil.checkpoint import load_model, save_checkpoint
+from hdmil.errors import Cancelled, CheckpointError, HDMILError, MissingMPPError, SlideError
+from hdmil.features.encoders import Encoder, create_encoder, register_encoder
+from hdmil.grid import build_grid
+from hdmil.models import DMIN, LIPN, DMINConfig, LIPNConfig
+from hdmil.pipeline import NoTissueError, run_slide
+from hdmil.reading import PatchReader
+from hdmil.slide import open_slide
+
+TINY = "tiny_test_encoder"
+
+
+@register_encoder(TINY)
+def _tiny_encoder(pretrained: bool = False, device=None) -> Encoder:
+    """An 8-d encoder that costs next to nothing: one strided conv, average pooled."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 16, stride=16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Encoder(model, TINY, input_size=256, dim=8, device=device, channels_last=False)
+
+
+def _calibrated_lipn(lr: np.ndarray, keep: tuple[float, float] = (0.35, 0.2)) -> LIPN:
+    """A seeded LIPN whose last-layer bias makes class c keep the top ``keep[c]`` of these patches."""
+    torch.manual_seed(0)
+    lipn = LIPN(LIPNConfig(n_classes=2))
+    # BatchNorm statistics from these patches (a fresh LIPN gives the same logit for every patch).
+    for m in lipn.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+    with torch.no_grad():
+        lipn.train()(LIPN.prepare(lr))
+        logits = lipn.eval()(LIPN.prepare(lr))
+        for c, frac in enumerate(keep):
+            lipn.fc.bias[c] -= torch.quantile(logits[:, c], 1.0 - frac)
+    return lipn
+
+
+def _save(path: Path, lipn: LIPN | None, in_dim: int = 8, encoder: str = TINY) -> Path:
+    torch.manual_seed(1)
+    dmin = DMIN(DMINConfig(in_dim=in_dim, hidden=32, attn_dim=16, n_classes=2, cheby_degree=3)).eval()
+    modules = {"dmin": dmin} if lipn is None else {"dmin": dmin, "lipn": lipn}
+    return save_checkpoint(path, modules, {"classes": ["normal", "tumor"], "encoder": encoder})
+
+
+@pytest.fixture(scope="module")
+def ckpt(synthetic_slide, tmp_path_factory) -> Path:
+    with open_slide(synthetic_slide) as slide:
+        lr = build_grid(slide).lr_patches()
+    return _save(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", _calibrated_lipn(lr))
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_model(ckpt)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return create_encoder(TINY, device="cpu")
+
+
+class _Recorder:
+    """Records the level-0 coords of every HR patch the reader actually assembles."""
+
+    def __init__(self, monkeypatch):
+        self.coords: list[tuple[int, int]] = []
+        self.lock = threading.Lock()
+        cut = PatchReader._cut_from_tiles
+        region = PatchReader._read_region
+
+        def cut_rec(reader, tl, row, *a):
+            with self.lock:
+                self.coords.append(tuple(int(v) for v in reader.coords[row]))
+            return cut(reader, tl, row, *a)
+
+        def region_rec(reader, row, *a):
+            with self.lock:
+                self.coords.append(tuple(int(v) for v in reader.coords[row]))
+            return region(reader, row, *a)
+
+        monkeypatch.setattr(PatchReader, "_cut_from_tiles", cut_rec)
+        monkeypatch.setattr(PatchReader, "_read_region", region_rec)
+
+
+def _independent_features(slide, coords: np.ndarray, encoder, size: int) -> torch.Tensor:
+    pixels = np.stack([slide.read_region((int(x), int(y)), 0, (size, size)) for x, y in coords])
+    return encoder.embed(pixels)
+
+
+# --------------------------------------------------------------------------------------- the point
+
+
+def test_only_lipn_kept_patches_are_read(synthetic_slide, model, encoder, monkeypatch):
+    rec = _Recorder(monkeypatch)
+    result = run_slide(synthetic_slide, model, encoder=encoder, batch_size=8)
+    n = result.n_patches
+    kept = result.kept
+    assert 0 < kept.sum() < n, "the test LIPN must keep a proper subset"
+    np.testing.assert_array_equal(kept, result.lipn_mask.any(axis=1))
+    read = set(rec.coords)
+    assert len(rec.coords) == len(read) == kept.sum()  # each kept patch read once
+    assert read == {tuple(c) for c in result.coords[kept]}
+    assert read.isdisjoint({tuple(c) for c in result.coords[~kept]})
+    assert result.n_read == kept.sum() and result.reading["tiled"]
+    # only the tiles under kept patches were decoded
+    s = result.patch_size_level0
+    tiles = {(tx, ty) for x, y in result.coords[kept]
+             for tx in range(x // 256, (x + s - 1) // 256 + 1) for ty in range(y // 256, (y + s - 1) // 256 + 1)}
+    assert result.reading["n_tiles_decoded"] == len(tiles)
+    assert result.kept_ratio == pytest.approx(kept.sum() / n)
+
+
+def test_prediction_equals_dmin_masked_prediction_on_the_same_patches(synthetic_slide, model, encoder):
+    result = run_slide(synthetic_slide, model, encoder=encoder, batch_size=8)
+    rows = np.flatnonzero(result.kept)
+    np.testing.assert_array_equal(result.feature_index, rows)
+    with open_slide(synthetic_slide) as slide:
+        feats = _independent_features(slide, result.coords[rows], encoder, result.patch_size_level0)
+    np.testing.assert_allclose(result.features, feats.numpy(), rtol=1e-4, atol=1e-5)
+    expect = model.dmin.predict(feats, mask=torch.from_numpy(result.lipn_mask[rows]))
+    np.testing.assert_allclose(result.probabilities, expect.probabilities.numpy(), rtol=1e-4, atol=1e-6)
+    assert result.prediction == model.classes[int(expect.probabilities.argmax())]
+    np.testing.assert_allclose(result.attention[rows], expect.attention.numpy(), rtol=1e-4, atol=1e-6)
+    assert np.isnan(result.attention[~result.kept]).all()
+    # attention is NaN exactly where a class did not pool the patch, and sums to 1 per class
+    assert (np.isnan(result.attention) == ~(result.lipn_mask & result.kept[:, None])).all()
+    for c in range(2):
+        if result.lipn_mask[:, c].any():
+            assert np.nansum(result.attention[:, c]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_hdmil_dagger_reads_all_patches_with_dmins_own_mask(synthetic_slide, model, encoder, monkeypatch):
+    rec = _Recorder(monkeypatch)
+    result = run_slide(synthetic_slide, model, use_lipn=False, encoder=encoder, batch_size=16)
+    n = result.n_patches
+    assert len(rec.coords) == n and result.n_read == n and result.kept.all() and result.lipn_mask.all()
+    assert result.kept_ratio == 1.0
+    with open_slide(synthetic_slide) as slide:
+        feats = _independent_features(slide, result.coords, encoder, result.patch_size_level0)
+    expect = model.dmin.predict(feats, mask=None)
+    np.testing.assert_allclose(result.probabilities, expect.probabilities.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_timings_progress_and_report(synthetic_slide, model, encoder, tmp_path):
+    stages = []
+    result = run_slide(
+        synthetic_slide, model, encoder=encoder, batch_size=8,
+        progress=lambda stage, done, total: stages.append((stage, done, total)),
+    )
+    t = result.timings
+    for k in ("tissue", "lipn", "crop", "features", "dmin", "total"):
+        assert t[k] >= 0.0
+    assert t["total"] >= t["tissue"] + t["lipn"] + t["dmin"]
+    first = {}
+    for i, (stage, _, _) in enumerate(stages):
+        first.setdefault(stage, i)
+    assert first["tissue"] < first["lipn"] < first["features"] < first["dmin"]
+    assert ("features", result.n_kept, result.n_kept) in stages
+
+    out = result.save(tmp_path / "slide")
+    report = json.loads((out / "report.json").read_text())
+    for key in ("slide", "classes", "probabilities", "prediction", "n_patches", "n_kept", "kept_ratio",
+                "use_lipn", "timings", "model", "errors"):
+        assert key in report
+    assert report["n_kept"] == result.n_kept and report["use_lipn"] is True
+    assert report["model"]["sha256"] == model.sha256 and report["model"]["name"] == model.path.name
+    assert set(report["timings"]) >= {"tissue", "lipn", "crop", "features", "dmin", "total"}
+    assert sum(report["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+    with h5py.File(out / "patches.h5") as f:
+        np.testing.assert_array_equal(f["coords"][:], result.coords)
+        np.testing.assert_array_equal(f["lipn_mask"][:], result.lipn_mask)
+        np.testing.assert_array_equal(f["attention"][:], result.attention)
+        assert f["features"].shape == (result.n_kept, 8)
+        np.testing.assert_array_equal(f["feature_index"][:], np.flatnonzero(result.kept))
+        assert json.loads(f.attrs["classes"]) == ["normal", "tumor"]
+    assert sorted(p.name for p in out.iterdir()) == ["patches.h5", "report.json"]
+
+
+def test_interrupted_save_leaves_no_report(synthetic_slide, model, encoder, tmp_path, monkeypatch):
+    result = run_slide(synthetic_slide, model, encoder=encoder)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", boom)
+    with pytest.raises(OSError):
+        result.save(tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []  # no half-written patches.h5, no report
+
+
+def test_cancel_between_batches(synthetic_slide, model, encoder):
+    cancel = threading.Event()
+    seen = []
+
+    def progress(stage, done, total):
+        seen.append((stage, done))
+        if stage == "features" and done > 0:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        run_slide(synthetic_slide, model, use_lipn=False, encoder=encoder, batch_size=4,
+                  progress=progress, cancel=cancel)
+    assert max(d for s, d in seen if s == "features") <= 4
+    assert not any(s == "dmin" for s, _ in seen)
+
+
+def test_corrupt_tile_is_counted_and_skipped(synthetic_slide, model, encoder, tmp_path):
+    import tifffile
+
+    with open_slide(synthetic_slide) as slide:
+        x, y = (int(v) for v in build_grid(slide).coords[0])
+    bad = tmp_path / "corrupt.tiff"
+    shutil.copy(synthetic_slide, bad)
+    with tifffile.TiffFile(bad) as tif:
+        page = tif.pages[0]
+        k = (y // 256) * (-(-page.imagewidth // 256)) + x // 256
+        off, n = page.dataoffsets[k], page.databytecounts[k]
+    with open(bad, "r+b") as fh:
+        fh.seek(off)
+        fh.write(b"\x00" * n)
+    result = run_slide(bad, model, use_lipn=False, encoder=encoder)
+    assert len(result.failed) >= 1 and 0 in result.failed
+    assert result.n_read == result.n_patches - len(result.failed)
+    assert any("could not be decoded" in e for e in result.errors)
+    assert np.isnan(result.attention[result.failed]).all()
+    assert result.to_report()["n_failed"] == len(result.failed)
+
+
+def test_lipn_keeping_nothing_is_a_warning_not_a_crash(synthetic_slide, tmp_path, encoder, monkeypatch):
+    with open_slide(synthetic_slide) as slide:
+        lr = build_grid(slide).lr_patches()
+    lipn = _calibrated_lipn(lr)
+    with torch.no_grad():
+        lipn.fc.bias.fill_(-1e4)
+    m = load_model(_save(tmp_path / "none.safetensors", lipn))
+    rec = _Recorder(monkeypatch)
+    result = run_slide(synthetic_slide, m, encoder=encoder)
+    assert result.n_kept == 0 and result.n_read == 0 and rec.coords == []
+    assert any("LIPN kept no patch" in e for e in result.errors)
+    assert np.isfinite(result.probabilities).all()
+
+
+# --------------------------------------------------------------------------------------- bad input
+
+
+def test_no_tissue_raises_naming_the_file(tiny_slide, model, encoder):
+    with pytest.raises(NoTissueError, match="no tissue found") as info:
+        run_slide(tiny_slide, model, encoder=encoder)
+    assert str(tiny_slide) in str(info.value)
+    assert isinstance(info.value, HDMILError)
+
+
+def test_blank_slide_has_no_tissue(tmp_path, model, encoder):
+    import tifffile
+
+    path = tmp_path / "blank.tiff"
+    tifffile.imwrite(path, np.full((1024, 1024, 3), 243, np.uint8), tile=(256, 256), photometric="rgb",
+                     compression="jpeg", resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    with pytest.raises(NoTissueError, match="blank.tiff"):
+        run_slide(path, model, encoder=encoder)
+
+
+def test_bad_slide_and_missing_mpp(broken_slide, tmp_path, model, encoder):
+    import tifffile
+
+    with pytest.raises(SlideError, match="broken.svs"):
+        run_slide(broken_slide, model, encoder=encoder)
+    nompp = tmp_path / "nompp.tiff"
+    tifffile.imwrite(nompp, np.full((512, 512, 3), 120, np.uint8), tile=(256, 256), photometric="rgb")
+    with pytest.raises(MissingMPPError, match="nompp.tiff"):
+        run_slide(nompp, model, encoder=encoder)
+
+
+def test_model_without_lipn_or_wrong_width(synthetic_slide, tmp_path, encoder):
+    no_lipn = load_model(_save(tmp_path / "dmin_only.safetensors", None))
+    with pytest.raises(CheckpointError, match="no LIPN"):
+        run_slide(synthetic_slide, no_lipn, encoder=encoder)
+    wide = load_model(_save(tmp_path / "wide.safetensors", None, in_dim=12))
+    with pytest.raises(CheckpointError, match="12-d"):
+        run_slide(synthetic_slide, wide, use_lipn=False, encoder=encoder)
+
+
+def test_cmu_slide_end_to_end(cmu_slide, model, encoder):
+    """The real SVS (240-px tiles): kept patches read exactly, prediction equals DMIN's."""
+    result = run_slide(cmu_slide, model, encoder=encoder)
+    assert result.n_patches > 0 and result.n_read == result.n_kept
+    rows = result.feature_index
+    with open_slide(cmu_slide) as slide:
+        feats = _independent_features(slide, result.coords[rows], encoder, result.patch_size_level0)
+    expect = model.dmin.predict(feats, mask=torch.from_numpy(result.lipn_mask[rows]))
+    np.testing.assert_allclose(result.probabilities, expect.probabilities.numpy(), rtol=1e-4, atol=1e-6)
