@@ -267,5 +267,7 @@ def test_default_model_path_honours_env(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("HDMIL_MODEL", str(tmp_path / "m.safetensors"))
     assert default_model_path() == tmp_path / "m.safetensors"
     monkeypatch.delenv("HDMIL_MODEL")
-    monkeypatch.setenv("HDMIL_CACHE", str(tmp_path / "cache"))
-    assert default_model_path() == tmp_path / "cache" / "models" / "hdmil-demo-v1.safetensors"
+    # without the variable: the demo model shipped inside the installed package
+    bundled = default_model_path()
+    assert bundled.name == "hdmil-demo.safetensors" and bundled.parent.name == "assets"
+    assert bundled.parent.parent == Path(__import__("hdmil").__file__).parent
