@@ -137,3 +137,19 @@ def test_bad_device_and_missing_default_model(synthetic_slide, ckpt, tmp_path, c
     rc = main(["predict", str(synthetic_slide), "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "--model" in err[0] and "nope.safetensors" in err[0]
+
+
+def test_prescreen_only_reads_nothing_at_20x(synthetic_slide, ckpt, tmp_path, capsys, monkeypatch):
+    from hdmil.reading import PatchReader
+
+    def no_reading(*a, **k):
+        raise AssertionError("an HR patch was read")
+
+    monkeypatch.setattr(PatchReader, "batches", no_reading)
+    out = tmp_path / "out"
+    rc = main(["predict", str(synthetic_slide), "--model", str(ckpt), "--out", str(out), "--prescreen-only"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / synthetic_slide.stem / "prescreen.json").read_text())
+    assert report["n_patches"] > 0 and 0 <= report["n_kept"] <= report["n_patches"]
+    assert set(report["kept_ratio_per_class"]) == {"normal", "tumor"}
+    assert not (out / synthetic_slide.stem / "report.json").exists()

@@ -304,3 +304,39 @@ def test_cmu_slide_end_to_end(cmu_slide, model, encoder):
         feats = _independent_features(slide, result.coords[rows], encoder, result.patch_size_level0)
     expect = model.dmin.predict(feats, mask=torch.from_numpy(result.lipn_mask[rows]))
     np.testing.assert_allclose(result.probabilities, expect.probabilities.numpy(), rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------- pre-screen
+
+
+def test_prescreen_then_classify_reuses_the_grid_and_mask(synthetic_slide, model, encoder, monkeypatch):
+    from hdmil.pipeline import prescreen
+
+    ps = prescreen(synthetic_slide, model)
+    assert ps.lipn_mask.shape == (ps.n_patches, 2) and 0 < ps.n_kept < ps.n_patches
+    np.testing.assert_array_equal(ps.kept, ps.lipn_mask.any(axis=1))
+    report = ps.to_report()
+    assert report["n_kept"] == ps.n_kept and set(report["kept_ratio_per_class"]) == {"normal", "tumor"}
+
+    full = run_slide(synthetic_slide, model, encoder=encoder, batch_size=8)
+    np.testing.assert_array_equal(full.lipn_mask, ps.lipn_mask)
+
+    import hdmil.grid
+
+    def no_grid(*a, **k):
+        raise AssertionError("the grid was built again")
+
+    monkeypatch.setattr(hdmil.grid, "build_grid", no_grid)
+    rec = _Recorder(monkeypatch)
+    again = run_slide(synthetic_slide, model, encoder=encoder, batch_size=8, prescreened=ps)
+    assert sorted(rec.coords) == sorted(map(tuple, ps.coords[ps.kept].tolist()))
+    np.testing.assert_allclose(again.probabilities, full.probabilities, atol=1e-5)
+    assert again.timings["tissue"] == ps.timings["tissue"]
+
+
+def test_prescreen_from_another_setting_is_refused(synthetic_slide, model, encoder):
+    from hdmil.pipeline import prescreen
+
+    ps = prescreen(synthetic_slide, model, use_lipn=False)
+    with pytest.raises(HDMILError, match="pre-screen"):
+        run_slide(synthetic_slide, model, encoder=encoder, use_lipn=True, prescreened=ps)

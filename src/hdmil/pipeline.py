@@ -157,6 +157,154 @@ class Result:
 
 
 # ---------------------------------------------------------------------------------------------
+# pre-screening: tissue + LIPN, nothing read at 20x
+
+
+@dataclass
+class PreScreen:
+    """The first two stages of a run: the tissue grid and LIPN's decision, no HR pixel read.
+
+    lipn_mask bool [N, C] which patches each class keeps (all True when ``use_lipn`` is off);
+    kept bool [N] their union, the patches a run reads at 20x; timings {tissue, lipn} seconds.
+    """
+
+    grid: Any
+    classes: list[str]
+    lipn_mask: np.ndarray
+    kept: np.ndarray
+    slide_path: str | None
+    mpp: float | None
+    use_lipn: bool = True
+    model_name: str = ""
+    model_sha256: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def coords(self) -> np.ndarray:
+        return self.grid.coords
+
+    @property
+    def grid_index(self) -> np.ndarray:
+        return self.grid.index
+
+    @property
+    def n_patches(self) -> int:
+        return int(len(self.grid.coords))
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.kept.sum())
+
+    @property
+    def kept_ratio(self) -> float:
+        return self.n_kept / self.n_patches if self.n_patches else 0.0
+
+    def to_report(self) -> dict[str, Any]:
+        """A JSON-ready summary of the pre-screen (kept ratio overall and per class)."""
+        return {
+            "slide": Path(self.slide_path).stem if self.slide_path else None,
+            "slide_path": self.slide_path,
+            "classes": list(self.classes),
+            "use_lipn": self.use_lipn,
+            "n_patches": self.n_patches,
+            "n_kept": self.n_kept,
+            "kept_ratio": self.kept_ratio,
+            "kept_ratio_per_class": {
+                c: float(self.lipn_mask[:, i].mean()) if self.n_patches else 0.0
+                for i, c in enumerate(self.classes)
+            },
+            "timings": dict(self.timings),
+            "model": {"name": self.model_name, "sha256": self.model_sha256},
+        }
+
+
+def _check_model(model: Any, use_lipn: bool, need_dmin: bool = True) -> None:
+    ckpt = getattr(model, "path", None) or "the model"
+    if need_dmin and getattr(model, "dmin", None) is None:
+        raise CheckpointError(f"{ckpt}: the checkpoint has no DMIN; it cannot classify slides")
+    if use_lipn and getattr(model, "lipn", None) is None:
+        raise CheckpointError(
+            f"{ckpt}: the checkpoint has no LIPN, so hierarchical inference is not possible; "
+            "run HDMIL† over all patches instead (use_lipn=False, --no-lipn)"
+        )
+
+
+def _prescreen_open(
+    slide: Any,
+    model: Any,
+    use_lipn: bool,
+    mpp: float | None,
+    report: ProgressFn,
+    cancel: threading.Event | None,
+    t_start: float,
+) -> PreScreen:
+    """Tissue grid and LIPN mask on an open slide; ``t_start`` is when opening it began."""
+    from hdmil.grid import build_grid
+
+    _check(cancel, slide)
+    report("tissue", 0, 1)
+    grid = build_grid(
+        slide,
+        mpp=mpp,
+        patch_px=int(getattr(model, "patch_px", 256)),
+        magnification=float(getattr(model, "magnification", 20.0)),
+        lr_magnification=float(getattr(model, "lr_magnification", 1.25)),
+    )
+    t_tissue = time.perf_counter() - t_start  # opening the file belongs here
+    report("tissue", 1, 1)
+    n = len(grid.coords)
+    if n == 0:
+        why = str(getattr(grid, "message", "") or "no patch has enough tissue")
+        why = why.removeprefix(f"{slide.path}: ")
+        raise NoTissueError(f"{slide.path}: no tissue found ({why})")
+    classes = list(model.classes)
+    _check(cancel, slide)
+
+    report("lipn", 0, n)
+    t0 = time.perf_counter()
+    if use_lipn:
+        lipn_mask = np.asarray(model.lipn.keep_mask(grid.lr_patches()), dtype=bool).reshape(n, len(classes))
+    else:
+        lipn_mask = np.ones((n, len(classes)), dtype=bool)
+    t_lipn = time.perf_counter() - t0
+    report("lipn", n, n)
+    return PreScreen(
+        grid=grid, classes=classes, lipn_mask=lipn_mask, kept=lipn_mask.any(axis=1),
+        slide_path=str(slide.path), mpp=float(grid.mpp), use_lipn=use_lipn,
+        model_name=Path(str(getattr(model, "path", "") or "")).name,
+        model_sha256=str(getattr(model, "sha256", "") or ""),
+        timings={"tissue": t_tissue, "lipn": t_lipn},
+    )
+
+
+def prescreen(
+    slide_or_path: Any,
+    model: Any,
+    use_lipn: bool = True,
+    mpp: float | None = None,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> PreScreen:
+    """Tissue + LIPN only: which patches a run would read at 20x, without reading any.
+
+    Pass the result to ``run_slide(..., prescreened=ps)`` to classify without redoing it.
+    Raises the same errors as ``run_slide``'s first two stages.
+    """
+    from hdmil.slide import open_slide
+
+    _check_model(model, use_lipn, need_dmin=False)
+    report = progress or (lambda *a: None)
+    t_start = time.perf_counter()
+    own = isinstance(slide_or_path, (str, os.PathLike))
+    slide = open_slide(slide_or_path, mpp=mpp) if own else slide_or_path
+    try:
+        return _prescreen_open(slide, model, use_lipn, mpp, report, cancel, t_start)
+    finally:
+        if own:
+            slide.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # the run
 
 
@@ -171,6 +319,7 @@ def run_slide(
     cancel: threading.Event | None = None,
     device: Any = None,
     workers: int | None = None,
+    prescreened: PreScreen | None = None,
 ) -> Result:
     """Classify one slide with HDMIL (``use_lipn=True``) or HDMIL† (all tissue patches).
 
@@ -185,6 +334,8 @@ def run_slide(
         cancel: set it to stop between batches (raises ``Cancelled``).
         device: where the encoder runs when it is built here (default: CUDA if available).
         workers: decoding threads (default: all cores).
+        prescreened: a ``prescreen`` of this slide with this model: its grid and LIPN mask are used
+            as they are (its tissue and LIPN seconds are reported) instead of being computed again.
 
     Raises:
         SlideError / MissingMPPError: the slide cannot be read, or has no mpp and none was given.
@@ -193,18 +344,17 @@ def run_slide(
             does not fit the encoder.
         Cancelled: ``cancel`` was set.
     """
-    from hdmil.grid import build_grid
     from hdmil.reading import PatchReader
     from hdmil.slide import open_slide
 
     timings = dict.fromkeys(STAGES, 0.0)
-    ckpt = getattr(model, "path", None) or "the model"
-    if getattr(model, "dmin", None) is None:
-        raise CheckpointError(f"{ckpt}: the checkpoint has no DMIN; it cannot classify slides")
-    if use_lipn and getattr(model, "lipn", None) is None:
-        raise CheckpointError(
-            f"{ckpt}: the checkpoint has no LIPN, so hierarchical inference is not possible; "
-            "run HDMIL† over all patches instead (use_lipn=False, --no-lipn)"
+    _check_model(model, use_lipn)
+    if prescreened is not None and (
+        prescreened.use_lipn != use_lipn or list(prescreened.classes) != list(model.classes)
+    ):
+        raise HDMILError(
+            f"{prescreened.slide_path}: the pre-screen was made with another model or LIPN setting; "
+            "pre-screen again"
         )
     if encoder is None:
         encoder = encoder_for(model, device)
@@ -219,41 +369,19 @@ def run_slide(
     own = isinstance(slide_or_path, (str, os.PathLike))
     slide = open_slide(slide_or_path, mpp=mpp) if own else slide_or_path
     try:
-        _check(cancel, slide)
-        # -- tissue: mask and grid at 1.25x ----------------------------------------------------
-        report("tissue", 0, 1)
-        t0 = time.perf_counter()
-        grid = build_grid(
-            slide,
-            mpp=mpp,
-            patch_px=int(getattr(model, "patch_px", 256)),
-            magnification=float(getattr(model, "magnification", 20.0)),
-            lr_magnification=float(getattr(model, "lr_magnification", 1.25)),
-        )
-        timings["tissue"] = time.perf_counter() - t_start  # opening the file belongs here
-        report("tissue", 1, 1)
+        # -- tissue and LIPN: the grid at 1.25x and which patches each class keeps ----------------
+        if prescreened is None:
+            ps = _prescreen_open(slide, model, use_lipn, mpp, report, cancel, t_start)
+        else:
+            ps = prescreened
+            report("tissue", 1, 1)
+            report("lipn", ps.n_patches, ps.n_patches)
+        grid, lipn_mask, kept = ps.grid, ps.lipn_mask, ps.kept
+        timings["tissue"], timings["lipn"] = ps.timings.get("tissue", 0.0), ps.timings.get("lipn", 0.0)
         coords = np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2)
         n = len(coords)
-        if n == 0:
-            why = str(getattr(grid, "message", "") or "no patch has enough tissue")
-            why = why.removeprefix(f"{slide.path}: ")
-            raise NoTissueError(f"{slide.path}: no tissue found ({why})")
         classes = list(model.classes)
         n_classes = len(classes)
-        _check(cancel, slide)
-
-        # -- LIPN: which patches each class keeps, from the LR patches ---------------------------
-        report("lipn", 0, n)
-        t0 = time.perf_counter()
-        if use_lipn:
-            lr = grid.lr_patches()
-            lipn_mask = np.asarray(model.lipn.keep_mask(lr), dtype=bool).reshape(n, n_classes)
-            kept = lipn_mask.any(axis=1)
-        else:
-            lipn_mask = np.ones((n, n_classes), dtype=bool)
-            kept = np.ones(n, dtype=bool)
-        timings["lipn"] = time.perf_counter() - t0
-        report("lipn", n, n)
         errors: list[str] = []
         if use_lipn and not kept.any():
             errors.append(
@@ -339,7 +467,7 @@ def run_slide(
             grid=grid,
             mpp=float(grid.mpp) if getattr(grid, "mpp", None) else None,
             patch_size_level0=int(grid.patch_size_level0),
-            model_name=Path(str(ckpt)).name,
+            model_name=Path(str(getattr(model, "path", None) or "the model")).name,
             model_sha256=str(getattr(model, "sha256", "")),
             encoder=str(getattr(encoder, "name", "")),
             reading={

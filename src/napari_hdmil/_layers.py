@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from hdmil.pipeline import PreScreen  # re-exported: the LIPN layer draws pre-screens too
+
 __all__ = [
     "LIPN_COLORS",
     "LIPN_LEGEND",
@@ -54,45 +56,6 @@ LIPN_COLORS = {
 }
 TOPK_COLOR = "#ff3030"
 BOTTOMK_COLOR = "#30a0ff"
-
-
-@dataclass
-class PreScreen:
-    """Tissue + LIPN only (the widget's Pre-screen): the fields of ``Result`` the LIPN layer needs.
-
-    lipn_mask bool [N, C]; kept bool [N] (the union over classes); timings {tissue, lipn}.
-    """
-
-    grid: Any
-    classes: list[str]
-    lipn_mask: np.ndarray
-    kept: np.ndarray
-    slide_path: str | None
-    mpp: float | None
-    use_lipn: bool = True
-    model_name: str = ""
-    model_sha256: str = ""
-    timings: dict[str, float] | None = None
-
-    @property
-    def coords(self) -> np.ndarray:
-        return self.grid.coords
-
-    @property
-    def grid_index(self) -> np.ndarray:
-        return self.grid.index
-
-    @property
-    def n_patches(self) -> int:
-        return int(len(self.grid.coords))
-
-    @property
-    def n_kept(self) -> int:
-        return int(self.kept.sum())
-
-    @property
-    def kept_ratio(self) -> float:
-        return self.n_kept / self.n_patches if self.n_patches else 0.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ from qtpy.QtWidgets import (
 )
 
 from hdmil.errors import Cancelled, CheckpointError, HDMILError
+from hdmil.pipeline import PreScreen
+from hdmil.pipeline import prescreen as pipeline_prescreen
 from napari_hdmil import _layers
 from napari_hdmil._gallery import Gallery, read_thumbnails
 
@@ -52,60 +54,8 @@ ZOOM_PATCH_PX = 250  # a gallery click shows the patch this many screen pixels w
 # pre-screen (tissue + LIPN): the first two stages of run_slide, without reading at 20x
 
 
-def prescreen(
-    slide_or_path: Any,
-    model: Any,
-    use_lipn: bool = True,
-    mpp: float | None = None,
-    progress: Any = None,
-    cancel: threading.Event | None = None,
-) -> _layers.PreScreen:
-    """Tissue grid and LIPN's keep mask of one slide; nothing is read at 20x.
-
-    Same building blocks and parameters as ``run_slide``'s first two stages (``build_grid`` with
-    the checkpoint's patch geometry, ``model.lipn.keep_mask`` on the LR patches).
-    """
-    import time
-
-    from hdmil.grid import build_grid
-    from hdmil.pipeline import NoTissueError
-    from hdmil.slide import open_slide
-
-    if use_lipn and getattr(model, "lipn", None) is None:
-        raise CheckpointError(f"{getattr(model, 'path', 'the model')}: the checkpoint has no LIPN to pre-screen with")
-    report = progress or (lambda *a: None)
-    own = isinstance(slide_or_path, (str, os.PathLike))
-    slide = open_slide(slide_or_path, mpp=mpp) if own else slide_or_path
-    try:
-        t0 = time.perf_counter()
-        report("tissue", 0, 1)
-        grid = build_grid(
-            slide, mpp=mpp, patch_px=model.patch_px, magnification=model.magnification,
-            lr_magnification=model.lr_magnification, cancel=cancel,
-        )
-        t_tissue = time.perf_counter() - t0
-        report("tissue", 1, 1)
-        n = len(grid.coords)
-        if n == 0:
-            raise NoTissueError(f"{slide.path}: no tissue found ({grid.message})")
-        if cancel is not None and cancel.is_set():
-            raise Cancelled(f"{slide.path}: cancelled")
-        report("lipn", 0, n)
-        t0 = time.perf_counter()
-        if use_lipn:
-            mask = np.asarray(model.lipn.keep_mask(grid.lr_patches()), dtype=bool).reshape(n, -1)
-        else:
-            mask = np.ones((n, len(model.classes)), dtype=bool)
-        report("lipn", n, n)
-        return _layers.PreScreen(
-            grid=grid, classes=list(model.classes), lipn_mask=mask, kept=mask.any(axis=1),
-            slide_path=str(slide.path), mpp=float(grid.mpp), use_lipn=use_lipn,
-            model_name=Path(str(model.path)).name, model_sha256=str(model.sha256),
-            timings={"tissue": t_tissue, "lipn": time.perf_counter() - t0},
-        )
-    finally:
-        if own:
-            slide.close()
+# The GUI holds no logic of its own: pre-screening is the pipeline's (the CLI has it too).
+prescreen = pipeline_prescreen
 
 
 @dataclass
@@ -117,6 +67,7 @@ class _Job:
     use_lipn: bool
     batch_size: int
     k: int
+    prescreened: Any = None  # Classify after Pre-screen reuses its grid and LIPN mask
 
 
 class _Bridge(QObject):
@@ -141,7 +92,7 @@ class HDMILWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer
         self.result: Any = None
-        self.prescreened: _layers.PreScreen | None = None
+        self.prescreened: PreScreen | None = None
         self.worker: Any = None
         self.batch_size = 64
         self.device: Any = None  # encoder device; None: CUDA when available
@@ -373,8 +324,19 @@ class HDMILWidget(QWidget):
         mpp = None
         if not meta.get("mpp") and self.mpp_box.value > 0:
             mpp = float(self.mpp_box.value)  # the file has none: the pipeline needs it
-        return _Job(kind, str(path), mpp, self._model_path(), bool(self.lipn_box.value),
-                    int(self.batch_size), int(self.k_box.value))  # fmt: skip
+        job = _Job(kind, str(path), mpp, self._model_path(), bool(self.lipn_box.value),
+                   int(self.batch_size), int(self.k_box.value))  # fmt: skip
+        ps = self.prescreened
+        if (kind == "classify" and ps is not None and str(ps.slide_path) == job.slide_path
+                and ps.use_lipn == job.use_lipn and ps.model_sha256 == self._model_sha(job.model_path)):
+            job.prescreened = ps
+        return job
+
+    def _model_sha(self, path: Path) -> str:
+        try:
+            return str(self._load_model(path).sha256)
+        except HDMILError:
+            return ""
 
     # -- running -------------------------------------------------------------------------------
 
@@ -444,7 +406,7 @@ class HDMILWidget(QWidget):
         encoder = self._encoder(model)
         result = run_slide(
             job.slide_path, model, use_lipn=job.use_lipn, mpp=job.mpp, encoder=encoder,
-            batch_size=job.batch_size, progress=progress, cancel=cancel,
+            batch_size=job.batch_size, progress=progress, cancel=cancel, prescreened=job.prescreened,
         )
         thumbs = self._read_thumbs(result, result.prediction_index, job.k)
         return ("result", result, thumbs)
@@ -563,7 +525,7 @@ class HDMILWidget(QWidget):
             if layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
 
-    def show_prescreen(self, ps: _layers.PreScreen) -> None:
+    def show_prescreen(self, ps: PreScreen) -> None:
         """LIPN decision layer and counts of a pre-screen."""
         self.prescreened = ps
         self.result = None

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="HR patches per batch (default 64)")
     p.add_argument("--device", help="torch device for the encoder and DMIN (default: cuda if available)")
     p.add_argument("--workers", type=int, help="tile-decoding threads (default: all cores)")
+    p.add_argument("--prescreen-only", action="store_true",
+                   help="tissue + LIPN only (nothing read at 20x): writes DIR/<slide>/prescreen.json "
+                   "with the kept ratio overall and per class")
     p.set_defaults(func=predict)
 
 
@@ -66,7 +69,8 @@ def predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from hdmil.checkpoint import load_model
-    from hdmil.pipeline import encoder_for, run_slide, warm_up
+    from hdmil.export import write_json_atomic
+    from hdmil.pipeline import encoder_for, prescreen, run_slide, warm_up
 
     if args.batch_size < 1:
         raise HDMILError(f"--batch-size must be at least 1, not {args.batch_size}")
@@ -80,10 +84,12 @@ def predict(args: argparse.Namespace) -> int:
         raise CheckpointError(
             f"{model.path}: the checkpoint has no LIPN; use --no-lipn to run HDMIL† over all patches"
         )
-    # One encoder for all slides; a checkpoint whose DMIN does not fit it stops here, once.
-    encoder = encoder_for(model, args.device)
-    model.check_feature_dim(encoder.dim, source=f"encoder {encoder.name} named in {model.path}")
-    warm_up(model, encoder, patch_px=model.patch_px)  # one-time torch setup out of slide timings
+    encoder = None
+    if not args.prescreen_only:
+        # One encoder for all slides; a checkpoint whose DMIN does not fit it stops here, once.
+        encoder = encoder_for(model, args.device)
+        model.check_feature_dim(encoder.dim, source=f"encoder {encoder.name} named in {model.path}")
+        warm_up(model, encoder, patch_px=model.patch_px)  # one-time torch setup out of slide timings
 
     out = Path(args.out)
     used: set[str] = set()
@@ -106,6 +112,14 @@ def predict(args: argparse.Namespace) -> int:
             bar.refresh()
 
         try:
+            if args.prescreen_only:
+                ps = prescreen(path, model, use_lipn=use_lipn, mpp=args.mpp, progress=progress)
+                (out / name).mkdir(parents=True, exist_ok=True)
+                target = write_json_atomic(out / name / "prescreen.json", ps.to_report())
+                bar.close()
+                print(f"{path.name}: LIPN keeps {ps.n_kept}/{ps.n_patches} patches "
+                      f"({ps.kept_ratio:.0%}) -> {target}")
+                continue
             result = run_slide(
                 path, model, use_lipn=use_lipn, mpp=args.mpp, encoder=encoder,
                 batch_size=args.batch_size, progress=progress, workers=args.workers,
