@@ -130,3 +130,19 @@ def test_killed_worker_loses_nothing(slide_folder, batch_model, tmp_path):
     # A re-run does no work: every slide is skipped before any task is submitted.
     again = run_batch(slides, out, model_path=batch_model, workers=1)
     assert again.n_skipped == len(good) and again.n_ok == 0
+
+
+def test_features_on_dask_workers(slide_folder, tmp_path, capsys):
+    from hdmil.cli import main
+    from hdmil.features import read_features
+
+    folder, good, _ = slide_folder
+    slides = [str(folder / f"{n}.tiff") for n in good[:2]] + [str(folder / "broken.svs")]
+    out = tmp_path / "features"
+    code = main(["features", *slides, "--encoder", ENCODER, "--out", str(out), "--workers", "2",
+                 "--batch-size", "16"])
+    err = capsys.readouterr().err
+    assert code == 1 and "broken.svs" in err  # the bad slide is named, the others are written
+    for name in good[:2]:
+        bag = read_features(out / f"{name}.h5")
+        assert bag.features.shape[1] == ENCODER_DIM and len(bag.coords) == len(bag.features) > 0

@@ -218,6 +218,60 @@ def start_client(scheduler: str | None = None, workers: int | None = None):
     return Client(cluster), cluster
 
 
+def run_tasks(
+    items: list[Path],
+    task: Callable[..., dict],
+    task_args: tuple = (),
+    scheduler: str | None = None,
+    workers: int | None = None,
+    retries: int = 2,
+    client=None,
+    on_result: Callable[[dict], None] | None = None,
+) -> tuple[list[dict], bool]:
+    """``task(str(item), *task_args) -> row`` for every item, one Dask task each, rows as they finish.
+
+    A task that raises after its retries (a bug, a worker lost too often) becomes a ``failed`` row;
+    Ctrl-C cancels what is left. Returns (rows, cancelled).
+    """
+    from distributed import as_completed
+
+    rows: list[dict] = []
+    if not items:
+        return rows, False
+    own_client = cluster = None
+    futures = []
+    try:
+        if client is None:
+            own_client, cluster = start_client(scheduler, min(workers or default_workers(), len(items)))
+            client = own_client
+        futures = [
+            client.submit(task, str(s), *task_args, key=f"hdmil-{task.__name__}-{i}-{s.stem}",
+                          retries=retries, pure=False)
+            for i, s in enumerate(items)
+        ]
+        index = {f.key: s for f, s in zip(futures, items)}
+        for fut in as_completed(futures):
+            try:
+                row = fut.result()
+            except Exception as exc:
+                s = index[fut.key]
+                msg = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+                row = {"slide": s.stem, "path": str(s), "status": "failed", "error": msg}
+            rows.append(row)
+            if on_result:
+                on_result(row)
+    except KeyboardInterrupt:
+        for f in futures:
+            f.cancel()
+        return rows, True
+    finally:
+        if own_client is not None:
+            own_client.close()
+        if cluster is not None:
+            cluster.close()
+    return rows, False
+
+
 def run_batch(
     slides: Iterable[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -235,8 +289,6 @@ def run_batch(
     Slides whose complete results exist are skipped without submitting work. ``on_result(row, done,
     total)`` is called as each slide finishes (the CLI draws its progress bar with it).
     """
-    from distributed import as_completed
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     slides = [Path(s) for s in slides]
@@ -251,46 +303,82 @@ def run_batch(
         else:
             todo.append(s)
     total = len(slides)
-    if on_result:
-        for i, row in enumerate(summary.rows, 1):
-            on_result(row, i, total)
 
-    own_client = None
-    cluster = None
-    futures = []
+    def record(row: dict) -> None:
+        if row not in summary.rows:
+            summary.rows.append(row)
+        if on_result:
+            on_result(row, len(summary.rows), total)
+
+    for row in list(summary.rows):
+        record(row)
     try:
-        if todo:
-            if client is None:
-                own_client, cluster = start_client(scheduler, min(workers or default_workers(), len(todo)))
-                client = own_client
-            model_arg = str(model_path) if model_path else None
-            futures = [
-                client.submit(
-                    process_slide, str(s), str(out_dir), model_arg, use_lipn, mpp,
-                    key=f"hdmil-slide-{i}-{s.stem}", retries=retries, pure=False,
-                )
-                for i, s in enumerate(todo)
-            ]
-            index = {f.key: s for f, s in zip(futures, todo)}
-            for fut in as_completed(futures):
-                try:
-                    row = fut.result()
-                except Exception as exc:  # the task failed after its retries (a bug, a lost worker)
-                    s = index[fut.key]
-                    msg = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                    row = {"slide": s.stem, "path": str(s), "status": "failed", "error": msg}
-                summary.rows.append(row)
-                if on_result:
-                    on_result(row, len(summary.rows), total)
-    except KeyboardInterrupt:
-        summary.cancelled = True
-        for f in futures:
-            f.cancel()
+        _, summary.cancelled = run_tasks(
+            todo, process_slide, (str(out_dir), str(model_path) if model_path else None, use_lipn, mpp),
+            scheduler=scheduler, workers=workers, retries=retries, client=client, on_result=record,
+        )
     finally:
         summary.wall_seconds = time.perf_counter() - t0
         write_summary(out_dir, summary.rows)
-        if own_client is not None:
-            own_client.close()
-        if cluster is not None:
-            cluster.close()
     return summary
+
+
+# --------------------------------------------------------------------------- features over many slides
+
+
+_ENCODER_CACHE: dict[tuple, Any] = {}
+
+
+def extract_slide_task(
+    slide_path: str,
+    out_dir: str,
+    encoder_spec: dict,
+    mpp: float | None = None,
+    batch_size: int = 64,
+    overwrite: bool = False,
+) -> dict:
+    """``hdmil features`` for one slide on a Dask worker: writes ``<out>/<slide>.h5`` atomically.
+
+    ``encoder_spec`` holds ``create_encoder``'s arguments (name, pretrained, weights, device, arch);
+    the encoder is built once per worker process. Returns a row with status written / skipped /
+    empty / failed.
+    """
+    from hdmil.features import create_encoder, extract_slide_features, write_features
+    from hdmil.grid import build_grid
+    from hdmil.slide import open_slide
+
+    row: dict[str, Any] = {"slide": Path(slide_path).stem, "path": slide_path, "error": ""}
+    key = tuple(sorted((k, str(v)) for k, v in encoder_spec.items()))
+    try:
+        if key not in _ENCODER_CACHE:
+            _ENCODER_CACHE.clear()
+            _ENCODER_CACHE[key] = create_encoder(**encoder_spec)
+        encoder = _ENCODER_CACHE[key]
+        with open_slide(slide_path, mpp=mpp) as slide:
+            out = Path(out_dir) / f"{slide.name}.h5"
+            if out.exists() and not overwrite and _h5_encoder(out) == encoder.name:
+                row.update(status="skipped", n_patches=None)
+                return row
+            grid = build_grid(slide, mpp=mpp)
+            if len(grid.coords) == 0:
+                row.update(status="empty", error=str(grid.message or "no tissue found"), n_patches=0)
+                return row
+            bag = extract_slide_features(slide, grid, encoder, batch_size=batch_size)
+            write_features(out, bag)
+            row.update(status="written", n_patches=len(bag))
+    except HDMILError as exc:
+        row.update(status="failed", error=str(exc))
+    return row
+
+
+def _h5_encoder(path: Path) -> str | None:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            found = f.attrs.get("encoder")
+            if "features" not in f:
+                return None
+            return found.decode() if isinstance(found, bytes) else found
+    except OSError:
+        return None

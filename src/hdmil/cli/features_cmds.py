@@ -37,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--overwrite", action="store_true",
         help="recompute slides whose <out>/<slide>.h5 exists (default: skip them when the encoder matches)",
     )
+    p.add_argument("--workers", type=int, default=None,
+                   help="run the slides as Dask tasks on a local cluster of this many worker processes")
+    p.add_argument("--scheduler", default=None,
+                   help="run the slides as Dask tasks on a running scheduler (tcp://host:8786)")
     p.set_defaults(func=features)
 
 
@@ -45,6 +49,8 @@ def features(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise HDMILError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers or args.scheduler:
+        return _features_on_dask(args)
     encoder = create_encoder(
         str(args.encoder), pretrained=args.pretrained, weights=args.weights, device=args.device,
         arch=args.arch,
@@ -116,3 +122,35 @@ def _same_encoder(path: Path, name: str) -> bool:
             return "features" in f and (found.decode() if isinstance(found, bytes) else found) == name
     except OSError:
         return False  # unreadable: recompute
+
+
+def _features_on_dask(args: argparse.Namespace) -> int:
+    """One Dask task per slide (``hdmil.batch.extract_slide_task``); the encoder is built per worker."""
+    from tqdm import tqdm
+
+    from hdmil.batch import extract_slide_task, run_tasks
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "name": str(args.encoder), "pretrained": bool(args.pretrained), "device": args.device,
+        "weights": str(args.weights) if args.weights else None, "arch": args.arch,
+    }
+    bar = tqdm(total=len(args.slides), unit="slide", desc="slides", file=sys.stderr)
+
+    def on_result(row: dict) -> None:
+        bar.update(1)
+        if row["status"] == "failed":
+            bar.write(f"hdmil features: error: {row['error']}", file=sys.stderr)
+
+    rows, cancelled = run_tasks(
+        [Path(s) for s in args.slides], extract_slide_task,
+        (str(args.out), spec, args.mpp, args.batch_size, args.overwrite),
+        scheduler=args.scheduler, workers=args.workers, on_result=on_result,
+    )
+    bar.close()
+    counts = {k: sum(r["status"] == k for r in rows) for k in ("written", "skipped", "empty", "failed")}
+    print(f"{len(args.slides)} slides: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+          + f" → {args.out}", file=sys.stderr)
+    if cancelled:
+        return 130
+    return 1 if counts["failed"] else 0
