@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -39,15 +40,17 @@ def write_heatmap(path: str, data: Any, attributes: dict) -> list[str]:
         "translate_um": translate,
         "hdmil": {k: v for k, v in (attributes.get("metadata") or {}).items() if _jsonable(v)},
     }
+    buffer = io.BytesIO()  # heatmaps are small: encode in memory, then write atomically
+    tifffile.imwrite(
+        buffer,
+        array,
+        resolution=(1e4 / sx, 1e4 / sy),
+        resolutionunit="CENTIMETER",
+        description=json.dumps(description),
+        metadata=None,
+    )
     with atomic_write(path, "wb") as fh:
-        tifffile.imwrite(
-            fh,
-            array,
-            resolution=(1e4 / sx, 1e4 / sy),
-            resolutionunit="CENTIMETER",
-            description=json.dumps(description),
-            metadata=None,
-        )
+        fh.write(buffer.getvalue())
     return [path]
 
 
