@@ -1,0 +1,369 @@
+"""SLPD region embeddings vs patch features: DMIN slide AUC and slide retrieval precision@1.
+
+    python benchmarks/slpd.py                       # feature-level synthetic cohorts (default)
+    python benchmarks/slpd.py --features DIR --labels labels.csv   # any featurised cohort
+
+Default cohorts are *feature-level* synthetic: each slide is a grid of patch features (no pixels)
+built from patch-type mixtures, 48 × 48 patches in an elliptic tissue area, so ~6-9 regions of
+16 × 16 patches per slide. Patch type t has a random centre in R^D; a patch is its type's centre
+plus Gaussian noise. Every 16 × 16 block is one of these region kinds:
+
+- stroma: types 0 / 1 mixed at random (70 / 30);
+- glands: types 2 / 3 in an ordered pattern (4 × 4 blocks in a checkerboard);
+- scenario ``composition``, tumour region: the glands pattern with a quarter of its cells of a
+  tumour patch type 4 that normal slides never have. Patch-level models can see it.
+- scenario ``arrangement``, tumour region: types 2 / 3 in the same proportions as glands but
+  shuffled. Every patch is of a type normal slides have too, in the same proportions: only the
+  spatial arrangement inside regions differs, which patch-level MIL and mean features cannot see.
+
+Every slide has stroma and glands regions (3 of its central blocks are glands); in a tumour slide
+1-3 of those glands regions are tumour regions instead, so the proportions of region kinds (and, in
+``arrangement``, of patch types) are the same in both classes.
+``hdmil.synth.cohort.synth_cohort`` makes pixel slides; its default 6144² px slides give at most
+4 regions each (too few for prototypes) and featurising them needs an encoder run, so it is not
+the default here: featurise a larger synthetic cohort with ``hdmil features`` and pass
+``--features`` / ``--labels`` (``labels.csv`` with ``slide_id,label``) to use it.
+
+Per cohort: SLPD pre-training (``pretrain_slpd``, small preset with 2 blocks, 2 local crops and
+20 epochs by default, to fit a shared 2-core CPU; see --depth / --local-crops / --epochs), then
+
+- DMIN (``hdmil.models.DMIN`` + ``dmin_loss``, a minimal loop here: Adam, lr 3e-4, 50 epochs,
+  class-balanced order; hidden 128 / attention 64 for small D; with fewer epochs the student's
+  evaluation mask 1[s > 0] often keeps nothing yet and the student AUC is 0.5) on patch features, on SLPD region embeddings, and on region embeddings of
+  an *untrained* SLPD encoder (a control: what the architecture gives without learning);
+  slide AUC on held-out slides (student path as METHOD §3 tests; teacher path shown too), mean ±
+  sd over repeated stratified 60 / 40 splits;
+- retrieval precision@1 over all slides: is the most similar other slide of the same class?
+  SLPD prototypes (``prototype_similarity``) vs. cosine of mean patch features (and of mean
+  region embeddings).
+
+The baseline of every ratio is the patch-feature row measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PS = 256  # level-0 px per patch
+
+
+@dataclass
+class Slide:
+    slide_id: str
+    label: int
+    path: Path
+
+
+# ------------------------------------------------------------------------------- synthetic
+
+
+def _region_cells(kind: str, rng: np.random.Generator, g: int) -> np.ndarray:
+    """Patch types [g, g] of one region of a kind."""
+    if kind == "stroma":
+        return np.where(rng.random((g, g)) < 0.7, 0, 1)
+    rr, cc = np.mgrid[:g, :g]
+    dy, dx = rng.integers(0, 4, 2)
+    glands = np.where((((rr + dy) // 4) + ((cc + dx) // 4)) % 2 == 0, 2, 3)
+    if kind == "glands":
+        return glands
+    if kind == "tumour-composition":
+        out = glands.copy()
+        out[(glands == 2) & (rng.random((g, g)) < 0.5)] = 4  # a quarter of all cells
+        return out
+    if kind == "tumour-arrangement":
+        flat = glands.ravel().copy()
+        rng.shuffle(flat)
+        return flat.reshape(g, g)
+    raise ValueError(kind)
+
+
+def synth_feature_cohort(
+    out: Path, n_slides: int, scenario: str, seed: int, dim: int = 32, grid: int = 48
+) -> list[Slide]:
+    """Write ``n_slides`` feature files (half tumour) into ``out``; see the module docstring."""
+    from hdmil.features.io import write_features
+
+    rng = np.random.default_rng([seed, {"composition": 1, "arrangement": 2}[scenario]])
+    centres = rng.normal(size=(5, dim))
+    centres *= 2.0 / np.linalg.norm(centres, axis=1, keepdims=True)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = np.array([0, 1] * (n_slides // 2) + [0] * (n_slides % 2))
+    rng.shuffle(labels)
+    g = 16
+    slides = []
+    for i, y in enumerate(labels):
+        rr, cc = np.mgrid[:grid, :grid]
+        ay, ax = rng.uniform(0.7, 1.05, 2) * grid / 2
+        tissue = ((rr - grid / 2) / ay) ** 2 + ((cc - grid / 2) / ax) ** 2 <= 1
+        nb = grid // g
+        kinds = rng.choice(np.array(["stroma", "glands"], dtype=object), size=(nb, nb))
+        # every slide has glands in 3 of the 5 central blocks (all tissue); a tumour slide turns
+        # 1-3 of those into tumour regions, so region-kind proportions match between classes
+        central = [(nb // 2, nb // 2), (nb // 2 - 1, nb // 2), (nb // 2 + 1, nb // 2),
+                   (nb // 2, nb // 2 - 1), (nb // 2, nb // 2 + 1)]  # fmt: skip
+        chosen = [central[j] for j in rng.permutation(len(central))[:3]]
+        for b in chosen:
+            kinds[b] = "glands"
+        if y == 1:
+            for b in chosen[: rng.integers(1, 4)]:
+                kinds[b] = f"tumour-{scenario}"
+        types = np.zeros((grid, grid), np.int64)
+        for by in range(nb):
+            for bx in range(nb):
+                types[by * g : (by + 1) * g, bx * g : (bx + 1) * g] = _region_cells(
+                    str(kinds[by, bx]), rng, g
+                )
+        sel = tissue.ravel()
+        coords = np.stack([cc.ravel(), rr.ravel()], 1)[sel] * PS
+        t = types.ravel()[sel]
+        feats = centres[t] + rng.normal(scale=1.0, size=(len(t), dim))
+        sid = f"{scenario[:4]}{i:03d}"
+        path = out / f"{sid}.h5"
+        write_features(path, feats.astype(np.float32), coords, {"patch_size_level0": PS})
+        slides.append(Slide(sid, int(y), path))
+    return slides
+
+
+def read_cohort(features: Path, labels_csv: Path) -> list[Slide]:
+    from hdmil.features.io import find_feature_files
+
+    files = find_feature_files(features)
+    with open(labels_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    classes = sorted({r["label"] for r in rows})
+    if len(classes) != 2:
+        raise SystemExit(f"{labels_csv}: need exactly two classes, found {classes}")
+    return [
+        Slide(r["slide_id"], classes.index(r["label"]), files[r["slide_id"]])
+        for r in rows
+        if r["slide_id"] in files
+    ]
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def train_eval_dmin(
+    bags: list[np.ndarray], y: np.ndarray, train: np.ndarray, test: np.ndarray, epochs: int, seed: int
+) -> tuple[float, float]:
+    """Minimal DMIN loop; returns test AUC of the student (masked) path and of the teacher path
+    (every instance pooled, HDMIL†)."""
+    from sklearn.metrics import roc_auc_score
+
+    from hdmil.models import DMIN, DMINConfig, dmin_loss
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    cfg = DMINConfig(in_dim=bags[0].shape[1], n_classes=2, hidden=128, attn_dim=64, k_sample=8)
+    model = DMIN(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=1e-5)
+    tensors = [torch.from_numpy(b.astype(np.float32)) for b in bags]
+    pos, neg = train[y[train] == 1], train[y[train] == 0]
+    for _ in range(epochs):
+        model.train()
+        # class-balanced: as many of each class per epoch, with replacement
+        half = len(train) // 2
+        order = np.concatenate([rng.choice(pos, half), rng.choice(neg, half)])
+        rng.shuffle(order)
+        for i in order:
+            out = model(tensors[i], int(y[i]))
+            loss, _ = dmin_loss(out, int(y[i]), cfg)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    student = [float(model.predict(tensors[i]).probabilities[1]) for i in test]
+    teacher = [float(model.predict_teacher(tensors[i]).probabilities[1]) for i in test]
+    return float(roc_auc_score(y[test], student)), float(roc_auc_score(y[test], teacher))
+
+
+def splits(y: np.ndarray, reps: int, seed: int, test_frac: float = 0.4):
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    sss = StratifiedShuffleSplit(n_splits=reps, test_size=test_frac, random_state=seed)
+    return list(sss.split(np.zeros(len(y)), y))
+
+
+def precision_at_1(sim: np.ndarray, y: np.ndarray) -> float:
+    sim = sim.copy()
+    np.fill_diagonal(sim, -np.inf)
+    ok = [y[int(np.nanargmax(np.nan_to_num(row, nan=-np.inf)))] == y[i] for i, row in enumerate(sim)]
+    return float(np.mean(ok))
+
+
+def cosine_matrix(v: np.ndarray) -> np.ndarray:
+    u = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    return u @ u.T
+
+
+def _terms(h: dict) -> str:
+    return f"{h['dino']:.2f} / {h['intra']:.2f} / {h['inter']:.2f}"
+
+
+def run_cohort(name: str, slides: list[Slide], args, work: Path) -> list[dict]:
+    import h5py
+
+    from hdmil.features.io import read_features
+    from hdmil.models.slpd import SLPD, prototype_similarity, slpd_config
+    from hdmil.train.slpd_trainer import embed_slide, pretrain_slpd
+
+    y = np.array([s.label for s in slides])
+    cfg = slpd_config(
+        "small", epochs=args.epochs, proto_warmup_epochs=max(1, args.epochs // 3),
+        n_prototypes=args.prototypes, min_regions=2 * args.prototypes, seed=args.seed,
+        depth=args.depth, local_crops=args.local_crops,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    result = pretrain_slpd([s.path for s in slides], cfg, work / f"{name}.safetensors", resume=False)
+    t_slpd = time.perf_counter() - t0
+    print(
+        f"[{name}] SLPD: {len(slides)} slides, {result.n_regions} regions, {args.epochs} epochs in "
+        f"{t_slpd:.0f} s; loss (dino / intra / inter) epoch 1 {_terms(result.history[0])}, last "
+        f"{_terms(result.history[-1])}; "
+        f"{len(result.slides_without_prototypes)} slides without prototypes",
+        flush=True,
+    )
+    patch_bags, region_bags, protos = [], [], []
+    for s in slides:
+        with h5py.File(s.path) as f:
+            patch_bags.append(f["features"][()])
+            region_bags.append(f["region_embeddings"][()])
+            p = f["prototypes"][()]
+            protos.append(p if len(p) else None)
+    # control: region embeddings of an untrained encoder with the same config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed + 1)
+        untrained = SLPD(result.config).eval()
+    random_bags = []
+    for s in slides:
+        bag = read_features(s.path, lr_patches=False)
+        random_bags.append(
+            embed_slide(untrained, bag.features, bag.coords, PS, s.slide_id).region_embeddings
+        )
+    keep = np.array([len(b) > 0 for b in region_bags])
+    if not keep.all():
+        print(f"[{name}] {int((~keep).sum())} slides without regions are left out of every row")
+    idx = np.nonzero(keep)[0]
+    y_k = y[idx]
+
+    rows = []
+    reps = splits(y_k, args.reps, args.seed)
+    for label, bags in (
+        ("patch features (baseline)", patch_bags),
+        ("SLPD region embeddings", region_bags),
+        ("untrained SLPD encoder (control)", random_bags),
+    ):
+        t0 = time.perf_counter()
+        aucs = np.array([
+            train_eval_dmin([bags[i] for i in idx], y_k, tr, te, args.dmin_epochs, args.seed + r)
+            for r, (tr, te) in enumerate(reps)
+        ])  # fmt: skip
+        n_inst = float(np.mean([len(bags[i]) for i in idx]))
+        rows.append({"cohort": name, "what": f"DMIN on {label}", "instances": n_inst,
+                     "auc": float(aucs[:, 0].mean()), "auc_sd": float(aucs[:, 0].std()),
+                     "auc_tea": float(aucs[:, 1].mean()),
+                     "seconds": time.perf_counter() - t0})  # fmt: skip
+        print(f"[{name}] DMIN on {label}: AUC student {aucs[:, 0].mean():.3f} ± "
+              f"{aucs[:, 0].std():.3f}, teacher {aucs[:, 1].mean():.3f}", flush=True)  # fmt: skip
+
+    # retrieval precision@1
+    mean_patch = cosine_matrix(np.stack([patch_bags[i].mean(0) for i in idx]))
+    mean_region = cosine_matrix(np.stack([region_bags[i].mean(0) for i in idx]))
+    n = len(idx)
+    proto_sim = np.full((n, n), np.nan)
+    for a in range(n):
+        for b in range(n):
+            pa, pb = protos[idx[a]], protos[idx[b]]
+            if pa is not None and pb is not None:
+                proto_sim[a, b] = prototype_similarity(pa, pb)
+    have = np.array([protos[i] is not None for i in idx])
+    sub = np.nonzero(have)[0]
+    rows.append({"cohort": name, "what": "retrieval: mean patch features (baseline)",
+                 "p_at_1": precision_at_1(mean_patch, y_k)})  # fmt: skip
+    rows.append({"cohort": name, "what": "retrieval: SLPD prototypes",
+                 "p_at_1": precision_at_1(proto_sim[np.ix_(sub, sub)], y_k[sub]),
+                 "note": f"{len(sub)}/{n} slides with prototypes"})  # fmt: skip
+    rows.append({"cohort": name, "what": "retrieval: mean SLPD region embeddings",
+                 "p_at_1": precision_at_1(mean_region, y_k)})  # fmt: skip
+    rows.append({"cohort": name, "what": "(SLPD pre-training seconds)", "seconds": t_slpd})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print()
+    print("| cohort | what | inst/slide | slide AUC student (mean ± sd) | × baseline | AUC teacher | "
+          "P@1 | × baseline | s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    base_auc, base_p = {}, {}
+    for r in rows:
+        if "baseline" in r["what"] and "auc" in r:
+            base_auc[r["cohort"]] = r["auc"]
+        if "baseline" in r["what"] and "p_at_1" in r:
+            base_p[r["cohort"]] = r["p_at_1"]
+    for r in rows:
+        c = r["cohort"]
+        auc = f"{r['auc']:.3f} ± {r['auc_sd']:.3f}" if "auc" in r else ""
+        auc_x = f"{r['auc'] / base_auc[c]:.2f}" if "auc" in r and base_auc.get(c) else ""
+        p1 = f"{r['p_at_1']:.3f}" if "p_at_1" in r else ""
+        p1_x = f"{r['p_at_1'] / base_p[c]:.2f}" if "p_at_1" in r and base_p.get(c) else ""
+        inst = f"{r['instances']:.0f}" if "instances" in r else ""
+        sec = f"{r['seconds']:.0f}" if "seconds" in r else ""
+        what = r["what"] + (f" ({r['note']})" if r.get("note") else "")
+        tea = f"{r['auc_tea']:.3f}" if "auc_tea" in r else ""
+        print(f"| {c} | {what} | {inst} | {auc} | {auc_x} | {tea} | {p1} | {p1_x} | {sec} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenarios", default="composition,arrangement")
+    ap.add_argument("--slides", type=int, default=24, help="slides per synthetic cohort")
+    ap.add_argument("--dim", type=int, default=32, help="patch-feature width of synthetic cohorts")
+    ap.add_argument("--features", type=Path, help="a featurised cohort instead of synthetic ones")
+    ap.add_argument("--labels", type=Path, help="labels.csv (slide_id,label) for --features")
+    ap.add_argument("--epochs", type=int, default=20, help="SLPD epochs")
+    ap.add_argument("--prototypes", type=int, default=2, help="SLPD prototypes per slide")
+    ap.add_argument("--depth", type=int, default=2, help="SLPD blocks (small preset: 4)")
+    ap.add_argument("--local-crops", type=int, default=2, help="SLPD local crops (small: 4)")
+    ap.add_argument("--dmin-epochs", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=3, help="repeated stratified splits (60/40)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="slpd-bench-") as tmp:
+        work = Path(tmp)
+        if args.features:
+            if not args.labels:
+                ap.error("--features needs --labels")
+            cohorts = {"features": read_cohort(args.features, args.labels)}
+            # SLPD writes into the files: work on copies
+            import shutil
+
+            for s in cohorts["features"]:
+                dst = work / "features" / s.path.name
+                dst.parent.mkdir(exist_ok=True)
+                shutil.copy2(s.path, dst)
+                s.path = dst
+        else:
+            cohorts = {
+                sc: synth_feature_cohort(work / sc, args.slides, sc, args.seed, dim=args.dim)
+                for sc in args.scenarios.split(",")
+            }
+        for name, slides in cohorts.items():
+            rows.extend(run_cohort(name, slides, args, work))
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
