@@ -260,7 +260,8 @@ class HDMILWidget(QWidget):
         self.protomap_button = QPushButton("Prototype map")
         self.similar_button = QPushButton("Find similar")
         self.protomap_button.clicked.connect(self.show_prototype_map)
-        self.similar_button.clicked.connect(self.find_similar)
+        # clicked sends `checked` (False), which would land in find_similar's `top`
+        self.similar_button.clicked.connect(lambda *_: self.find_similar())
         row.addWidget(self.protomap_button)
         row.addWidget(self.similar_button)
         v.addLayout(row)
@@ -751,10 +752,22 @@ class HDMILWidget(QWidget):
 
         try:
             slide_path, mpp = self._current_slide()
-            h5 = self._index_dir() / f"{Path(slide_path).stem}.h5"
+            index = self._index_dir()
+            h5 = index / f"{Path(slide_path).stem}.h5"
             if mpp is None:
                 raise HDMILError(f"{slide_path}: no mpp: set it in the widget to place the prototype map")
-            layer = self._put_layer(*_layers.prototype_layer(prototype_map(h5), float(mpp), slide_path))
+            if not h5.is_file():
+                raise HDMILError(
+                    f"{slide_path}: no SLPD outputs in {index} (no {h5.name}; run `hdmil features` "
+                    "and `hdmil pretrain-slpd` on it)"
+                )
+            pmap = prototype_map(h5)
+            if not (pmap.labels > 0).any():  # too few regions: k-means gave no prototypes
+                raise HDMILError(
+                    f"{h5}: no SLPD prototypes for this slide (too few regions for them, or "
+                    "`hdmil pretrain-slpd` has not run on it)"
+                )
+            layer = self._put_layer(*_layers.prototype_layer(pmap, float(mpp), slide_path))
         except HDMILError as exc:
             show_error(str(exc))
             return None
@@ -767,7 +780,10 @@ class HDMILWidget(QWidget):
         self.similar_list.clear()
         try:
             slide_path, _ = self._current_slide()
-            hits = similar_slides(slide_path, self._index_dir(), top=top)
+            index = self._index_dir()
+            # its own <slide>.h5 when there, so a file without prototypes says so; else by slide id
+            h5 = index / f"{Path(slide_path).stem}.h5"
+            hits = similar_slides(h5 if h5.is_file() else slide_path, index, top=top)
         except HDMILError as exc:
             show_error(str(exc))
             return []
