@@ -57,15 +57,15 @@ DEMO_MODEL_NAME = "hdmil-demo-v1.safetensors"
 
 
 def default_model_path() -> Path:
-    """Where the demo model is looked for: ``$HDMIL_MODEL``, else ``<cache>/models/hdmil-demo-v1.safetensors``
-    in the cache ``hdmil.synth`` uses ($HDMIL_CACHE, $XDG_CACHE_HOME/napari-hdmil, ~/.cache/napari-hdmil).
+    """Where the demo model is looked for: ``$HDMIL_MODEL``, else the bundled
+    ``hdmil/assets/hdmil-demo.safetensors`` (made by ``hdmil recipe demo``; docs/demo_model.md).
     The file may not exist; callers say so with a CheckpointError."""
     env = os.environ.get("HDMIL_MODEL")
     if env:
         return Path(env).expanduser()
-    from hdmil.synth.slide import cache_dir
+    from importlib.resources import files
 
-    return Path(cache_dir()) / "models" / DEMO_MODEL_NAME
+    return Path(str(files("hdmil.assets").joinpath("hdmil-demo.safetensors")))
 
 
 # --------------------------------------------------------------------------- saving

@@ -1,0 +1,534 @@
+"""The demo model's recipe: synthetic cohort → features → DMIN → LIPN → held-out evaluation.
+
+    result = run_recipe("out/demo-model", RecipeConfig(seed=0))
+    result.checkpoint      # out/demo-model/hdmil-demo.safetensors (DMIN + LIPN, loadable with load_model)
+    result.report          # the JSON report (also out/demo-model/hdmil-demo.json)
+
+Everything follows from ``RecipeConfig.seed``: the training cohort is ``synth_cohort(seed)``, the
+held-out cohort ``synth_cohort(seed + HELDOUT_OFFSET)`` (its slide seeds are checked to be disjoint
+from the training ones), features come from an encoder with seeded random weights, and DMIN / LIPN
+training is seeded epoch by epoch. The demo is trained on synthetic slides and is not for diagnosis.
+
+The held-out metrics (``heldout_metrics``) use the cohort's ground truth: slide AUC / ACC of HDMIL
+(LIPN + DMIN) and HDMIL† (DMIN on all patches), LIPN's recall of ground-truth tumour patches in its
+kept set and its kept ratio, and the patch-level AUC of DMIN's tumour attention. The accuracy
+benchmark (``benchmarks/accuracy.py``) calls the same functions on more held-out slides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hdmil.errors import Cancelled, HDMILError
+
+__all__ = [
+    "DEMO_NAME",
+    "HELDOUT_OFFSET",
+    "RecipeConfig",
+    "RecipeError",
+    "RecipeResult",
+    "cohort_features",
+    "encoder_for_model",
+    "heldout_metrics",
+    "run_recipe",
+    "slide_truth",
+]
+
+Progress = Callable[[str, int, int], None]
+DEMO_NAME = "hdmil-demo"
+HELDOUT_OFFSET = 100_000  # held-out cohort seed = seed + this; never a training seed of the recipe
+TUMOR_AT = 0.5  # a patch is ground-truth tumour when at least half of it is tumour
+
+
+class RecipeError(HDMILError):
+    """Bad recipe settings, or a recipe run that cannot go on (say, no slide had tissue)."""
+
+
+@dataclass
+class RecipeConfig:
+    """What the recipe makes and how; defaults are the bundled demo model's.
+
+    Sizes are chosen for ≤ 30 minutes on 2 CPU cores (see docs/demo_model.md for measurements).
+    """
+
+    seed: int = 0
+    n_slides: int = 96  # training cohort (train + validation), half tumour
+    n_heldout: int = 40  # held-out slides for the report, generated from another seed
+    slide_size: int = 4096  # level-0 px of each square slide at 0.5 µm/px (~100-150 tissue patches)
+    tumor_burdens: tuple[float, ...] = (0.4, 0.2, 0.1, 0.05, 0.03)
+    heldout_burdens: tuple[float, ...] = (0.4, 0.2, 0.1, 0.05, 0.02)
+    val_fraction: float = 0.2
+    # a timm model whose seeded random weights separate tumour from stroma (docs/demo_model.md)
+    encoder: str = "test_byobnet"
+    batch_size: int = 64
+    # DMIN (METHOD §3; k = 8 for small bags) and LIPN (§4)
+    keep_rate: float = 0.6
+    k_sample: int = 8
+    max_epochs: int = 200
+    min_epochs: int = 50
+    patience: int = 20
+    lipn_max_epochs: int = 100
+    lipn_patience: int = 5
+    threads: int = 2  # torch threads
+    workers: int | None = None  # slide-making processes (default up to 2)
+
+    @classmethod
+    def quick(cls, seed: int = 0, n_slides: int = 4) -> RecipeConfig:
+        """A few small slides and two epochs: checks that the recipe runs, trains nothing useful."""
+        return cls(
+            seed=seed, n_slides=n_slides, n_heldout=2, slide_size=1536, max_epochs=2,
+            min_epochs=0, patience=1, lipn_max_epochs=2, lipn_patience=1, batch_size=32,
+            tumor_burdens=(0.4,), heldout_burdens=(0.4,), workers=1,
+        )
+
+    def __post_init__(self) -> None:
+        if self.n_slides < 4:
+            raise RecipeError(f"the recipe needs at least 4 training slides, got {self.n_slides}")
+        if self.n_heldout < 0:
+            raise RecipeError(f"n_heldout must be >= 0, got {self.n_heldout}")
+        if self.slide_size < 1024:
+            raise RecipeError(f"slide_size must be at least 1024 px, got {self.slide_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise RecipeError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        self.tumor_burdens = tuple(float(b) for b in self.tumor_burdens)
+        self.heldout_burdens = tuple(float(b) for b in self.heldout_burdens)
+
+    @property
+    def heldout_seed(self) -> int:
+        return int(self.seed) + HELDOUT_OFFSET
+
+    def train_config(self, device: str = "cpu"):
+        from hdmil.train import TrainConfig
+
+        return TrainConfig(
+            keep_rate=self.keep_rate, k_sample=self.k_sample, max_epochs=self.max_epochs,
+            min_epochs=self.min_epochs, patience=self.patience,
+            lipn_max_epochs=self.lipn_max_epochs, lipn_patience=self.lipn_patience,
+            seed=self.seed, device=device,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RecipeResult:
+    out_dir: Path
+    checkpoint: Path
+    encoder_weights: Path
+    report_path: Path
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("recipe cancelled")
+
+
+def cohort_features(
+    cohort_dir: str | os.PathLike,
+    features_dir: str | os.PathLike,
+    encoder: Any,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> dict[str, str]:
+    """Features of every slide in ``cohort_dir/cohort.json`` into ``features_dir/<slide>.h5``.
+
+    Returns ``{slide_id: why}`` for slides left out (no tissue patch found); the others are written.
+    """
+    from hdmil.features import extract_slide_features, write_features
+    from hdmil.grid import build_grid
+    from hdmil.slide import open_slide
+
+    cohort_dir, features_dir = Path(cohort_dir), Path(features_dir)
+    features_dir.mkdir(parents=True, exist_ok=True)
+    slides = json.loads((cohort_dir / "cohort.json").read_text())["slides"]
+    skipped: dict[str, str] = {}
+    for i, s in enumerate(slides):
+        _check(cancel)
+        if progress is not None:
+            progress("features", i, len(slides))
+        with open_slide(cohort_dir / s["path"]) as slide:
+            grid = build_grid(slide)
+            if len(grid.coords) == 0:
+                skipped[s["slide_id"]] = str(getattr(grid, "message", "") or "no tissue patch")
+                continue
+            bag = extract_slide_features(slide, grid, encoder, batch_size=batch_size, cancel=cancel)
+        write_features(features_dir / f"{s['slide_id']}.h5", bag)
+    if progress is not None:
+        progress("features", len(slides), len(slides))
+    return skipped
+
+
+def encoder_for_model(model: Any, device: Any = "cpu") -> Any:
+    """The encoder a checkpoint's DMIN was trained on: its pinned weights file beside the
+    checkpoint (config ``encoder_weights``) when there is one, else ``create_encoder(name)``."""
+    from hdmil.features import create_encoder
+
+    config = dict(getattr(model, "config", {}) or {})
+    name = config.get("encoder")
+    if not name:
+        raise RecipeError(f"{getattr(model, 'path', 'the model')}: the checkpoint names no encoder")
+    weights = config.get("encoder_weights")
+    path = Path(model.path).parent / weights if weights and getattr(model, "path", None) else None
+    if path is not None and path.is_file():
+        return create_encoder(name, weights=path, device=device)
+    return create_encoder(name, pretrained=bool(config.get("encoder_pretrained")), device=device)
+
+
+def _stratified_split(cohort: Any, val_fraction: float, seed: int):
+    """Train / validation ids, stratified by label, seeded; no test set (it is generated apart)."""
+    from hdmil.train import Split
+
+    rng = np.random.default_rng([seed, 0x5B17])
+    train, val = [], []
+    for label in range(cohort.n_classes):
+        ids = [s for s, y in zip(cohort.slide_ids, cohort.labels) if int(y) == label]
+        ids = [ids[i] for i in rng.permutation(len(ids))]
+        n_val = max(1, int(round(val_fraction * len(ids)))) if len(ids) > 1 else 0
+        val += ids[:n_val]
+        train += ids[n_val:]
+    return Split(tuple(sorted(train)), tuple(sorted(val)), (), fold=0)
+
+
+def _load(labels: Path, features_dir: Path, skipped: dict[str, str]):
+    from hdmil.train import load_cohort
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # slides without tissue: listed in the report instead
+        return load_cohort(labels, features_dir, skip_missing=bool(skipped))
+
+
+def slide_truth(truth_npz: str | os.PathLike, coords: np.ndarray) -> np.ndarray:
+    """Tumour share of each patch at level-0 ``coords`` [N, 2] (x, y), from ``<slide>.truth.npz``."""
+    with np.load(truth_npz) as t:
+        frac = np.asarray(t["tumor_fraction"], np.float32)
+        p = int(t["patch_size_level0"])
+    rows = np.clip(np.asarray(coords)[:, 1] // p, 0, frac.shape[0] - 1)
+    cols = np.clip(np.asarray(coords)[:, 0] // p, 0, frac.shape[1] - 1)
+    return frac[rows, cols]
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y, bool)
+    if y.all() or not y.any():
+        return math.nan
+    return float(roc_auc_score(y, score))
+
+
+def _nearest(value: float, levels: Sequence[float]) -> float:
+    return float(min(levels, key=lambda b: abs(math.log(max(value, 1e-6)) - math.log(b))))
+
+
+def heldout_metrics(
+    model: Any,
+    cohort_dir: str | os.PathLike,
+    features_dir: str | os.PathLike,
+    burdens: Sequence[float] | None = None,
+    cancel: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Accuracy of a loaded HDMIL model on a synthetic cohort with ground truth.
+
+    Slide level, for HDMIL (LIPN's mask) and HDMIL† (DMIN's own mask on all patches): AUC, ACC,
+    over all slides and per tumour burden (the tumour slides of that burden against every normal
+    slide). Patch level, against the ground truth (a patch is tumour when ≥ 50% of it is):
+    LIPN's recall of tumour patches in its kept set (the patches read at 20x) and its kept ratio,
+    DMIN's own mask recall, and the patch-level AUC of DMIN's tumour attention logits on each
+    tumour slide (the per-slide mean; attention is a within-slide ranking).
+    """
+    import torch
+
+    from hdmil.train.metrics import classification_metrics
+    from hdmil.features import read_features
+
+    cohort_dir, features_dir = Path(cohort_dir), Path(features_dir)
+    manifest = json.loads((cohort_dir / "cohort.json").read_text())
+    classes = list(model.classes)
+    if "tumor" not in classes:
+        raise RecipeError(f"{model.path}: the model's classes {classes} have no 'tumor'")
+    t_idx = classes.index("tumor")
+    levels = list(burdens) if burdens else None
+    rows = []
+    with torch.no_grad():
+        for s in manifest["slides"]:
+            _check(cancel)
+            path = features_dir / f"{s['slide_id']}.h5"
+            if not path.exists():
+                continue
+            bag = read_features(path)
+            x = torch.as_tensor(np.asarray(bag.features, np.float32))
+            tumour = slide_truth(cohort_dir / s["truth_npz"], bag.coords) >= TUMOR_AT
+            dagger = model.dmin.predict(x, None)
+            lipn_mask = np.asarray(model.lipn.keep_mask(bag.lr_patches), bool)
+            hdmil = model.dmin.predict(x, torch.as_tensor(lipn_mask))
+            kept = lipn_mask.any(axis=1)
+            scores = dagger.scores[:, t_idx].numpy()
+            own = dagger.mask.numpy().any(axis=1)
+            label = classes.index(s["label"])
+            burden = float(s["tumor_burden"])
+            rows.append({
+                "slide_id": s["slide_id"], "label": label, "burden": burden,
+                "level": _nearest(burden, levels) if levels and label == t_idx else 0.0,
+                "p_hdmil": float(hdmil.probabilities[t_idx]),
+                "p_dagger": float(dagger.probabilities[t_idx]),
+                "probs_hdmil": hdmil.probabilities.numpy(), "probs_dagger": dagger.probabilities.numpy(),
+                "n": int(len(kept)), "n_tumour": int(tumour.sum()),
+                "lipn_hits": int((kept & tumour).sum()), "lipn_kept": int(kept.sum()),
+                "dmin_hits": int((own & tumour).sum()), "dmin_kept": int(own.sum()),
+                "attention_auc": _auc(tumour, scores),
+            })
+    if not rows:
+        raise RecipeError(f"{features_dir}: no feature file for any slide of {cohort_dir}")
+
+    def block(sel: list[dict]) -> dict[str, Any]:
+        labels = np.array([r["label"] for r in sel])
+        out: dict[str, Any] = {"n_slides": len(sel), "n_tumor": int((labels == t_idx).sum())}
+        for key, name in (("probs_hdmil", "hdmil"), ("probs_dagger", "hdmil_dagger")):
+            m = classification_metrics(labels, np.stack([r[key] for r in sel]))
+            out[f"{name}_auc"], out[f"{name}_acc"] = m["auc"], m["acc"]
+        pos = [r for r in sel if r["label"] == t_idx]
+        n_t = sum(r["n_tumour"] for r in pos)
+        out["n_tumor_patches"] = int(n_t)
+        out["lipn_recall"] = sum(r["lipn_hits"] for r in pos) / n_t if n_t else math.nan
+        out["dmin_mask_recall"] = sum(r["dmin_hits"] for r in pos) / n_t if n_t else math.nan
+        out["lipn_kept_ratio"] = float(np.mean([r["lipn_kept"] / r["n"] for r in sel]))
+        out["dmin_kept_ratio"] = float(np.mean([r["dmin_kept"] / r["n"] for r in sel]))
+        aucs = [r["attention_auc"] for r in pos if not math.isnan(r["attention_auc"])]
+        out["attention_auc"] = float(np.mean(aucs)) if aucs else math.nan
+        return out
+
+    report = {"all": block(rows)}
+    if levels:
+        normals = [r for r in rows if r["label"] != t_idx]
+        for b in sorted(set(levels), reverse=True):
+            pos = [r for r in rows if r["label"] == t_idx and r["level"] == b]
+            if pos:
+                report[f"burden_{b:g}"] = block(pos + normals)
+    report["slides"] = [
+        {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()
+         if not k.startswith("probs_")}
+        for r in rows
+    ]
+    return report
+
+
+def _seeds(cohort_dir: Path) -> set[int]:
+    return {int(s["seed"]) for s in json.loads((cohort_dir / "cohort.json").read_text())["slides"]}
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-ready: NaN → None, numpy scalars → numbers, tuples → lists."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float):
+        return None if math.isnan(obj) else round(obj, 6)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+
+def run_recipe(
+    out_dir: str | os.PathLike,
+    cfg: RecipeConfig | None = None,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    log: Callable[[str], None] | None = None,
+) -> RecipeResult:
+    """Make the demo model in ``out_dir``: ``hdmil-demo.safetensors`` (DMIN + LIPN),
+    ``hdmil-demo-encoder.safetensors`` (the encoder's weights, pinned) and ``hdmil-demo.json``.
+
+    Work folders ``cohort/``, ``heldout/``, ``features/``, ``heldout_features/``, ``dmin/`` and
+    ``lipn/`` stay in ``out_dir`` for inspection. ``progress(stage, done, total)`` for stages
+    cohort, heldout, features, heldout_features, dmin, lipn, evaluate; ``log(line)`` gets one line
+    per finished step.
+    """
+    import torch
+
+    from hdmil import __version__
+    from hdmil.checkpoint import _sha256, load_model, save_checkpoint
+    from hdmil.features import create_encoder, save_encoder
+    from hdmil.synth import synth_cohort
+    from hdmil.train import train_dmin, train_lipn
+
+    cfg = cfg or RecipeConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda line: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    try:
+        # -- cohorts: training and held-out, from different seeds --------------------------------
+        t0 = time.perf_counter()
+        size = (cfg.slide_size, cfg.slide_size)
+
+        def stage(name: str) -> Progress | None:
+            return None if progress is None else (lambda _s, d, n: progress(name, d, n))
+
+        train_info = synth_cohort(out / "cohort", cfg.n_slides, seed=cfg.seed, size=size,
+                                  tumor_burdens=cfg.tumor_burdens, workers=cfg.workers,
+                                  progress=stage("cohort"), cancel=cancel)
+        timings["cohort"] = time.perf_counter() - t0
+        say(f"cohort: {cfg.n_slides} slides of {cfg.slide_size} px in {timings['cohort']:.0f} s")
+        if cfg.n_heldout:
+            t0 = time.perf_counter()
+            synth_cohort(out / "heldout", cfg.n_heldout, seed=cfg.heldout_seed, size=size,
+                         tumor_burdens=cfg.heldout_burdens, workers=cfg.workers,
+                         progress=stage("heldout"), cancel=cancel)
+            timings["heldout"] = time.perf_counter() - t0
+            shared = _seeds(out / "cohort") & _seeds(out / "heldout")
+            if shared:  # 31-bit seeds drawn per slide: never seen, but the report relies on it
+                raise RecipeError(f"{out}: held-out slides share seeds with training: {sorted(shared)}")
+            say(f"held-out cohort: {cfg.n_heldout} slides in {timings['heldout']:.0f} s")
+
+        # -- features (seeded random encoder weights, pinned in a file beside the model) --------
+        t0 = time.perf_counter()
+        encoder = create_encoder(cfg.encoder, device="cpu")
+        skipped = cohort_features(out / "cohort", out / "features", encoder, cfg.batch_size,
+                                  stage("features"), cancel)
+        timings["features"] = time.perf_counter() - t0
+        say(f"features ({encoder.name}, {encoder.dim}-d): {timings['features']:.0f} s"
+            + (f"; {len(skipped)} slides without tissue left out" if skipped else ""))
+        heldout_skipped: dict[str, str] = {}
+        if cfg.n_heldout:
+            t0 = time.perf_counter()
+            heldout_skipped = cohort_features(out / "heldout", out / "heldout_features", encoder,
+                                              cfg.batch_size, stage("heldout_features"), cancel)
+            timings["heldout_features"] = time.perf_counter() - t0
+
+        # -- DMIN then LIPN -------------------------------------------------------------------
+        cohort = _load(train_info.labels_csv, out / "features", skipped)
+        if len(set(cohort.labels.tolist())) < 2:
+            raise RecipeError(f"{out}: the training cohort has slides of one class only")
+        split = _stratified_split(cohort, cfg.val_fraction, cfg.seed)
+        tcfg = cfg.train_config()
+        t0 = time.perf_counter()
+        dmin_res = train_dmin(cohort, split, tcfg, out / "dmin", progress=stage("dmin"),
+                              cancel=cancel)
+        timings["dmin"] = time.perf_counter() - t0
+        say(f"DMIN: best epoch {dmin_res.best_epoch} of {dmin_res.epochs_run}, "
+            f"val AUC {dmin_res.best_metrics.get('val_auc', math.nan):.3f}, kept "
+            f"{dmin_res.best_metrics.get('val_kept_ratio', math.nan):.2f}, {timings['dmin']:.0f} s")
+        t0 = time.perf_counter()
+        lipn_res = train_lipn(cohort, split, dmin_res.checkpoint, tcfg, out / "lipn",
+                              progress=stage("lipn"), cancel=cancel)
+        timings["lipn"] = time.perf_counter() - t0
+        say(f"LIPN: best epoch {lipn_res.best_epoch} of {lipn_res.epochs_run}, "
+            f"{timings['lipn']:.0f} s")
+
+        # -- held-out evaluation with ground truth ------------------------------------------
+        model = load_model(lipn_res.checkpoint)
+        heldout: dict[str, Any] = {}
+        if cfg.n_heldout:
+            t0 = time.perf_counter()
+            heldout = heldout_metrics(model, out / "heldout", out / "heldout_features",
+                                      cfg.heldout_burdens, cancel)
+            timings["evaluate"] = time.perf_counter() - t0
+            a = heldout["all"]
+            say(f"held-out: HDMIL AUC {a['hdmil_auc']:.3f} ACC {a['hdmil_acc']:.3f}, HDMIL† AUC "
+                f"{a['hdmil_dagger_auc']:.3f}, LIPN recall {a['lipn_recall']:.3f} kept "
+                f"{a['lipn_kept_ratio']:.2f}, attention AUC {a['attention_auc']:.3f}")
+
+        # -- the bundled files -------------------------------------------------------------
+        enc_path = save_encoder(encoder, out / f"{DEMO_NAME}-encoder.safetensors")
+        timings["total"] = time.perf_counter() - t_all
+        summary = {k: v for k, v in heldout.items() if k != "slides"}
+        config = {k: v for k, v in model.config.items() if k not in ("modules", "model_type")}
+        config.update({
+            "encoder": encoder.name,
+            "encoder_pretrained": False,
+            "encoder_seed": 0,  # hdmil.features seeds random weights with 0
+            "encoder_weights": enc_path.name,  # the same weights, pinned, beside the checkpoint
+            "demo": True,
+            "intended_use": "demonstration on synthetic slides; not for diagnosis",
+        })
+        prov = dict(config.get("provenance") or {})
+        prov.update({
+            "stage": "recipe",
+            "recipe": cfg.to_dict(),
+            "training_cohort": {"seed": cfg.seed, "n_slides": cfg.n_slides,
+                                "slide_size": cfg.slide_size, "skipped": skipped},
+            "heldout_cohort": {"seed": cfg.heldout_seed, "n_slides": cfg.n_heldout},
+            "heldout_metrics": summary,
+        })
+        for key in ("features_dir", "labels", "dmin_checkpoint"):  # machine-local paths
+            prov.pop(key, None)
+        config["provenance"] = _clean(prov)
+        ckpt = save_checkpoint(out / f"{DEMO_NAME}.safetensors",
+                               {"dmin": model.dmin, "lipn": model.lipn}, _clean(config))
+        report = _clean({
+            "model": ckpt.name,
+            "sha256": _sha256(ckpt),
+            "bytes": ckpt.stat().st_size,
+            "encoder": {"name": encoder.name, "dim": encoder.dim, "weights": "random (seeded)",
+                        "seed": 0, "file": enc_path.name},
+            "classes": list(model.classes),
+            "recipe": cfg.to_dict(),
+            "training_cohort": {"seed": cfg.seed, "n_slides": cfg.n_slides,
+                                "n_with_features": len(cohort), "skipped": skipped,
+                                "n_train": len(split.train), "n_val": len(split.val)},
+            "heldout_cohort": {"seed": cfg.heldout_seed, "n_slides": cfg.n_heldout,
+                               "skipped": heldout_skipped},
+            "dmin": {"best_epoch": dmin_res.best_epoch, "epochs_run": dmin_res.epochs_run,
+                     "best_val": dmin_res.best_metrics},
+            "lipn": {"best_epoch": lipn_res.best_epoch, "epochs_run": lipn_res.epochs_run,
+                     "best_val": lipn_res.best_metrics},
+            "heldout": heldout,
+            "timings_s": timings,
+            "machine": {"cpu_count": os.cpu_count(), "torch_threads": int(cfg.threads),
+                        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+            "versions": {"hdmil": __version__, "torch": torch.__version__},
+        })
+        report_path = out / f"{DEMO_NAME}.json"
+        tmp = report_path.with_suffix(".json.part")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, report_path)
+        say(f"wrote {ckpt} ({ckpt.stat().st_size / 1e6:.1f} MB) and {report_path} "
+            f"in {timings['total'] / 60:.1f} min")
+        return RecipeResult(out, ckpt, enc_path, report_path, report)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def install_demo(out_dir: str | os.PathLike, assets_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Copy a recipe's three files into the package's assets (what ``make model`` bundles)."""
+    src = Path(out_dir)
+    dst = Path(assets_dir) if assets_dir else Path(__file__).parent / "assets"
+    names = [f"{DEMO_NAME}.safetensors", f"{DEMO_NAME}-encoder.safetensors", f"{DEMO_NAME}.json"]
+    missing = [n for n in names if not (src / n).exists()]
+    if missing:
+        raise RecipeError(f"{src}: no {', '.join(missing)}; run the recipe first")
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = [Path(shutil.copy2(src / n, dst / n)) for n in names]
+    for path in copied:  # package data: readable by every user of the install
+        path.chmod(0o644)
+    return copied

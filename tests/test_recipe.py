@@ -1,0 +1,143 @@
+"""The demo recipe (``hdmil recipe demo``) and the bundled demo model it made."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hdmil.checkpoint import default_model_path, load_model
+from hdmil.cli import main
+from hdmil.recipe import HELDOUT_OFFSET, RecipeConfig, RecipeError, run_recipe, slide_truth
+
+MAX_BUNDLE_BYTES = 20 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The recipe at its smallest: a few small slides and two epochs (through the CLI)."""
+    out = tmp_path_factory.mktemp("recipe") / "demo"
+    rc = main(["recipe", "demo", "--out", str(out), "--quick", "--seed", "3"])
+    assert rc == 0
+    return out
+
+
+@pytest.mark.slow
+def test_quick_recipe_writes_a_model_the_pipeline_can_load(quick_run: Path) -> None:
+    model = load_model(quick_run / "hdmil-demo.safetensors")
+    assert model.dmin is not None and model.lipn is not None
+    assert model.classes == ["normal", "tumor"]
+    cfg = model.config
+    assert cfg["encoder"] == RecipeConfig().encoder and cfg["encoder_pretrained"] is False
+    assert model.feature_dim == cfg["feature_dim"]
+    # the encoder's weights are pinned beside the model and equal the seeded random ones
+    pinned = quick_run / cfg["encoder_weights"]
+    _assert_pinned_weights_match(pinned, cfg["encoder"])
+    prov = cfg["provenance"]
+    assert prov["recipe"]["seed"] == 3 and prov["heldout_cohort"]["seed"] == 3 + HELDOUT_OFFSET
+
+
+@pytest.mark.slow
+def test_quick_recipe_report_and_held_out_slides(quick_run: Path) -> None:
+    report = json.loads((quick_run / "hdmil-demo.json").read_text())
+    assert report["model"] == "hdmil-demo.safetensors" and report["bytes"] > 0
+    assert report["classes"] == ["normal", "tumor"]
+    ho = report["heldout"]["all"]
+    assert ho["n_slides"] == len(report["heldout"]["slides"]) > 0
+    for key in ("hdmil_acc", "hdmil_dagger_acc", "lipn_kept_ratio", "dmin_kept_ratio"):
+        assert 0.0 <= ho[key] <= 1.0, key
+    assert set(report["timings_s"]) >= {"cohort", "features", "dmin", "lipn", "evaluate", "total"}
+    # held-out slides come from seeds the training cohort never used
+    seeds = {
+        name: {s["seed"] for s in json.loads((quick_run / name / "cohort.json").read_text())["slides"]}
+        for name in ("cohort", "heldout")
+    }
+    assert seeds["cohort"] and seeds["heldout"] and not seeds["cohort"] & seeds["heldout"]
+    # every held-out slide with features was evaluated against its ground truth
+    evaluated = {s["slide_id"] for s in report["heldout"]["slides"]}
+    assert evaluated == {p.stem for p in (quick_run / "heldout_features").glob("*.h5")}
+
+
+@pytest.mark.slow
+def test_recipe_is_reproducible(quick_run: Path, tmp_path: Path) -> None:
+    """Same seed, same model: the cohort, features and training are all seeded."""
+    from safetensors.torch import load_file
+
+    cfg = RecipeConfig.quick(seed=3)
+    cfg.n_heldout = 0  # the training side is what must repeat; skip the report's slides
+    again = run_recipe(tmp_path / "again", cfg)
+    a = load_file(str(quick_run / "dmin" / "dmin.safetensors"))
+    b = load_file(str(again.out_dir / "dmin" / "dmin.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+
+
+def test_slide_truth_maps_coords_to_the_patch_grid(tmp_path: Path) -> None:
+    frac = np.zeros((3, 4), np.float32)
+    frac[1, 2] = 0.8
+    frac[2, 0] = 0.3
+    npz = tmp_path / "s.truth.npz"
+    np.savez(npz, tumor_fraction=frac, patch_size_level0=np.int64(256))
+    coords = np.array([[512, 256], [0, 512], [0, 0], [768, 512]])  # (x, y) of patches
+    np.testing.assert_allclose(slide_truth(npz, coords), [0.8, 0.3, 0.0, 0.0])
+
+
+def test_bad_recipe_settings_are_user_errors(tmp_path: Path, capsys) -> None:
+    with pytest.raises(RecipeError, match="at least 4"):
+        RecipeConfig(n_slides=2)
+    rc = main(["recipe", "demo", "--out", str(tmp_path), "--slides", "1"])
+    assert rc == 1 and "--slides" in capsys.readouterr().err
+
+
+# -- the bundled model ------------------------------------------------------------------------
+
+
+def _assert_pinned_weights_match(path: Path, name: str) -> None:
+    from hdmil.features import create_encoder, load_state_dict
+
+    state, meta = load_state_dict(path)
+    assert meta.get("arch") == name
+    seeded = create_encoder(name, device="cpu").model.state_dict()
+    assert state.keys() == seeded.keys()
+    for k, v in seeded.items():  # timm changing its init would change the features: caught here
+        torch.testing.assert_close(state[k], v, msg=k)
+
+
+@pytest.fixture
+def bundled(monkeypatch) -> Path:
+    monkeypatch.delenv("HDMIL_MODEL", raising=False)
+    path = default_model_path()
+    if not path.is_file():
+        pytest.skip(f"no bundled demo model at {path} (make it: hdmil recipe demo --install)")
+    return path
+
+
+def test_bundled_model_loads_and_says_what_it_is(bundled: Path) -> None:
+    assert default_model_path().name == "hdmil-demo.safetensors"
+    assert bundled.stat().st_size <= MAX_BUNDLE_BYTES
+    model = load_model(default_model_path())
+    assert model.dmin is not None and model.lipn is not None
+    assert model.classes == ["normal", "tumor"]
+    assert model.encoder and model.config["demo"] is True
+    assert "not for diagnosis" in model.config["intended_use"]
+    assert model.feature_dim == model.config["feature_dim"]
+    report = json.loads(bundled.with_suffix(".json").read_text())
+    assert report["sha256"] == model.sha256, "hdmil-demo.json describes another checkpoint"
+    _assert_pinned_weights_match(bundled.parent / model.config["encoder_weights"], model.encoder)
+
+
+@pytest.mark.slow
+def test_predict_on_the_real_cmu_slide_with_the_bundled_model(
+    bundled: Path, cmu_slide: Path, tmp_path: Path, capsys
+) -> None:
+    rc = main(["predict", str(cmu_slide), "--out", str(tmp_path), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / cmu_slide.stem / "report.json").read_text())
+    assert report["model"]["name"] == "hdmil-demo.safetensors"
+    assert report["prediction"] in ("normal", "tumor")
+    assert sum(report["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+    assert 0 < report["n_patches"] and 0 <= report["n_kept"] <= report["n_patches"]
