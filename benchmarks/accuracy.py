@@ -12,6 +12,8 @@ against every normal slide) and overall:
 
 - slide AUC / ACC of HDMIL (LIPN's mask) and HDMIL† (DMIN on all patches), and ΔAUC = HDMIL − HDMIL†
   (the baseline measured in the same run);
+- grid recall: the share of ground-truth tumour patches that the tissue grid finds at all
+  (``hdmil.grid``; a patch it misses cannot be kept or classified);
 - LIPN's recall of ground-truth tumour patches in its kept set (the patches read at 20x) and its
   kept ratio (share of tissue patches read);
 - attention AUC: the patch-level ROC AUC of DMIN's tumour attention logits against the ground
@@ -43,6 +45,7 @@ COLUMNS = (
     ("HDMIL† AUC", "hdmil_dagger_auc", "{:.3f}"),
     ("HDMIL† ACC", "hdmil_dagger_acc", "{:.3f}"),
     ("ΔAUC", "delta_auc", "{:+.3f}"),
+    ("grid recall", "grid_tumor_recall", "{:.3f}"),
     ("LIPN recall", "lipn_recall", "{:.3f}"),
     ("LIPN kept", "lipn_kept_ratio", "{:.3f}"),
     ("DMIN kept", "dmin_kept_ratio", "{:.3f}"),

@@ -340,3 +340,15 @@ def test_prescreen_from_another_setting_is_refused(synthetic_slide, model, encod
     ps = prescreen(synthetic_slide, model, use_lipn=False)
     with pytest.raises(HDMILError, match="pre-screen"):
         run_slide(synthetic_slide, model, encoder=encoder, use_lipn=True, prescreened=ps)
+
+
+def test_encoder_weights_named_by_the_checkpoint_must_be_there(tmp_path):
+    from hdmil.pipeline import encoder_for
+
+    torch.manual_seed(1)
+    dmin = DMIN(DMINConfig(in_dim=8, hidden=32, attn_dim=16, n_classes=2, cheby_degree=3))
+    path = save_checkpoint(tmp_path / "m.safetensors", {"dmin": dmin},
+                           {"classes": ["normal", "tumor"], "encoder": TINY,
+                            "encoder_weights": "missing-encoder.safetensors"})
+    with pytest.raises(CheckpointError, match="missing-encoder.safetensors"):
+        encoder_for(load_model(path), "cpu")

@@ -497,22 +497,38 @@ def warm_up(model: Any, encoder: Any, patch_px: int = 256) -> None:
 
 
 def encoder_for(model: Any, device: Any) -> Any:
-    """The encoder the checkpoint's DMIN was trained on (seeded random weights unless stated)."""
+    """The encoder the checkpoint's DMIN was trained on.
+
+    The config names the architecture (``encoder``); when it also names a weights file
+    (``encoder_weights``, relative to the checkpoint's folder) those weights are loaded, and a
+    missing file is an error rather than a silent fall-back to other weights.
+    """
     from hdmil.features import create_encoder
 
     config = getattr(model, "config", {}) or {}
+    ckpt = getattr(model, "path", None) or "the model"
     name = config.get("encoder")
     if not name:
         raise CheckpointError(
-            f"{getattr(model, 'path', 'the model')}: the checkpoint does not name the encoder its "
-            "DMIN was trained on; pass the encoder explicitly"
+            f"{ckpt}: the checkpoint does not name the encoder its DMIN was trained on; "
+            "pass the encoder explicitly"
         )
+    weights = config.get("encoder_weights")
     try:
+        if weights:
+            path = Path(str(ckpt)).parent / str(weights)
+            if not path.is_file():
+                raise CheckpointError(
+                    f"{ckpt}: the encoder weights it names ({weights}) are not beside it at {path}"
+                )
+            return create_encoder(name, weights=path, device=device)
         return create_encoder(
             name, pretrained=bool(config.get("encoder_pretrained", False)), device=device
         )
+    except CheckpointError:
+        raise
     except HDMILError as exc:
-        raise CheckpointError(f"{getattr(model, 'path', 'the model')}: encoder {name!r}: {exc}") from exc
+        raise CheckpointError(f"{ckpt}: encoder {name!r}: {exc}") from exc
 
 
 def _as_numpy(x: Any) -> np.ndarray:

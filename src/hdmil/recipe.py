@@ -45,6 +45,7 @@ __all__ = [
     "heldout_metrics",
     "run_recipe",
     "slide_truth",
+    "train_patch_encoder",
 ]
 
 Progress = Callable[[str, int, int], None]
@@ -71,8 +72,12 @@ class RecipeConfig:
     tumor_burdens: tuple[float, ...] = (0.4, 0.2, 0.1, 0.05, 0.03)
     heldout_burdens: tuple[float, ...] = (0.4, 0.2, 0.1, 0.05, 0.02)
     val_fraction: float = 0.2
-    # a timm model whose seeded random weights separate tumour from stroma (docs/demo_model.md)
+    # a tiny timm architecture (0.2 M parameters, ~6 ms per 256 px patch on one CPU core), trained
+    # here on the training slides' patch truth; DMIN still learns from slide labels only
     encoder: str = "test_byobnet"
+    encoder_patches: int = 24  # patches per training slide for the encoder (tumour first)
+    encoder_epochs: int = 4
+    encoder_lr: float = 1e-3
     batch_size: int = 64
     # DMIN (METHOD §3; k = 8 for small bags) and LIPN (§4)
     keep_rate: float = 0.6
@@ -82,6 +87,7 @@ class RecipeConfig:
     patience: int = 20
     lipn_max_epochs: int = 100
     lipn_patience: int = 5
+    lipn_batch_patches: int = 256  # ~2 slides per LIPN step: 8x the steps of the default 2048
     threads: int = 2  # torch threads
     workers: int | None = None  # slide-making processes (default up to 2)
 
@@ -91,7 +97,8 @@ class RecipeConfig:
         return cls(
             seed=seed, n_slides=n_slides, n_heldout=2, slide_size=1536, max_epochs=2,
             min_epochs=0, patience=1, lipn_max_epochs=2, lipn_patience=1, batch_size=32,
-            tumor_burdens=(0.4,), heldout_burdens=(0.4,), workers=1,
+            tumor_burdens=(0.4,), heldout_burdens=(0.4,), workers=1, encoder_patches=8,
+            encoder_epochs=1,
         )
 
     def __post_init__(self) -> None:
@@ -117,7 +124,7 @@ class RecipeConfig:
             keep_rate=self.keep_rate, k_sample=self.k_sample, max_epochs=self.max_epochs,
             min_epochs=self.min_epochs, patience=self.patience,
             lipn_max_epochs=self.lipn_max_epochs, lipn_patience=self.lipn_patience,
-            seed=self.seed, device=device,
+            lipn_batch_patches=self.lipn_batch_patches, seed=self.seed, device=device,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,7 +176,8 @@ def cohort_features(
         with open_slide(cohort_dir / s["path"]) as slide:
             grid = build_grid(slide)
             if len(grid.coords) == 0:
-                skipped[s["slide_id"]] = str(getattr(grid, "message", "") or "no tissue patch")
+                why = str(getattr(grid, "message", "") or "no tissue patch")
+                skipped[s["slide_id"]] = why.replace(f"{slide.path}: ", "")  # no local paths
                 continue
             bag = extract_slide_features(slide, grid, encoder, batch_size=batch_size, cancel=cancel)
         write_features(features_dir / f"{s['slide_id']}.h5", bag)
@@ -179,34 +187,121 @@ def cohort_features(
 
 
 def encoder_for_model(model: Any, device: Any = "cpu") -> Any:
-    """The encoder a checkpoint's DMIN was trained on: its pinned weights file beside the
-    checkpoint (config ``encoder_weights``) when there is one, else ``create_encoder(name)``."""
-    from hdmil.features import create_encoder
+    """The encoder a checkpoint's DMIN was trained on (the pipeline's rule: pinned weights beside
+    the checkpoint when the config names them)."""
+    from hdmil.pipeline import encoder_for
 
-    config = dict(getattr(model, "config", {}) or {})
-    name = config.get("encoder")
-    if not name:
-        raise RecipeError(f"{getattr(model, 'path', 'the model')}: the checkpoint names no encoder")
-    weights = config.get("encoder_weights")
-    path = Path(model.path).parent / weights if weights and getattr(model, "path", None) else None
-    if path is not None and path.is_file():
-        return create_encoder(name, weights=path, device=device)
-    return create_encoder(name, pretrained=bool(config.get("encoder_pretrained")), device=device)
+    return encoder_for(model, device)
 
 
-def _stratified_split(cohort: Any, val_fraction: float, seed: int):
+def _stratified_split(slide_ids: Sequence[str], labels: Sequence[str], val_fraction: float,
+                      seed: int):
     """Train / validation ids, stratified by label, seeded; no test set (it is generated apart)."""
     from hdmil.train import Split
 
     rng = np.random.default_rng([seed, 0x5B17])
     train, val = [], []
-    for label in range(cohort.n_classes):
-        ids = [s for s, y in zip(cohort.slide_ids, cohort.labels) if int(y) == label]
+    for label in sorted(set(labels)):
+        ids = [s for s, y in zip(slide_ids, labels) if y == label]
         ids = [ids[i] for i in rng.permutation(len(ids))]
         n_val = max(1, int(round(val_fraction * len(ids)))) if len(ids) > 1 else 0
         val += ids[:n_val]
         train += ids[n_val:]
     return Split(tuple(sorted(train)), tuple(sorted(val)), (), fold=0)
+
+
+def _sample_patches(
+    cohort_dir: Path, slide_ids: Sequence[str], per_slide: int, seed: int,
+    cancel: threading.Event | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [P, 256, 256, 3] patches and their tumour share [P] from the given slides: up to
+    ``per_slide / 2`` ground-truth tumour patches of each slide, the rest other tissue patches."""
+    from hdmil.grid import build_grid
+    from hdmil.reading import iter_patches
+    from hdmil.slide import open_slide
+
+    slides = {s["slide_id"]: s for s in json.loads((cohort_dir / "cohort.json").read_text())["slides"]}
+    rng = np.random.default_rng([seed, 0xE7C0])
+    pixels, targets = [], []
+    for sid in slide_ids:
+        _check(cancel)
+        s = slides[sid]
+        with open_slide(cohort_dir / s["path"]) as slide:
+            grid = build_grid(slide)
+            if len(grid.coords) == 0:
+                continue
+            frac = slide_truth(cohort_dir / s["truth_npz"], grid.coords)
+            tum = np.flatnonzero(frac >= TUMOR_AT)
+            other = np.flatnonzero(frac < TUMOR_AT)
+            take_t = rng.permutation(tum)[: per_slide // 2]
+            take_o = rng.permutation(other)[: per_slide - len(take_t)]
+            rows = np.sort(np.concatenate([take_t, take_o]))
+            for batch in iter_patches(slide, grid.coords[rows], grid.patch_size_level0,
+                                      batch_size=64, cancel=cancel):
+                pixels.append(batch.pixels)
+                targets.append(frac[rows[batch.indices]])
+    if not pixels:
+        raise RecipeError(f"{cohort_dir}: no tissue patch in the training slides")
+    return np.concatenate(pixels), np.concatenate(targets).astype(np.float32)
+
+
+def train_patch_encoder(
+    encoder: Any,
+    pixels: np.ndarray,
+    targets: np.ndarray,
+    epochs: int = 4,
+    lr: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+) -> dict[str, float]:
+    """Fine-tune ``encoder.model`` in place with a linear head on patch tumour shares (BCE).
+
+    pixels uint8 [P, H, W, 3], targets float [P] in [0, 1]. Random flips and quarter turns (H&E has
+    no orientation). The head is dropped afterwards: the encoder still gives its pooled features.
+    Returns the last epoch's mean loss.
+    """
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        head = nn.Linear(encoder.dim, 1).to(encoder.device)
+    params = list(encoder.model.parameters()) + list(head.parameters())
+    opt = torch.optim.Adam(params, lr=lr)
+    y_all = torch.as_tensor(targets)
+    n = len(pixels)
+    steps = max(1, math.ceil(n / batch_size))
+    loss_sum = 0.0
+    encoder.model.train()
+    try:
+        for epoch in range(int(epochs)):
+            order = torch.randperm(n, generator=gen)
+            loss_sum = 0.0
+            for i in range(steps):
+                _check(cancel)
+                idx = order[i * batch_size:(i + 1) * batch_size]
+                x = encoder.preprocess(pixels[idx.numpy()])
+                k = int(torch.randint(0, 4, (1,), generator=gen))
+                x = torch.rot90(x, k, dims=(2, 3))
+                if bool(torch.randint(0, 2, (1,), generator=gen)):
+                    x = torch.flip(x, dims=(3,))
+                logit = head(encoder.model(x)).squeeze(1)
+                loss = nn.functional.binary_cross_entropy_with_logits(
+                    logit, y_all[idx].to(logit.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += float(loss.detach())
+                if progress is not None:
+                    progress("encoder", epoch * steps + i + 1, int(epochs) * steps)
+    finally:
+        encoder.model.eval()
+        for p in encoder.model.parameters():
+            p.requires_grad_(False)
+    return {"loss": loss_sum / steps, "patches": int(n), "epochs": int(epochs)}
 
 
 def _load(labels: Path, features_dir: Path, skipped: dict[str, str]):
@@ -252,6 +347,7 @@ def heldout_metrics(
     Slide level, for HDMIL (LIPN's mask) and HDMIL† (DMIN's own mask on all patches): AUC, ACC,
     over all slides and per tumour burden (the tumour slides of that burden against every normal
     slide). Patch level, against the ground truth (a patch is tumour when ≥ 50% of it is):
+    the tissue grid's recall of tumour patches (``hdmil.grid``: upstream of the model),
     LIPN's recall of tumour patches in its kept set (the patches read at 20x) and its kept ratio,
     DMIN's own mask recall, and the patch-level AUC of DMIN's tumour attention logits on each
     tumour slide (the per-slide mean; attention is a within-slide ranking).
@@ -278,6 +374,8 @@ def heldout_metrics(
             bag = read_features(path)
             x = torch.as_tensor(np.asarray(bag.features, np.float32))
             tumour = slide_truth(cohort_dir / s["truth_npz"], bag.coords) >= TUMOR_AT
+            with np.load(cohort_dir / s["truth_npz"]) as t:  # every tumour patch, found or not
+                n_truth = int((np.asarray(t["tumor_fraction"]) >= TUMOR_AT).sum())
             dagger = model.dmin.predict(x, None)
             lipn_mask = np.asarray(model.lipn.keep_mask(bag.lr_patches), bool)
             hdmil = model.dmin.predict(x, torch.as_tensor(lipn_mask))
@@ -292,7 +390,7 @@ def heldout_metrics(
                 "p_hdmil": float(hdmil.probabilities[t_idx]),
                 "p_dagger": float(dagger.probabilities[t_idx]),
                 "probs_hdmil": hdmil.probabilities.numpy(), "probs_dagger": dagger.probabilities.numpy(),
-                "n": int(len(kept)), "n_tumour": int(tumour.sum()),
+                "n": int(len(kept)), "n_tumour": int(tumour.sum()), "n_tumour_truth": n_truth,
                 "lipn_hits": int((kept & tumour).sum()), "lipn_kept": int(kept.sum()),
                 "dmin_hits": int((own & tumour).sum()), "dmin_kept": int(own.sum()),
                 "attention_auc": _auc(tumour, scores),
@@ -309,6 +407,8 @@ def heldout_metrics(
         pos = [r for r in sel if r["label"] == t_idx]
         n_t = sum(r["n_tumour"] for r in pos)
         out["n_tumor_patches"] = int(n_t)
+        n_all = sum(r["n_tumour_truth"] for r in pos)
+        out["grid_tumor_recall"] = n_t / n_all if n_all else math.nan  # found by the tissue grid
         out["lipn_recall"] = sum(r["lipn_hits"] for r in pos) / n_t if n_t else math.nan
         out["dmin_mask_recall"] = sum(r["dmin_hits"] for r in pos) / n_t if n_t else math.nan
         out["lipn_kept_ratio"] = float(np.mean([r["lipn_kept"] / r["n"] for r in sel]))
@@ -330,6 +430,26 @@ def heldout_metrics(
         for r in rows
     ]
     return report
+
+
+def _complete(cohort_dir: Path) -> bool:
+    try:
+        m = json.loads((cohort_dir / "cohort.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all((cohort_dir / s["path"]).exists() and (cohort_dir / s["truth_npz"]).exists()
+               for s in m["slides"]) and (cohort_dir / "labels.csv").exists()
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (slide makers)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return time.process_time()
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _seeds(cohort_dir: Path) -> set[int]:
@@ -384,64 +504,98 @@ def run_recipe(
     say = log or (lambda line: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.threads)))
-    timings: dict[str, float] = {}
-    t_all = time.perf_counter()
+    timings: dict[str, float] = {}  # wall-clock seconds per step
+    cpu: dict[str, float] = {}  # CPU seconds per step (all threads and slide-making processes)
+    t_all, c_all = time.perf_counter(), _cpu_seconds()
     try:
         # -- cohorts: training and held-out, from different seeds --------------------------------
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         size = (cfg.slide_size, cfg.slide_size)
 
         def stage(name: str) -> Progress | None:
             return None if progress is None else (lambda _s, d, n: progress(name, d, n))
 
-        train_info = synth_cohort(out / "cohort", cfg.n_slides, seed=cfg.seed, size=size,
-                                  tumor_burdens=cfg.tumor_burdens, workers=cfg.workers,
-                                  progress=stage("cohort"), cancel=cancel)
+        def cohort(name: str, n: int, seed: int, burdens: tuple[float, ...]) -> str:
+            """Make a cohort, or re-use the one a previous run made with the same settings."""
+            folder = out / name
+            marker = folder / "recipe-cohort.json"
+            want = {"n_slides": n, "seed": seed, "size": cfg.slide_size, "burdens": list(burdens)}
+            if marker.exists() and json.loads(marker.read_text()) == want and _complete(folder):
+                return "re-used"
+            marker.unlink(missing_ok=True)
+            synth_cohort(folder, n, seed=seed, size=size, tumor_burdens=burdens,
+                         workers=cfg.workers, progress=stage(name), cancel=cancel)
+            marker.write_text(json.dumps(want))
+            return "made"
+
+        how = cohort("cohort", cfg.n_slides, cfg.seed, cfg.tumor_burdens)
         timings["cohort"] = time.perf_counter() - t0
-        say(f"cohort: {cfg.n_slides} slides of {cfg.slide_size} px in {timings['cohort']:.0f} s")
+        cpu["cohort"] = _cpu_seconds() - c0
+        say(f"cohort: {cfg.n_slides} slides of {cfg.slide_size} px {how} in {timings['cohort']:.0f} s")
         if cfg.n_heldout:
-            t0 = time.perf_counter()
-            synth_cohort(out / "heldout", cfg.n_heldout, seed=cfg.heldout_seed, size=size,
-                         tumor_burdens=cfg.heldout_burdens, workers=cfg.workers,
-                         progress=stage("heldout"), cancel=cancel)
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            how = cohort("heldout", cfg.n_heldout, cfg.heldout_seed, cfg.heldout_burdens)
             timings["heldout"] = time.perf_counter() - t0
+            cpu["heldout"] = _cpu_seconds() - c0
             shared = _seeds(out / "cohort") & _seeds(out / "heldout")
             if shared:  # 31-bit seeds drawn per slide: never seen, but the report relies on it
                 raise RecipeError(f"{out}: held-out slides share seeds with training: {sorted(shared)}")
-            say(f"held-out cohort: {cfg.n_heldout} slides in {timings['heldout']:.0f} s")
+            say(f"held-out cohort: {cfg.n_heldout} slides {how} in {timings['heldout']:.0f} s")
 
-        # -- features (seeded random encoder weights, pinned in a file beside the model) --------
-        t0 = time.perf_counter()
+        # -- split, then the encoder trained on the training slides' patch truth ---------------
+        manifest = json.loads((out / "cohort" / "cohort.json").read_text())["slides"]
+        split = _stratified_split([s["slide_id"] for s in manifest],
+                                  [s["label"] for s in manifest], cfg.val_fraction, cfg.seed)
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         encoder = create_encoder(cfg.encoder, device="cpu")
+        pixels, targets = _sample_patches(out / "cohort", split.train, cfg.encoder_patches,
+                                          cfg.seed, cancel)
+        enc_fit = train_patch_encoder(encoder, pixels, targets, cfg.encoder_epochs,
+                                      cfg.encoder_lr, seed=cfg.seed, progress=stage("encoder"),
+                                      cancel=cancel)
+        del pixels
+        timings["encoder"] = time.perf_counter() - t0
+        cpu["encoder"] = _cpu_seconds() - c0
+        say(f"encoder {encoder.name}: {enc_fit['patches']} patches x {enc_fit['epochs']} epochs, "
+            f"loss {enc_fit['loss']:.3f}, {timings['encoder']:.0f} s")
+
+        # -- features --------------------------------------------------------------------------
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         skipped = cohort_features(out / "cohort", out / "features", encoder, cfg.batch_size,
                                   stage("features"), cancel)
         timings["features"] = time.perf_counter() - t0
+        cpu["features"] = _cpu_seconds() - c0
         say(f"features ({encoder.name}, {encoder.dim}-d): {timings['features']:.0f} s"
             + (f"; {len(skipped)} slides without tissue left out" if skipped else ""))
         heldout_skipped: dict[str, str] = {}
         if cfg.n_heldout:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds()
             heldout_skipped = cohort_features(out / "heldout", out / "heldout_features", encoder,
                                               cfg.batch_size, stage("heldout_features"), cancel)
             timings["heldout_features"] = time.perf_counter() - t0
+            cpu["heldout_features"] = _cpu_seconds() - c0
 
-        # -- DMIN then LIPN -------------------------------------------------------------------
-        cohort = _load(train_info.labels_csv, out / "features", skipped)
-        if len(set(cohort.labels.tolist())) < 2:
+        # -- DMIN then LIPN, from slide labels only ---------------------------------------------
+        cohort_ = _load(out / "cohort" / "labels.csv", out / "features", skipped)
+        if len(set(cohort_.labels.tolist())) < 2:
             raise RecipeError(f"{out}: the training cohort has slides of one class only")
-        split = _stratified_split(cohort, cfg.val_fraction, cfg.seed)
+        split = split.restrict(cohort_.slide_ids)
+        if not split.train or not split.val:
+            raise RecipeError(f"{out}: too few slides with tissue to train and validate")
         tcfg = cfg.train_config()
-        t0 = time.perf_counter()
-        dmin_res = train_dmin(cohort, split, tcfg, out / "dmin", progress=stage("dmin"),
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        dmin_res = train_dmin(cohort_, split, tcfg, out / "dmin", progress=stage("dmin"),
                               cancel=cancel)
         timings["dmin"] = time.perf_counter() - t0
+        cpu["dmin"] = _cpu_seconds() - c0
         say(f"DMIN: best epoch {dmin_res.best_epoch} of {dmin_res.epochs_run}, "
             f"val AUC {dmin_res.best_metrics.get('val_auc', math.nan):.3f}, kept "
             f"{dmin_res.best_metrics.get('val_kept_ratio', math.nan):.2f}, {timings['dmin']:.0f} s")
-        t0 = time.perf_counter()
-        lipn_res = train_lipn(cohort, split, dmin_res.checkpoint, tcfg, out / "lipn",
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        lipn_res = train_lipn(cohort_, split, dmin_res.checkpoint, tcfg, out / "lipn",
                               progress=stage("lipn"), cancel=cancel)
         timings["lipn"] = time.perf_counter() - t0
+        cpu["lipn"] = _cpu_seconds() - c0
         say(f"LIPN: best epoch {lipn_res.best_epoch} of {lipn_res.epochs_run}, "
             f"{timings['lipn']:.0f} s")
 
@@ -449,10 +603,11 @@ def run_recipe(
         model = load_model(lipn_res.checkpoint)
         heldout: dict[str, Any] = {}
         if cfg.n_heldout:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds()
             heldout = heldout_metrics(model, out / "heldout", out / "heldout_features",
                                       cfg.heldout_burdens, cancel)
             timings["evaluate"] = time.perf_counter() - t0
+            cpu["evaluate"] = _cpu_seconds() - c0
             a = heldout["all"]
             say(f"held-out: HDMIL AUC {a['hdmil_auc']:.3f} ACC {a['hdmil_acc']:.3f}, HDMIL† AUC "
                 f"{a['hdmil_dagger_auc']:.3f}, LIPN recall {a['lipn_recall']:.3f} kept "
@@ -461,13 +616,13 @@ def run_recipe(
         # -- the bundled files -------------------------------------------------------------
         enc_path = save_encoder(encoder, out / f"{DEMO_NAME}-encoder.safetensors")
         timings["total"] = time.perf_counter() - t_all
+        cpu["total"] = _cpu_seconds() - c_all
         summary = {k: v for k, v in heldout.items() if k != "slides"}
         config = {k: v for k, v in model.config.items() if k not in ("modules", "model_type")}
         config.update({
-            "encoder": encoder.name,
+            "encoder": encoder.name,  # the architecture; its weights are the file below
             "encoder_pretrained": False,
-            "encoder_seed": 0,  # hdmil.features seeds random weights with 0
-            "encoder_weights": enc_path.name,  # the same weights, pinned, beside the checkpoint
+            "encoder_weights": enc_path.name,  # beside the checkpoint (trained by this recipe)
             "demo": True,
             "intended_use": "demonstration on synthetic slides; not for diagnosis",
         })
@@ -489,12 +644,13 @@ def run_recipe(
             "model": ckpt.name,
             "sha256": _sha256(ckpt),
             "bytes": ckpt.stat().st_size,
-            "encoder": {"name": encoder.name, "dim": encoder.dim, "weights": "random (seeded)",
-                        "seed": 0, "file": enc_path.name},
+            "encoder": {"name": encoder.name, "dim": encoder.dim, "file": enc_path.name,
+                        "weights": "trained by the recipe on the training slides' patch truth",
+                        **enc_fit},
             "classes": list(model.classes),
             "recipe": cfg.to_dict(),
             "training_cohort": {"seed": cfg.seed, "n_slides": cfg.n_slides,
-                                "n_with_features": len(cohort), "skipped": skipped,
+                                "n_with_features": len(cohort_), "skipped": skipped,
                                 "n_train": len(split.train), "n_val": len(split.val)},
             "heldout_cohort": {"seed": cfg.heldout_seed, "n_slides": cfg.n_heldout,
                                "skipped": heldout_skipped},
@@ -504,6 +660,7 @@ def run_recipe(
                      "best_val": lipn_res.best_metrics},
             "heldout": heldout,
             "timings_s": timings,
+            "cpu_s": cpu,
             "machine": {"cpu_count": os.cpu_count(), "torch_threads": int(cfg.threads),
                         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
             "versions": {"hdmil": __version__, "torch": torch.__version__},
