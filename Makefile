@@ -43,7 +43,7 @@ demo: venv system-deps
 	fi
 
 model: venv
-	$(PY) -m hdmil.cli recipe demo --out out/demo-model
+	$(PY) -m hdmil.cli recipe demo --out out/demo-model --install
 
 benchmarks: venv system-deps
 	$(PY) benchmarks/run_all.py

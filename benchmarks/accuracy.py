@@ -16,6 +16,8 @@ against every normal slide) and overall:
   (``hdmil.grid``; a patch it misses cannot be kept or classified);
 - LIPN's recall of ground-truth tumour patches in its kept set (the patches read at 20x) and its
   kept ratio (share of tissue patches read);
+- the last row leaves out tumour slides whose tumour the tissue grid never found (an upstream
+  failure of ``hdmil.tissue`` / ``hdmil.grid``, not of the model);
 - attention AUC: the patch-level ROC AUC of DMIN's tumour attention logits against the ground
   truth, the mean over the tumour slides.
 
@@ -65,12 +67,14 @@ def table(metrics: dict) -> str:
     sep = "|---|" + "---:|" * len(COLUMNS)
     lines = [head, sep]
     keys = [k for k in metrics if k.startswith("burden_")] + ["all"]
+    keys += ["tumour_in_grid"] if "tumour_in_grid" in metrics else []
     for key in keys:
         m = dict(metrics[key])
         m["delta_auc"] = (m["hdmil_auc"] - m["hdmil_dagger_auc"]
                           if not math.isnan(m["hdmil_auc"]) and not math.isnan(m["hdmil_dagger_auc"])
                           else math.nan)
-        label = "all" if key == "all" else f"{float(key[7:]) * 100:g}%"
+        names = {"all": "all", "tumour_in_grid": "all, tumour found by the grid"}
+        label = names[key] if key in names else f"{float(key[7:]) * 100:g}%"
         lines.append(f"| {label} | " + " | ".join(_fmt(f, m.get(k)) for _, k, f in COLUMNS) + " |")
     return "\n".join(lines)
 
@@ -143,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     t_feat = time.perf_counter() - t0
     t0 = time.perf_counter()
     metrics = heldout_metrics(model, cohort_dir, feats_dir, args.burdens)
+    metrics = {k: v for k, v in metrics.items() if k not in ("slides", "tumour_in_grid")} | {
+        k: metrics[k] for k in ("tumour_in_grid", "slides") if k in metrics}
     t_eval = time.perf_counter() - t0
 
     md = table(metrics)

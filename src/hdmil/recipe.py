@@ -1,4 +1,4 @@
-"""The demo model's recipe: synthetic cohort → features → DMIN → LIPN → held-out evaluation.
+"""The demo model's recipe: synthetic cohort → encoder → features → DMIN → LIPN → held-out report.
 
     result = run_recipe("out/demo-model", RecipeConfig(seed=0))
     result.checkpoint      # out/demo-model/hdmil-demo.safetensors (DMIN + LIPN, loadable with load_model)
@@ -6,8 +6,10 @@
 
 Everything follows from ``RecipeConfig.seed``: the training cohort is ``synth_cohort(seed)``, the
 held-out cohort ``synth_cohort(seed + HELDOUT_OFFSET)`` (its slide seeds are checked to be disjoint
-from the training ones), features come from an encoder with seeded random weights, and DMIN / LIPN
-training is seeded epoch by epoch. The demo is trained on synthetic slides and is not for diagnosis.
+from the training ones), a tiny timm encoder is trained on the training slides' patch truth (its
+weights go beside the checkpoint, named by ``encoder_weights``), DMIN then learns from slide labels
+only and LIPN from DMIN's masks, all seeded. Two runs with one seed give the same weights. The demo
+is trained on synthetic slides and is not for diagnosis (docs/demo_model.md).
 
 The held-out metrics (``heldout_metrics``) use the cohort's ground truth: slide AUC / ACC of HDMIL
 (LIPN + DMIN) and HDMIL† (DMIN on all patches), LIPN's recall of ground-truth tumour patches in its
@@ -418,6 +420,10 @@ def heldout_metrics(
         return out
 
     report = {"all": block(rows)}
+    # upstream failures apart: tumour slides whose tumour the tissue grid (hdmil.grid) never found
+    found = [r for r in rows if r["label"] != t_idx or r["n_tumour"] > 0]
+    if len(found) < len(rows):
+        report["tumour_in_grid"] = block(found)
     if levels:
         normals = [r for r in rows if r["label"] != t_idx]
         for b in sorted(set(levels), reverse=True):
@@ -483,12 +489,13 @@ def run_recipe(
     log: Callable[[str], None] | None = None,
 ) -> RecipeResult:
     """Make the demo model in ``out_dir``: ``hdmil-demo.safetensors`` (DMIN + LIPN),
-    ``hdmil-demo-encoder.safetensors`` (the encoder's weights, pinned) and ``hdmil-demo.json``.
+    ``hdmil-demo-encoder.safetensors`` (the trained encoder) and ``hdmil-demo.json`` (the report).
 
     Work folders ``cohort/``, ``heldout/``, ``features/``, ``heldout_features/``, ``dmin/`` and
-    ``lipn/`` stay in ``out_dir`` for inspection. ``progress(stage, done, total)`` for stages
-    cohort, heldout, features, heldout_features, dmin, lipn, evaluate; ``log(line)`` gets one line
-    per finished step.
+    ``lipn/`` stay in ``out_dir``; cohorts made before with the same settings are re-used.
+    ``progress(stage, done, total)`` for stages cohort, heldout, encoder, features,
+    heldout_features, dmin, lipn; ``log(line)`` gets one line per finished step. ``cancel`` (a
+    ``threading.Event``) stops between slides / steps with ``Cancelled``.
     """
     import torch
 
