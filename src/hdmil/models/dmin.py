@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hdmil.models._eval import evaluating
 from hdmil.models.cka import ChebyKANLayer
 from hdmil.models.losses import binarize_st, keep_union, smooth_top1_svm
 
@@ -297,15 +297,8 @@ class DMIN(nn.Module):
         )
 
     # ----------------------------------------------------------------- evaluation path
-    @contextlib.contextmanager
-    def _evaluating(self) -> Iterator[None]:
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.train(was_training)
+    def _evaluating(self) -> contextlib.AbstractContextManager[None]:
+        return evaluating(self)
 
     def _as_input(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         p = next(self.parameters())

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hdmil.models._eval import evaluating
 from hdmil.models.losses import binarize_st
 
 __all__ = ["LIPN", "LIPNConfig", "ConvBNReLU", "UIBlock"]
@@ -168,15 +168,8 @@ class LIPN(nn.Module):
         """logits [N, C] -> M_LR [N, C]: P = sigmoid(logit / τ), 1[P > 0.5] with straight-through."""
         return binarize_st(torch.sigmoid(logits / self.cfg.tau), self.cfg.threshold)
 
-    @contextlib.contextmanager
-    def _evaluating(self) -> Iterator[None]:
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            self.train(was_training)
+    def _evaluating(self) -> contextlib.AbstractContextManager[None]:
+        return evaluating(self)
 
     def keep_mask(self, lr_uint8: torch.Tensor | np.ndarray, batch_size: int = 4096) -> torch.Tensor:
         """Eval: LR patches uint8 [N, 16, 16, 3] -> bool [N, C] on the CPU (which instances each class keeps)."""
