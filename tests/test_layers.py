@@ -21,6 +21,7 @@ from hdmil.grid import PatchGrid
 from hdmil.models import DMIN, LIPN, DMINConfig, LIPNConfig
 from hdmil.pipeline import Result
 from napari_hdmil import _layers
+from lipn_helpers import calibrated_lipn
 
 TINY = "gui_tiny_encoder"
 SLOW = "gui_slow_encoder"
@@ -54,19 +55,7 @@ def _slow_encoder(pretrained: bool = False, device=None) -> Encoder:
 
 
 def _calibrated_lipn(lr: np.ndarray, keep: tuple[float, float] = (0.4, 0.25)) -> LIPN:
-    """A seeded LIPN whose output bias makes class c keep the top ``keep[c]`` of these LR patches."""
-    torch.manual_seed(0)
-    lipn = LIPN(LIPNConfig(n_classes=2))
-    for m in lipn.modules():
-        if isinstance(m, nn.BatchNorm2d):  # statistics from these patches, else every logit is equal
-            m.momentum = None
-            m.reset_running_stats()
-    with torch.no_grad():
-        lipn.train()(LIPN.prepare(lr))
-        logits = lipn.eval()(LIPN.prepare(lr))
-        for c, frac in enumerate(keep):
-            lipn.fc.bias[c] -= torch.quantile(logits[:, c], 1.0 - frac)
-    return lipn
+    return calibrated_lipn(lr, keep)
 
 
 def make_checkpoint(path: Path, slide_path: Path, encoder: str = TINY, in_dim: int = 8) -> Path:

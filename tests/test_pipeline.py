@@ -22,6 +22,7 @@ from hdmil.models import DMIN, LIPN, DMINConfig, LIPNConfig
 from hdmil.pipeline import NoTissueError, run_slide
 from hdmil.reading import PatchReader
 from hdmil.slide import open_slide
+from lipn_helpers import calibrated_lipn
 
 TINY = "tiny_test_encoder"
 
@@ -34,20 +35,7 @@ def _tiny_encoder(pretrained: bool = False, device=None) -> Encoder:
 
 
 def _calibrated_lipn(lr: np.ndarray, keep: tuple[float, float] = (0.35, 0.2)) -> LIPN:
-    """A seeded LIPN whose last-layer bias makes class c keep the top ``keep[c]`` of these patches."""
-    torch.manual_seed(0)
-    lipn = LIPN(LIPNConfig(n_classes=2))
-    # BatchNorm statistics from these patches (a fresh LIPN gives the same logit for every patch).
-    for m in lipn.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-            m.reset_running_stats()
-    with torch.no_grad():
-        lipn.train()(LIPN.prepare(lr))
-        logits = lipn.eval()(LIPN.prepare(lr))
-        for c, frac in enumerate(keep):
-            lipn.fc.bias[c] -= torch.quantile(logits[:, c], 1.0 - frac)
-    return lipn
+    return calibrated_lipn(lr, keep)
 
 
 def _save(path: Path, lipn: LIPN | None, in_dim: int = 8, encoder: str = TINY) -> Path:
