@@ -123,7 +123,10 @@ def test_killed_worker_loses_nothing(slide_folder, batch_model, tmp_path):
 
         summary = run_batch(slides, out, model_path=batch_model, client=client, on_result=kill_one_worker)
     assert killed
-    assert summary.n_ok == len(good) and summary.n_failed == 0
+    # A task on the killed worker is run again; if that worker had already written the slide's
+    # results, the rerun finds them complete and reports "skipped" instead of writing them twice.
+    assert summary.n_failed == 0
+    assert sorted(r["slide"] for r in summary.rows if r["status"] in ("ok", "skipped")) == sorted(good)
     _assert_complete(out, good)
     assert not list(out.rglob("*.tmp*")) and not list(out.rglob(".*tmp*"))
 
