@@ -176,6 +176,38 @@ def test_lipn_keeps_tumour_instances(trained, synth):
 
 
 @pytest.mark.slow
+def test_lipn_threshold_calibration(trained, synth, tmp_path):
+    from hdmil.checkpoint import load_model, save_checkpoint
+    from hdmil.train.lipn_trainer import calibrate_threshold, hr_targets
+
+    _, _, res = trained
+    cohort, splits = synth[4], synth[5]
+    model = load_model(res.checkpoint)
+    ids = list(splits[0].val) + list(splits[0].test)
+    targets = hr_targets(model.dmin, cohort, ids)
+    wanted = torch.cat([targets[s] for s in ids])
+    before = torch.cat([model.lipn.keep_mask(cohort.bags.lr_patches(s)) for s in ids])
+    stats = calibrate_threshold(model.lipn, cohort, ids, targets, recall=1.0)
+    after = torch.cat([model.lipn.keep_mask(cohort.bags.lr_patches(s)) for s in ids])
+    # every instance DMIN keeps is now kept, the threshold went down (or stayed), nothing was lost
+    assert stats["threshold"] <= 0.5 and model.lipn.cfg.threshold == stats["threshold"]
+    assert bool((after | ~wanted).all()) and stats["recall"] == 1.0
+    assert bool((after | ~before).all())
+    assert stats["kept_ratio"] == pytest.approx(float(after.any(dim=1).float().mean()))
+    # a recall LIPN already has at 0.5 leaves the paper's threshold alone
+    model.lipn.cfg.threshold = 0.5
+    low = calibrate_threshold(model.lipn, cohort, ids, targets, recall=stats["recall_at_0.5"] / 2)
+    assert low["threshold"] == 0.5
+    # the threshold travels with the checkpoint
+    model.lipn.cfg.threshold = stats["threshold"]
+    path = save_checkpoint(tmp_path / "cal.safetensors", {"dmin": model.dmin, "lipn": model.lipn},
+                           dict(model.config))
+    assert load_model(path).lipn.cfg.threshold == pytest.approx(stats["threshold"])
+    with pytest.raises(HDMILError, match="lipn_recall"):
+        calibrate_threshold(model.lipn, cohort, ids, targets, recall=1.5)
+
+
+@pytest.mark.slow
 def test_evaluate_model_both_paths(trained, synth):
     from hdmil.checkpoint import load_model
 

@@ -90,6 +90,7 @@ class RecipeConfig:
     lipn_max_epochs: int = 100
     lipn_patience: int = 5
     lipn_batch_patches: int = 256  # ~2 slides per LIPN step: 8x the steps of the default 2048
+    lipn_recall: float | None = 0.97  # LIPN's threshold keeps 97% of DMIN's validation instances
     threads: int = 2  # torch threads
     workers: int | None = None  # slide-making processes (default up to 2)
 
@@ -126,7 +127,8 @@ class RecipeConfig:
             keep_rate=self.keep_rate, k_sample=self.k_sample, max_epochs=self.max_epochs,
             min_epochs=self.min_epochs, patience=self.patience,
             lipn_max_epochs=self.lipn_max_epochs, lipn_patience=self.lipn_patience,
-            lipn_batch_patches=self.lipn_batch_patches, seed=self.seed, device=device,
+            lipn_batch_patches=self.lipn_batch_patches, lipn_recall=self.lipn_recall,
+            seed=self.seed, device=device,
         )
 
     def to_dict(self) -> dict[str, Any]:

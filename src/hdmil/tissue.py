@@ -17,6 +17,8 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage as ndi
 
+RED_INK_HUE = 350.0  # degrees; eosin, even a red one, and folds of it stay below (≈ 300–349°)
+
 __all__ = ["TissueParams", "hsv_uint8", "otsu_threshold", "pen_mask", "tissue_mask"]
 
 
@@ -104,18 +106,21 @@ def pen_mask(
     rgb: np.ndarray,
     hsv: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     min_core: int = 7,
+    min_rim_px: int = 4,
 ) -> np.ndarray:
     """Ink of marker pens: green / blue, bright red and dark red. bool (H, W).
 
     H&E lives between blue-violet (haematoxylin, hue ≈ 260–310°) and pink (eosin, ≈ 310–340°).
-    Green and blue ink sits far from it (hue 70–250°); red ink sits past eosin (≥ 343° or below
-    20°) and is more saturated than eosin; dark-red ink is dark like nuclei but red, while dark
+    Green and blue ink sits far from it (hue 70–250°); red ink sits past eosin (≥ 350° or below
+    20°: a red eosin and its folds reach 349°) and is more saturated than eosin; dark-red ink is dark like nuclei but red, while dark
     nuclei are blue-violet. Ink fades out at its rim into colours that tissue also has, so a
-    pixel there counts as ink only when connected to an unmistakable core (hysteresis).
+    pixel there counts as ink only when connected to an unmistakable core and no farther from it
+    than the stroke's width (hysteresis, bounded: on a slide whose eosin is as red as the rim,
+    unbounded growth from one stroke would swallow all the tissue it touches).
     """
     hue, sat, val = hsv if hsv is not None else hsv_uint8(rgb)
     green_blue = (hue >= 70) & (hue < 250)
-    red_hue = (hue >= 343) | (hue < 20)
+    red_hue = (hue >= RED_INK_HUE) | (hue < 20)
     core = (
         (green_blue & (sat >= 45))
         | (red_hue & (sat >= 140) & (val >= 90))
@@ -127,16 +132,27 @@ def pen_mask(
         return core
     rim = (
         (green_blue & (sat >= 25))
-        | (red_hue & (sat >= 40))
+        | (((hue >= 336) | (hue < 20)) & (sat >= 40))  # the rim is bounded, so it may reach into eosin
         | (((hue >= 290) | (hue < 20)) & (val < 140) & (sat >= 40))
     )
-    return _grow(core, rim | core)
+    return _grow(core, rim | core, min_rim_px)
 
 
-def _grow(seed: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """The connected components of ``allowed`` that contain a ``seed`` pixel."""
-    labels, n = ndi.label(allowed, structure=np.ones((3, 3), bool))
-    hit = np.zeros(n + 1, bool)
+def _grow(seed: np.ndarray, allowed: np.ndarray, min_reach: int, width_factor: float = 2.0) -> np.ndarray:
+    """``seed`` grown through ``allowed``, each stroke no farther than its own width allows.
+
+    A pixel of ``allowed`` joins when it is connected to the seed through ``allowed`` and lies within
+    ``max(min_reach, width_factor * half-width of its nearest seed stroke)`` px of it: a blurred,
+    wide stroke has a wide soft rim, a thin one a thin rim.
+    """
+    eight = np.ones((3, 3), bool)
+    strokes, n = ndi.label(seed, structure=eight)
+    half_width = ndi.maximum(ndi.distance_transform_edt(seed), strokes, index=np.arange(1, n + 1))
+    reach = np.concatenate([[0.0], np.maximum(min_reach, width_factor * np.asarray(half_width))])
+    dist, (iy, ix) = ndi.distance_transform_edt(~seed, return_indices=True)
+    near = seed | (allowed & (dist <= reach[strokes[iy, ix]]))
+    labels, m = ndi.label(near, structure=eight)
+    hit = np.zeros(m + 1, bool)
     hit[labels[seed]] = True
     hit[0] = False
     return hit[labels]

@@ -76,6 +76,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
     p.add_argument("--weight-decay", type=float, help="Adam weight decay (default 1e-5)")
     p.add_argument("--batch-patches", type=int, help="LR patches per step, whole slides (default 2048)")
+    p.add_argument("--recall", type=float, metavar="SHARE",
+                   help="lower LIPN's threshold (from 0.5) until it keeps this share of the validation "
+                   "patches DMIN keeps, e.g. 0.97 (default: the paper's fixed 0.5)")
     p.set_defaults(func=cmd_train_lipn)
 
     p = subparsers.add_parser(
@@ -234,6 +237,7 @@ def cmd_train_lipn(args: argparse.Namespace) -> int:
     cfg = _config(args, {
         "epochs": "lipn_max_epochs", "min_epochs": "lipn_min_epochs", "patience": "lipn_patience",
         "lr": "lipn_lr", "weight_decay": "lipn_weight_decay", "batch_patches": "lipn_batch_patches",
+        "recall": "lipn_recall",
     })
     given = None
     cohort = None

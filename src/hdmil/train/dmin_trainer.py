@@ -89,6 +89,9 @@ class TrainConfig:
     lipn_min_epochs: int = 0
     lipn_patience: int = 5
     lipn_batch_patches: int = 2048  # slides are batched into one LIPN step up to this many patches
+    # None: the paper's M_LR = 1[P > 0.5]. A share (say 0.97): after training, lower LIPN's
+    # threshold until it keeps that share of the validation instances DMIN keeps (never above 0.5)
+    lipn_recall: float | None = None
     # run
     seed: int = 0
     instances: str = "patch"

@@ -40,7 +40,7 @@ from hdmil.train.dmin_trainer import (
 )
 from hdmil.train.splits import Split
 
-__all__ = ["hr_targets", "train_lipn"]
+__all__ = ["calibrate_threshold", "hr_targets", "train_lipn"]
 
 HDMIL_NAME = "hdmil.safetensors"
 LIPN_LOG_NAME = "lipn_log.csv"
@@ -157,6 +157,51 @@ def _agreement(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, floa
     return {
         "agreement": agree / total if total else math.nan,
         "recall": hit / wanted if wanted else math.nan,
+    }
+
+
+@torch.no_grad()
+def calibrate_threshold(
+    lipn: torch.nn.Module,
+    cohort: Cohort,
+    slide_ids: Sequence[str],
+    targets: dict[str, torch.Tensor],
+    recall: float,
+    cancel: threading.Event | None = None,
+) -> dict[str, float]:
+    """Set ``lipn.cfg.threshold`` so LIPN keeps ``recall`` of the (slide, patch, class) instances
+    DMIN keeps on ``slide_ids``; the threshold only goes down from the paper's 0.5.
+
+    A missed instance is never read at 20x, while an extra one costs one patch of reading and
+    features: for a screening step recall matters more than the paper's symmetric 0.5.
+    Returns the threshold and, at it, the recall and the kept ratio on those slides.
+    """
+    if not 0.0 < recall <= 1.0:
+        raise HDMILError(f"lipn_recall must be in (0, 1], got {recall}")
+    bags = cohort.require_bags()
+    lipn.eval()
+    probs, wanted = [], []
+    for sid in slide_ids:
+        check_cancel(cancel)
+        x = lipn.prepare(bags.lr_patches(sid)).to(next(lipn.parameters()).device)
+        probs.append(torch.sigmoid(lipn(x) / lipn.cfg.tau).cpu())  # [N, C]
+        wanted.append(targets[sid].cpu().bool())  # [N, C]
+    p, m = torch.cat(probs), torch.cat(wanted)
+    default = float(lipn.cfg.threshold)
+    if m.any():
+        # the largest t with share(P > t | M_HR) >= recall: just under the (1 - recall) quantile
+        q = np.float32(torch.quantile(p[m].double(), 1.0 - recall, interpolation="lower").item())
+        # one float32 step below it: P is float32, and so is the comparison P > threshold
+        threshold = min(default, float(np.nextafter(q, np.float32(-np.inf))))
+    else:
+        threshold = default
+    lipn.cfg.threshold = threshold
+    kept = p > threshold
+    return {
+        "threshold": threshold,
+        "recall": float((kept & m).sum() / m.sum()) if m.any() else math.nan,
+        "kept_ratio": float(kept.any(dim=1).float().mean()) if len(p) else math.nan,
+        "recall_at_0.5": float(((p > default) & m).sum() / m.sum()) if m.any() else math.nan,
     }
 
 
@@ -292,6 +337,9 @@ def train_lipn(
         raise HDMILError(f"{out_dir}: no LIPN epoch finished, so no checkpoint was written")
     lipn.load_state_dict(best_state)
     lipn.eval()
+    calibration = None
+    if cfg.lipn_recall is not None:
+        calibration = calibrate_threshold(lipn, cohort, split.val, targets, cfg.lipn_recall, cancel)
     config = {k: v for k, v in base_config.items() if k not in ("modules", "model_type")}
     prov = dict(config.get("provenance") or {})
     prov["stage"] = "hdmil"
@@ -303,6 +351,7 @@ def train_lipn(
         "lr": cfg.lipn_lr,
         "weight_decay": cfg.lipn_weight_decay,
         "patience": cfg.lipn_patience,
+        "threshold_calibration": calibration,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if "split" not in prov:
