@@ -2,6 +2,7 @@
 
     python benchmarks/slpd.py                       # feature-level synthetic cohorts (default)
     python benchmarks/slpd.py --features DIR --labels labels.csv   # any featurised cohort
+    python benchmarks/slpd.py --synth-cohort 24     # image-level synthetic cohort (see below)
 
 Default cohorts are *feature-level* synthetic: each slide is a grid of patch features (no pixels)
 built from patch-type mixtures, 48 × 48 patches in an elliptic tissue area, so ~6-9 regions of
@@ -19,10 +20,20 @@ plus Gaussian noise. Every 16 × 16 block is one of these region kinds:
 Every slide has stroma and glands regions (3 of its central blocks are glands); in a tumour slide
 1-3 of those glands regions are tumour regions instead, so the proportions of region kinds (and, in
 ``arrangement``, of patch types) are the same in both classes.
-``hdmil.synth.cohort.synth_cohort`` makes pixel slides; its default 6144² px slides give at most
-4 regions each (too few for prototypes) and featurising them needs an encoder run, so it is not
-the default here: featurise a larger synthetic cohort with ``hdmil features`` and pass
-``--features`` / ``--labels`` (``labels.csv`` with ``slide_id,label``) to use it.
+
+Image-level synthetic cohort (``--synth-cohort N [--slide-size PX] [--seed S]``): N pixel slides
+(half tumour) made by the demo model's generator ``hdmil.synth.cohort.synth_cohort`` (tumour burdens
+0.4 / 0.2 / 0.1 / 0.05 / 0.03 of the tissue, cycled over the tumour slides; stain variation and
+artefacts as in the demo cohort), featurised like the demo recipe (``hdmil.recipe.cohort_features``:
+tissue grid of 256-px patches at 0.5 µm/px, the bundled demo model's encoder, by default
+``test_byobnet``, 256-d, trained by the recipe on 4096-px slides). A region is 16 × 16 patches =
+4096 px square, so the default 16384-px slides hold up to 16 regions (those with ≥ 25 % tissue
+patches count; the generator's tissue covers part of each slide); the region size is *not* changed.
+Slides and features are cached under ``benchmarks/results/slpd-synth/`` (git-ignored; features per
+model file hash) and re-used by later runs with the same N / size / seed. Defaults (24 slides of
+16384 px) take about 15 min on 2 CPU cores, most of it making and featurising slides on the first
+run. Unlike the feature-level cohorts, which class is "tumour" here is decided by a few tumour
+patches in a slide (3 % of the tissue at the smallest burden), not by how patches are arranged.
 
 Per cohort: SLPD pre-training (``pretrain_slpd``, small preset with 2 blocks, 2 local crops and
 20 epochs by default, to fit a shared 2-core CPU; see --depth / --local-crops / --epochs), then
@@ -44,6 +55,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -53,6 +67,8 @@ import numpy as np
 import torch
 
 PS = 256  # level-0 px per patch
+RESULTS = Path(__file__).resolve().parent / "results"  # git-ignored
+SYNTH_SLIDE_PX = 16384  # 4 × 4 regions of 16 × 16 patches of 256 px
 
 
 @dataclass
@@ -148,6 +164,110 @@ def read_cohort(features: Path, labels_csv: Path) -> list[Slide]:
     ]
 
 
+def copy_cohort(slides: list[Slide], dst: Path) -> list[Slide]:
+    """SLPD writes its outputs into the feature files: work on copies (and leave caches clean)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for s in slides:
+        shutil.copy2(s.path, dst / s.path.name)
+        s.path = dst / s.path.name
+    return slides
+
+
+# ------------------------------------------------------------------- image-level synthetic
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _marker_ok(folder: Path, want: dict) -> bool:
+    m = folder / "bench-cache.json"
+    return m.is_file() and json.loads(m.read_text()) == want
+
+
+def _set_marker(folder: Path, want: dict) -> None:
+    (folder / "bench-cache.json").write_text(json.dumps(want, indent=1))
+
+
+def synth_image_cohort(args) -> tuple[Path, Path, dict]:
+    """Make (or re-use) an image-level synthetic cohort and its demo-encoder features.
+
+    Returns (features dir, labels.csv, what was used); both folders live under
+    ``benchmarks/results/slpd-synth/`` and are re-used when their settings match.
+    """
+    from hdmil.checkpoint import default_model_path, load_model
+    from hdmil.recipe import cohort_features, encoder_for_model
+    from hdmil.synth.cohort import DEFAULT_BURDENS, synth_cohort
+
+    root = RESULTS / "slpd-synth" / f"n{args.synth_cohort}-px{args.slide_size}-seed{args.seed}"
+    cohort_dir = root / "cohort"
+    want = {"n_slides": args.synth_cohort, "size": args.slide_size, "seed": args.seed,
+            "burdens": list(DEFAULT_BURDENS)}  # fmt: skip
+    t0 = time.perf_counter()
+    if _marker_ok(cohort_dir, want) and (cohort_dir / "cohort.json").is_file():
+        how = "re-used"
+    else:
+        (cohort_dir / "bench-cache.json").unlink(missing_ok=True)
+        synth_cohort(cohort_dir, args.synth_cohort, seed=args.seed,
+                     size=(args.slide_size, args.slide_size), workers=args.workers)  # fmt: skip
+        _set_marker(cohort_dir, want)
+        how = "made"
+    t_cohort = time.perf_counter() - t0
+    print(f"[synth] cohort {cohort_dir}: {args.synth_cohort} slides of {args.slide_size}² px "
+          f"(seed {args.seed}) {how} in {t_cohort:.0f} s", flush=True)  # fmt: skip
+
+    # the encoder of the bundled demo model (or --model), as the recipe / pipeline pick it
+    model_path = Path(args.model) if args.model else default_model_path()
+    model = load_model(model_path)
+    encoder = encoder_for_model(model)
+    digest = hashlib.sha256(_sha256(model_path).encode())
+    weights = (getattr(model, "config", {}) or {}).get("encoder_weights")
+    if weights:  # the encoder's own weights file, beside the checkpoint
+        digest.update(_sha256(model_path.parent / str(weights)).encode())
+    key = digest.hexdigest()[:12]
+    feat_dir = root / f"features-{key}"
+    fwant = {**want, "model": str(model_path), "key": key, "encoder": encoder.name}
+    t0 = time.perf_counter()
+    if _marker_ok(feat_dir, fwant):
+        skipped = json.loads((feat_dir / "bench-cache.json").read_text()).get("skipped", {})
+        how = "re-used"
+    else:
+        (feat_dir / "bench-cache.json").unlink(missing_ok=True)
+        skipped = cohort_features(cohort_dir, feat_dir, encoder, batch_size=64)
+        _set_marker(feat_dir, {**fwant, "skipped": skipped})
+        how = "made"
+    t_feat = time.perf_counter() - t0
+    print(f"[synth] features {feat_dir}: encoder {encoder.name} ({encoder.dim}-d) of {model_path} "
+          f"{how} in {t_feat:.0f} s"
+          + (f"; {len(skipped)} slides without tissue left out" if skipped else ""), flush=True)
+    info = {"cohort": str(cohort_dir), "encoder": f"{encoder.name} ({encoder.dim}-d)",
+            "model": str(model_path), "cohort_s": t_cohort, "features_s": t_feat,
+            "skipped": skipped}  # fmt: skip
+    return feat_dir, cohort_dir / "labels.csv", info
+
+
+def describe_slides(name: str, slides: list[Slide], region_size: int = 16) -> None:
+    """Print tissue patches and regions per slide (the sizes SLPD and DMIN see)."""
+    from hdmil.features.io import read_features
+    from hdmil.train.slpd_trainer import build_regions, patch_size_of
+
+    n_patch, n_reg = [], []
+    for s in slides:
+        bag = read_features(s.path, lr_patches=False)
+        n_patch.append(len(bag))
+        ps = patch_size_of(bag.coords, bag.attrs, str(s.path))
+        n_reg.append(len(build_regions(bag.coords, ps, region_size).patch_index))
+    y = np.array([s.label for s in slides])
+    p, r = np.array(n_patch), np.array(n_reg)
+    print(f"[{name}] {len(slides)} slides ({int(y.sum())} tumour); tissue patches / slide "
+          f"{p.mean():.0f} (min {p.min()}, max {p.max()}); regions of {region_size}×{region_size} "
+          f"patches / slide {r.mean():.1f} (min {r.min()}, max {r.max()})", flush=True)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ evaluation
 
 
@@ -193,6 +313,9 @@ def splits(y: np.ndarray, reps: int, seed: int, test_frac: float = 0.4):
 
 
 def precision_at_1(sim: np.ndarray, y: np.ndarray) -> float:
+    """sim [n, n]; NaN when fewer than two slides (no other slide to find)."""
+    if len(y) < 2:
+        return float("nan")
     sim = sim.copy()
     np.fill_diagonal(sim, -np.inf)
     ok = [y[int(np.nanargmax(np.nan_to_num(row, nan=-np.inf)))] == y[i] for i, row in enumerate(sim)]
@@ -328,6 +451,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dim", type=int, default=32, help="patch-feature width of synthetic cohorts")
     ap.add_argument("--features", type=Path, help="a featurised cohort instead of synthetic ones")
     ap.add_argument("--labels", type=Path, help="labels.csv (slide_id,label) for --features")
+    ap.add_argument("--synth-cohort", type=int, metavar="N",
+                    help="an image-level synthetic cohort of N slides (synth_cohort + demo encoder)")
+    ap.add_argument("--slide-size", type=int, default=SYNTH_SLIDE_PX, metavar="PX",
+                    help=f"level-0 side of --synth-cohort slides (default {SYNTH_SLIDE_PX})")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes making --synth-cohort slides (default up to 2)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="checkpoint whose encoder featurises --synth-cohort (default: bundled demo)")
     ap.add_argument("--epochs", type=int, default=20, help="SLPD epochs")
     ap.add_argument("--prototypes", type=int, default=2, help="SLPD prototypes per slide")
     ap.add_argument("--depth", type=int, default=2, help="SLPD blocks (small preset: 4)")
@@ -339,21 +470,28 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.features and args.synth_cohort:
+        ap.error("--features and --synth-cohort exclude each other")
+    if args.synth_cohort is not None and args.synth_cohort < 4:
+        ap.error("--synth-cohort needs at least 4 slides")
     rows = []
+    t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="slpd-bench-") as tmp:
         work = Path(tmp)
         if args.features:
             if not args.labels:
                 ap.error("--features needs --labels")
-            cohorts = {"features": read_cohort(args.features, args.labels)}
-            # SLPD writes into the files: work on copies
-            import shutil
-
-            for s in cohorts["features"]:
-                dst = work / "features" / s.path.name
-                dst.parent.mkdir(exist_ok=True)
-                shutil.copy2(s.path, dst)
-                s.path = dst
+            cohorts = {"features": copy_cohort(read_cohort(args.features, args.labels),
+                                               work / "features")}  # fmt: skip
+        elif args.synth_cohort:
+            feat_dir, labels_csv, info = synth_image_cohort(args)
+            name = f"synth-image {args.synth_cohort}×{args.slide_size}px"
+            cohorts = {name: copy_cohort(read_cohort(feat_dir, labels_csv), work / "synth")}
+            describe_slides(name, cohorts[name])
+            print(f"[{name}] encoder {info['encoder']} of {info['model']}; SLPD small preset, "
+                  f"region 16×16 patches, depth {args.depth}, {args.local_crops} local crops, "
+                  f"{args.epochs} epochs, K = {args.prototypes} prototypes; DMIN "
+                  f"{args.dmin_epochs} epochs × {args.reps} splits", flush=True)  # fmt: skip
         else:
             cohorts = {
                 sc: synth_feature_cohort(work / sc, args.slides, sc, args.seed, dim=args.dim)
@@ -362,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, slides in cohorts.items():
             rows.extend(run_cohort(name, slides, args, work))
     print_table(rows)
+    print(f"\nwall time {time.perf_counter() - t_all:.0f} s")
     return 0
 
 

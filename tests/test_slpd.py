@@ -405,3 +405,29 @@ def test_cli_pretrain_and_similar(tmp_path, trained, capsys):
     assert main(["similar", str(cohort / "slide0.h5"), "--index", str(cohort), "--top", "2"]) == 0
     text = capsys.readouterr().out
     assert "slide" in text and "slide0.h5" not in text
+
+
+def test_region_dmin_checkpoint_names_its_slpd(trained, tmp_path):
+    """train-dmin on region instances: the checkpoint's width is the region embedding's, and it names
+    the SLPD model that `hdmil predict` needs to embed regions."""
+    from hdmil.checkpoint import load_model
+    from hdmil.pipeline import slpd_for
+    from hdmil.train.data import load_cohort
+    from hdmil.train.dmin_trainer import TrainConfig, train_dmin
+    from hdmil.train.splits import Split
+
+    folder, ckpt, _ = trained
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\n" + "".join(f"slide{i},{'ab'[i % 2]}\n" for i in range(4)))
+    cohort = load_cohort(labels, folder, instances="region")
+    cfg = TrainConfig(hidden=16, attn_dim=8, k_sample=2, max_epochs=1, min_epochs=0, device="cpu")
+    res = train_dmin(cohort, Split(("slide0", "slide1"), ("slide2", "slide3"), (), fold=0), cfg, tmp_path)
+    model = load_model(res.checkpoint)
+    assert model.config["instances"] == "region"
+    assert model.config["feature_dim"] == model.dmin.cfg.in_dim == 16  # tiny preset's embed_dim
+    assert model.config["patch_dim"] == DIM
+    assert model.config["slpd_checkpoint"] == ckpt.name
+    import shutil as _sh
+
+    _sh.copy(ckpt, res.checkpoint.parent / ckpt.name)  # beside the DMIN, where predict looks
+    assert slpd_for(model).cfg.encoder.embed_dim == 16

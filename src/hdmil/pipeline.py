@@ -10,6 +10,9 @@
 
 The CLI (``hdmil predict``), the Dask batch runner and the napari widget all call ``run_slide``.
 ``use_lipn=False`` is HDMIL†: every tissue patch is read and DMIN pools over its own mask.
+A DMIN trained on SLPD region embeddings (``train-dmin --instances region``) is run the same way
+without LIPN: every tissue patch is read, the SLPD teacher embeds each 16 × 16 block of patch
+features as one region, DMIN pools the regions, and each patch shows its region's attention.
 
 Stage seconds (``Result.timings``):
 
@@ -41,7 +44,7 @@ import numpy as np
 
 from hdmil.errors import Cancelled, CheckpointError, HDMILError
 
-__all__ = ["NoTissueError", "Result", "encoder_for", "run_slide", "warm_up"]
+__all__ = ["NoTissueError", "Result", "check_slpd_dims", "encoder_for", "instances_of", "run_slide", "slpd_for", "warm_up"]
 
 ProgressFn = Callable[[str, int, int], None]
 STAGES = ("tissue", "lipn", "crop", "features", "dmin", "total")
@@ -64,6 +67,9 @@ class Result:
     scores float32 [N, C] DMIN's raw attention logits s, NaN where not read;
     features float32 [K, D] of the patches read, rows ``feature_index`` int64 [K] of coords;
     failed int64 [F] rows that were kept but could not be decoded.
+    With ``instances == "region"`` DMIN pooled SLPD regions: region_coords int64 [R, 2] level-0
+    top-left, region_attention / region_scores float32 [R, C], region_prototype int64 [R] (-1 none),
+    patch_region int64 [N] each patch's region row (-1 none); a patch's attention is its region's.
     """
 
     slide_name: str
@@ -90,6 +96,14 @@ class Result:
     model_sha256: str = ""
     encoder: str = ""
     reading: dict[str, Any] = field(default_factory=dict)
+    instances: str = "patch"
+    region_coords: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    region_attention: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    region_scores: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    region_prototype: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    patch_region: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    region_size_level0: int = 0
+    slpd_name: str = ""
 
     @property
     def prediction(self) -> str:
@@ -140,6 +154,12 @@ class Result:
             "mpp": self.mpp,
             "patch_size_level0": int(self.patch_size_level0),
             "reading": self.reading,
+            "instances": self.instances,
+            **(
+                {"n_regions": int(len(self.region_coords)),
+                 "region_size_level0": int(self.region_size_level0), "slpd": self.slpd_name}
+                if self.instances == "region" else {}
+            ),
             "errors": list(self.errors),
             "hdmil_version": __version__,
         }
@@ -320,6 +340,7 @@ def run_slide(
     device: Any = None,
     workers: int | None = None,
     prescreened: PreScreen | None = None,
+    slpd: Any = None,
 ) -> Result:
     """Classify one slide with HDMIL (``use_lipn=True``) or HDMIL† (all tissue patches).
 
@@ -336,12 +357,15 @@ def run_slide(
         workers: decoding threads (default: all cores).
         prescreened: a ``prescreen`` of this slide with this model: its grid and LIPN mask are used
             as they are (its tissue and LIPN seconds are reported) instead of being computed again.
+        slpd: for a DMIN trained on region instances: the SLPD model (or its checkpoint path) that
+            embeds regions; default: the checkpoint named in the model's config, beside it.
 
     Raises:
         SlideError / MissingMPPError: the slide cannot be read, or has no mpp and none was given.
         NoTissueError: no patch of the slide has enough tissue.
         CheckpointError: the model has no DMIN, no LIPN while ``use_lipn``, or its feature width
-            does not fit the encoder.
+            does not fit the encoder; a region DMIN with ``use_lipn`` or without its SLPD model.
+        NoTissueError: also when a region DMIN finds too few tissue patches for one region.
         Cancelled: ``cancel`` was set.
     """
     from hdmil.reading import PatchReader
@@ -356,9 +380,20 @@ def run_slide(
             f"{prescreened.slide_path}: the pre-screen was made with another model or LIPN setting; "
             "pre-screen again"
         )
+    regions = instances_of(model) == "region"
+    if regions:
+        if use_lipn:
+            raise CheckpointError(
+                f"{getattr(model, 'path', None) or 'the model'}: its DMIN pools SLPD regions and LIPN "
+                "screens patches; run HDMIL† over all patches (use_lipn=False, --no-lipn)"
+            )
+        slpd = slpd_for(model, slpd)
     if encoder is None:
         encoder = encoder_for(model, device)
-    model.check_feature_dim(encoder.dim, source=f"encoder {getattr(encoder, 'name', '?')}")
+    if regions:
+        check_slpd_dims(model, slpd, encoder)
+    else:
+        model.check_feature_dim(encoder.dim, source=f"encoder {getattr(encoder, 'name', '?')}")
 
     def report(stage: str, done: int, total: int) -> None:
         if progress is not None:
@@ -431,14 +466,32 @@ def run_slide(
         # -- DMIN: per-class pooling over LIPN's mask (its own mask for HDMIL†) -----------------
         report("dmin", 0, 1)
         t0 = time.perf_counter()
-        pred = model.dmin.predict(feats, mask=lipn_mask[read_rows] if use_lipn else None)
-        timings["dmin"] = time.perf_counter() - t0
-        report("dmin", 1, 1)
         attention = np.full((n, n_classes), np.nan, np.float32)
         scores = np.full((n, n_classes), np.nan, np.float32)
-        if len(read_rows):
-            attention[read_rows] = _as_numpy(pred.attention)
-            scores[read_rows] = _as_numpy(pred.scores)
+        region_out: dict[str, Any] = {}
+        if regions:  # SLPD embeds the regions (timed with DMIN), DMIN pools them
+            sl = _embed_regions(slpd, feats, coords[read_rows], grid.patch_size_level0, slide)
+            pred = model.dmin.predict(sl.region_embeddings, mask=None)
+            r_att, r_scores = _as_numpy(pred.attention), _as_numpy(pred.scores)
+            patch_region = np.full(n, -1, np.int64)
+            patch_region[read_rows] = sl.patch_region
+            inside = patch_region >= 0
+            attention[inside] = r_att[patch_region[inside]]
+            scores[inside] = r_scores[patch_region[inside]]
+            region_out = dict(
+                instances="region", region_coords=sl.region_coords.astype(np.int64),
+                region_attention=r_att, region_scores=r_scores,
+                region_prototype=sl.region_prototype.astype(np.int64), patch_region=patch_region,
+                region_size_level0=int(sl.region_size_level0),
+                slpd_name=Path(str(getattr(slpd, "path", "") or "")).name,
+            )
+        else:
+            pred = model.dmin.predict(feats, mask=lipn_mask[read_rows] if use_lipn else None)
+            if len(read_rows):
+                attention[read_rows] = _as_numpy(pred.attention)
+                scores[read_rows] = _as_numpy(pred.scores)
+        timings["dmin"] = time.perf_counter() - t0
+        report("dmin", 1, 1)
         for c in pred.empty_classes if kept.any() else ():  # none kept: warned above
             errors.append(
                 f"warning: class {classes[c]!r} pooled no patch of {slide.path}; "
@@ -476,6 +529,7 @@ def run_slide(
                 "n_tiles_decoded": int(reader.n_tiles_decoded),
                 "bytes_decoded": int(reader.bytes_decoded),
             },
+            **region_out,
         )
     finally:
         if own:
@@ -492,8 +546,73 @@ def warm_up(model: Any, encoder: Any, patch_px: int = 256) -> None:
     lr = np.full((2, 16, 16, 3), 200, np.uint8)
     if getattr(model, "lipn", None) is not None:
         model.lipn.keep_mask(lr)
-    feats = encoder.embed(np.full((2, patch_px, patch_px, 3), 200, np.uint8))
-    model.dmin.predict(feats, mask=None)
+    encoder.embed(np.full((2, patch_px, patch_px, 3), 200, np.uint8))
+    model.dmin.predict(np.zeros((2, int(model.dmin.cfg.in_dim)), np.float32), mask=None)
+
+
+def instances_of(model: Any) -> str:
+    """``"patch"`` or ``"region"``: what the checkpoint's DMIN was trained to pool."""
+    return str((getattr(model, "config", {}) or {}).get("instances", "patch") or "patch")
+
+
+def slpd_for(model: Any, slpd: Any = None) -> Any:
+    """The SLPD model that embeds regions for a region DMIN: ``slpd`` itself when it is a loaded
+    model, loaded from it when it is a path, else the checkpoint the config names, beside it."""
+    from hdmil.train.slpd_trainer import load_slpd
+
+    if slpd is not None and not isinstance(slpd, (str, os.PathLike)):
+        return slpd
+    ckpt = getattr(model, "path", None) or "the model"
+    if slpd is None:
+        name = (getattr(model, "config", {}) or {}).get("slpd_checkpoint")
+        if not name:
+            raise CheckpointError(
+                f"{ckpt}: its DMIN pools SLPD region embeddings but the checkpoint names no SLPD "
+                "model; pass it (slpd=..., --slpd CKPT)"
+            )
+        path = Path(str(name)) if Path(str(name)).is_absolute() else Path(str(ckpt)).parent / str(name)
+        if not path.is_file():
+            raise CheckpointError(
+                f"{ckpt}: its DMIN pools SLPD region embeddings of {name}, which is not beside it "
+                f"at {path}; pass the SLPD checkpoint (slpd=..., --slpd CKPT)"
+            )
+    else:
+        path = Path(slpd)
+    loaded = load_slpd(path)
+    loaded.path = str(path)
+    return loaded
+
+
+def check_slpd_dims(model: Any, slpd: Any, encoder: Any) -> None:
+    """CheckpointError unless encoder → SLPD → DMIN widths chain up."""
+    ckpt = getattr(model, "path", None) or "the model"
+    where = getattr(slpd, "path", None) or "the SLPD model"
+    enc = slpd.cfg.encoder
+    if int(enc.in_dim) != int(encoder.dim):
+        raise CheckpointError(
+            f"{where}: the SLPD region encoder takes {enc.in_dim}-d patch features, the encoder "
+            f"{getattr(encoder, 'name', '?')} gives {encoder.dim}-d ones"
+        )
+    if int(model.dmin.cfg.in_dim) != int(enc.embed_dim):
+        raise CheckpointError(
+            f"{ckpt}: its DMIN takes {model.dmin.cfg.in_dim}-d region embeddings, {where} gives "
+            f"{enc.embed_dim}-d ones"
+        )
+
+
+def _embed_regions(slpd: Any, feats: np.ndarray, coords: np.ndarray, patch_size: int, slide: Any) -> Any:
+    """SLPD outputs of the read patches; NoTissueError when they fill no region."""
+    from hdmil.train.slpd_trainer import embed_slide
+
+    name = str(getattr(slide, "name", Path(str(slide.path)).stem))
+    out = embed_slide(slpd, feats, coords, patch_size, slide_id=name)
+    if len(out.region_embeddings) == 0:
+        g = slpd.cfg.region_size
+        raise NoTissueError(
+            f"{slide.path}: no SLPD region: no {g} × {g} block of the patch grid holds at least "
+            f"{slpd.cfg.region_min_tissue:.0%} tissue patches ({len(coords)} patches read)"
+        )
+    return out
 
 
 def encoder_for(model: Any, device: Any) -> Any:
@@ -570,6 +689,15 @@ def _write_patches_h5(path: Path, r: Result) -> None:
             f.create_dataset("features", data=r.features.astype(np.float32))
             f.create_dataset("feature_index", data=r.feature_index.astype(np.int64))
             f.create_dataset("failed", data=r.failed.astype(np.int64))
+            if r.instances == "region":
+                f.create_dataset("region_coords", data=r.region_coords.astype(np.int64))
+                f.create_dataset("region_attention", data=r.region_attention.astype(np.float32))
+                f.create_dataset("region_scores", data=r.region_scores.astype(np.float32))
+                f.create_dataset("region_prototype", data=r.region_prototype.astype(np.int64))
+                f.create_dataset("patch_region", data=r.patch_region.astype(np.int64))
+                f.attrs["region_size_level0"] = int(r.region_size_level0)
+                f.attrs["slpd"] = r.slpd_name
+            f.attrs["instances"] = r.instances
             f.attrs["slide"] = r.slide_name
             f.attrs["classes"] = json.dumps(r.classes)
             f.attrs["use_lipn"] = bool(r.use_lipn)

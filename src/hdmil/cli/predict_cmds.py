@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="HR patches per batch (default 64)")
     p.add_argument("--device", help="torch device for the encoder and DMIN (default: cuda if available)")
     p.add_argument("--workers", type=int, help="tile-decoding threads (default: all cores)")
+    p.add_argument("--slpd", metavar="CKPT",
+                   help="SLPD checkpoint for a DMIN trained on region embeddings (train-dmin "
+                   "--instances region); default: the one its config names, beside it")
     p.add_argument("--prescreen-only", action="store_true",
                    help="tissue + LIPN only (nothing read at 20x): writes DIR/<slide>/prescreen.json "
                    "with the kept ratio overall and per class")
@@ -70,7 +73,7 @@ def predict(args: argparse.Namespace) -> int:
 
     from hdmil.checkpoint import load_model
     from hdmil.export import write_json_atomic
-    from hdmil.pipeline import encoder_for, prescreen, run_slide, warm_up
+    from hdmil.pipeline import check_slpd_dims, encoder_for, instances_of, prescreen, run_slide, slpd_for, warm_up
 
     if args.batch_size < 1:
         raise HDMILError(f"--batch-size must be at least 1, not {args.batch_size}")
@@ -80,6 +83,11 @@ def predict(args: argparse.Namespace) -> int:
         _check_device(args.device)
     model = load_model(_model_path(args.model), map_location=args.device or "cpu")
     use_lipn = not args.no_lipn
+    regions = instances_of(model) == "region"
+    if regions and use_lipn:
+        print(f"note: {Path(str(model.path)).name}: its DMIN pools "
+              "SLPD regions and LIPN screens patches; running HDMIL† over all patches", file=sys.stderr)
+        use_lipn = False
     if use_lipn and model.lipn is None:
         raise CheckpointError(
             f"{model.path}: the checkpoint has no LIPN; use --no-lipn to run HDMIL† over all patches"
@@ -88,7 +96,12 @@ def predict(args: argparse.Namespace) -> int:
     if not args.prescreen_only:
         # One encoder for all slides; a checkpoint whose DMIN does not fit it stops here, once.
         encoder = encoder_for(model, args.device)
-        model.check_feature_dim(encoder.dim, source=f"encoder {encoder.name} named in {model.path}")
+        if regions:
+            slpd = slpd_for(model, args.slpd)
+            check_slpd_dims(model, slpd, encoder)
+        else:
+            slpd = None
+            model.check_feature_dim(encoder.dim, source=f"encoder {encoder.name} named in {model.path}")
         warm_up(model, encoder, patch_px=model.patch_px)  # one-time torch setup out of slide timings
 
     out = Path(args.out)
@@ -122,7 +135,7 @@ def predict(args: argparse.Namespace) -> int:
                 continue
             result = run_slide(
                 path, model, use_lipn=use_lipn, mpp=args.mpp, encoder=encoder,
-                batch_size=args.batch_size, progress=progress, workers=args.workers,
+                batch_size=args.batch_size, progress=progress, workers=args.workers, slpd=slpd,
             )
             target = result.save(out / name)
         except HDMILError as exc:

@@ -301,6 +301,11 @@ def feature_provenance(cohort: Cohort) -> dict[str, Any]:
     info = {k: attrs[k] for k in keys if k in attrs}
     info["dim"] = int(attrs.get("dim", bags.dim))
     info["instances"] = bags.instances
+    if bags.instances == "region":
+        # DMIN's instances are region embeddings; the file's "dim" is its patch features' width
+        info["patch_dim"], info["dim"] = info["dim"], int(bags.dim)
+        if attrs.get("slpd_checkpoint"):
+            info["slpd_checkpoint"] = str(attrs["slpd_checkpoint"])  # what `hdmil predict` embeds with
     first = next(iter(bags.files.values()), None)
     info["features_dir"] = str(first.parent.resolve()) if first is not None else None
     return info
@@ -535,6 +540,7 @@ def _checkpoint_config(
         "encoder": features.get("encoder"),
         "feature_dim": int(features["dim"]),
         "instances": features["instances"],
+        **{k: features[k] for k in ("patch_dim", "slpd_checkpoint") if k in features},
         "target_keep_rate": cfg.keep_rate,
         **{k: features[k] for k in GEOMETRY_KEYS if k in features},
         "provenance": {

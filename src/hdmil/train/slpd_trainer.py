@@ -256,6 +256,7 @@ class SlideSLPD:
     prototypes: np.ndarray  # float32 [K, Z] or [0, Z]
     region_size_level0: int
     region_patches: int
+    patch_region: np.ndarray | None = None  # int64 [N]: region row of each input patch, -1 = none
 
     def datasets(self) -> dict[str, np.ndarray]:
         return {
@@ -737,7 +738,11 @@ def _regions_outputs(
     )  # fmt: skip
     if protos is None:
         protos = np.zeros((0, cfg.head_bottleneck), np.float32)
+    patch_region = np.full(len(features), -1, np.int64)
+    cells = regions.patch_index.reshape(len(regions), -1) if len(regions) else np.zeros((0, 1), np.int64)  # [R, G*G]
+    r, c = np.nonzero(cells >= 0)
+    patch_region[cells[r, c]] = r
     return SlideSLPD(
         cls.numpy().astype(np.float32), regions.coords, labels, protos,
-        regions.region_size_level0, cfg.region_size,
+        regions.region_size_level0, cfg.region_size, patch_region,
     )  # fmt: skip
