@@ -431,3 +431,19 @@ def test_region_dmin_checkpoint_names_its_slpd(trained, tmp_path):
 
     _sh.copy(ckpt, res.checkpoint.parent / ckpt.name)  # beside the DMIN, where predict looks
     assert slpd_for(model).cfg.encoder.embed_dim == 16
+
+
+def test_feature_file_for_a_slide(trained, tmp_path):
+    """By file stem first, else by the file's ``slide`` attribute; None when the index lacks it."""
+    from hdmil.slpd_index import feature_file_for
+
+    folder, _, _ = trained
+    assert feature_file_for("/slides/slide1.svs", folder) == folder / "slide1.h5"
+    renamed = tmp_path / "idx"
+    renamed.mkdir()
+    shutil.copy(folder / "slide2.h5", renamed / "case-17.h5")
+    with h5py.File(renamed / "case-17.h5", "a") as f:
+        f.attrs["slide"] = "slide2"
+    (renamed / "broken.h5").write_bytes(b"not hdf5")  # skipped, not an error
+    assert feature_file_for("slide2.tiff", renamed) == renamed / "case-17.h5"
+    assert feature_file_for("slide9.tiff", renamed) is None

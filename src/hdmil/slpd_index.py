@@ -26,6 +26,7 @@ from hdmil.errors import FeatureFileError
 from hdmil.models.slpd import prototype_matching, prototype_similarity
 
 __all__ = [
+    "feature_file_for",
     "INDEX_NAME",
     "SlideIndex",
     "PrototypeMap",
@@ -170,6 +171,24 @@ def load_index(directory: str | os.PathLike) -> SlideIndex:
         except (OSError, KeyError, ValueError):
             pass  # a broken cache is ignored
     return build_index(directory, write=False)
+
+
+def feature_file_for(slide: str | os.PathLike, directory: str | os.PathLike) -> Path | None:
+    """A slide's feature file in ``directory``: ``<stem>.h5``, else the file whose ``slide``
+    attribute is the stem (files named otherwise, e.g. by case). None when there is none."""
+    directory, stem = Path(directory), Path(slide).stem
+    for suffix in H5_SUFFIXES:
+        direct = directory / f"{stem}{suffix}"
+        if direct.is_file():
+            return direct
+    for path in _h5_files(directory):
+        try:
+            with _open(path) as f:
+                if _slide_id(f, path) == stem:
+                    return path
+        except FeatureFileError:
+            continue  # an unreadable file is not this slide's
+    return None
 
 
 def _resolve_query(

@@ -748,18 +748,18 @@ class HDMILWidget(QWidget):
 
     def show_prototype_map(self) -> Any:
         """Labels layer of the slide's SLPD prototypes, from ``<index>/<slide>.h5``."""
-        from hdmil.slpd_index import prototype_map
+        from hdmil.slpd_index import feature_file_for, prototype_map
 
         try:
             slide_path, mpp = self._current_slide()
             index = self._index_dir()
-            h5 = index / f"{Path(slide_path).stem}.h5"
+            h5 = feature_file_for(slide_path, index)
             if mpp is None:
                 raise HDMILError(f"{slide_path}: no mpp: set it in the widget to place the prototype map")
-            if not h5.is_file():
+            if h5 is None:
                 raise HDMILError(
-                    f"{slide_path}: no SLPD outputs in {index} (no {h5.name}; run `hdmil features` "
-                    "and `hdmil pretrain-slpd` on it)"
+                    f"{slide_path}: no SLPD outputs in {index} (no {Path(slide_path).stem}.h5 and no "
+                    "file for this slide; run `hdmil features` and `hdmil pretrain-slpd` on it)"
                 )
             pmap = prototype_map(h5)
             if not (pmap.labels > 0).any():  # too few regions: k-means gave no prototypes
@@ -775,15 +775,15 @@ class HDMILWidget(QWidget):
 
     def find_similar(self, top: int = 5) -> list[tuple[str, float, Path]]:
         """Fill the list with the slides of the index most like this one (best first)."""
-        from hdmil.slpd_index import similar_slides
+        from hdmil.slpd_index import feature_file_for, similar_slides
 
         self.similar_list.clear()
         try:
             slide_path, _ = self._current_slide()
             index = self._index_dir()
-            # its own <slide>.h5 when there, so a file without prototypes says so; else by slide id
-            h5 = index / f"{Path(slide_path).stem}.h5"
-            hits = similar_slides(h5 if h5.is_file() else slide_path, index, top=top)
+            # its own feature file when there, so a file without prototypes says so
+            h5 = feature_file_for(slide_path, index)
+            hits = similar_slides(h5 if h5 is not None else slide_path, index, top=top)
         except HDMILError as exc:
             show_error(str(exc))
             return []
