@@ -208,6 +208,35 @@ def test_lipn_threshold_calibration(trained, synth, tmp_path):
 
 
 @pytest.mark.slow
+def test_lipn_soft_targets_rank_like_dmin(trained, synth, tmp_path):
+    """Soft targets σ(s/τ): LIPN's probabilities follow DMIN's scores, and tumour is kept."""
+    from hdmil.checkpoint import load_model
+    from hdmil.train.lipn_trainer import hr_targets
+
+    cfg, dmin_res, _ = trained
+    cohort, splits, tumour = synth[4], synth[5], synth[3]
+    dmin = load_model(dmin_res.checkpoint).dmin
+    soft = hr_targets(dmin, cohort, splits[0].test, soft=True)
+    hard = hr_targets(dmin, cohort, splits[0].test)
+    for sid in splits[0].test:  # the same boundary: σ(s/τ) > 0.5 exactly where s > 0
+        assert soft[sid].dtype == torch.float32
+        assert torch.equal(soft[sid] > 0.5, hard[sid])
+    scfg = TrainConfig(**{**cfg.to_dict(), "lipn_targets": "soft"})
+    res = train_lipn(cohort, splits[0], dmin_res.checkpoint, scfg, tmp_path)
+    model = load_model(res.checkpoint)
+    assert model.config["provenance"]["lipn"]["targets"] == "soft"
+    hit = total = 0
+    for sid in splits[0].test:
+        keep = model.lipn.keep_mask(cohort.bags.lr_patches(sid)).any(dim=1).numpy()
+        hit += int((keep & tumour[sid]).sum())
+        total += int(tumour[sid].sum())
+    assert hit / total >= 0.9
+    with pytest.raises(HDMILError, match="lipn_targets"):
+        train_lipn(cohort, splits[0], dmin_res.checkpoint,
+                   TrainConfig(**{**cfg.to_dict(), "lipn_targets": "fuzzy"}), tmp_path / "x")
+
+
+@pytest.mark.slow
 def test_evaluate_model_both_paths(trained, synth):
     from hdmil.checkpoint import load_model
 

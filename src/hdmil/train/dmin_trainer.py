@@ -92,6 +92,9 @@ class TrainConfig:
     # None: the paper's M_LR = 1[P > 0.5]. A share (say 0.97): after training, lower LIPN's
     # threshold until it keeps that share of the validation instances DMIN keeps (never above 0.5)
     lipn_recall: float | None = None
+    # "mask": the paper's target M_HR = 1[s > 0] and LIPN's straight-through mask; "soft": target
+    # σ(s / τ) and LIPN's probability, the same boundary (σ(s/τ) > 0.5 ⟺ s > 0) with DMIN's margin
+    lipn_targets: str = "mask"
     # run
     seed: int = 0
     instances: str = "patch"

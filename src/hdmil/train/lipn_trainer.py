@@ -7,6 +7,12 @@ LIPN is per instance, so one step batches several slides' patches (up to
 ``cfg.lipn_batch_patches``) through the network and averages the per-slide losses, which keeps the
 kept-ratio term per slide.
 
+``TrainConfig.lipn_targets = "soft"`` (ours, not the paper's) distils DMIN's attention logits
+instead: target ``σ(s / τ)``, LIPN's probability ``P`` in place of its straight-through mask. The
+decision boundary is the same (``σ(s/τ) > 0.5`` exactly when ``s > 0``), but LIPN also learns how
+far each patch is from it, so its ``P`` ranks patches as DMIN's scores do and a lowered threshold
+(``lipn_recall``) admits the patches DMIN ranks next, not arbitrary ones.
+
 The output, ``hdmil.safetensors``, holds DMIN and LIPN together: one file is a full HDMIL model.
 """
 
@@ -52,14 +58,17 @@ def hr_targets(
     cohort: Cohort,
     slide_ids: Sequence[str],
     cancel: threading.Event | None = None,
+    soft: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """slide id -> bool [N, C]: the frozen DMIN's evaluation mask ``1[s > 0]`` (no dropout)."""
+    """slide id -> [N, C]: the frozen DMIN's evaluation mask ``1[s > 0]`` (bool, no dropout), or
+    with ``soft`` its attention logits through the mask's own sigmoid, ``σ(s / τ)`` (float)."""
     bags = cohort.require_bags()
     dmin.eval()
     out = {}
     for sid in slide_ids:
         check_cancel(cancel)
-        out[sid] = dmin.predict(bags[sid].features, None).mask.bool().cpu()
+        pred = dmin.predict(bags[sid].features, None)
+        out[sid] = torch.sigmoid(pred.scores / dmin.cfg.tau).cpu() if soft else pred.mask.bool().cpu()
     return out
 
 
@@ -85,14 +94,17 @@ def _run_group(
     group: Sequence[str],
     targets: dict[str, torch.Tensor],
     device: torch.device,
+    soft: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """LIPN on a group of slides: (mean per-slide loss, mean terms, [(M_LR, M_HR) per slide])."""
+    """LIPN on a group of slides: (mean per-slide loss, mean terms, [(M_LR, M_HR) per slide]).
+
+    ``soft``: LIPN's probabilities P [N, C] against soft targets, instead of its binary mask."""
     from hdmil.models.losses import lipn_loss
 
     bags = cohort.require_bags()
     lr = np.concatenate([bags.lr_patches(s) for s in group])
     logits = lipn(lipn.prepare(lr).to(device))
-    masks = lipn.soft_mask(logits)
+    masks = torch.sigmoid(logits / lipn.cfg.tau) if soft else lipn.soft_mask(logits)
     losses, sums, pairs = [], {}, []
     start = 0
     for sid in group:
@@ -104,7 +116,7 @@ def _run_group(
         for k, v in terms.items():
             if k != "total":
                 sums[k] = sums.get(k, 0.0) + float(v)
-        pairs.append((m.detach() > 0.5, target))
+        pairs.append((m.detach() > lipn.cfg.threshold, target > 0.5))
     total = torch.stack(losses).mean()
     return total, {k: v / len(group) for k, v in sums.items()}, pairs
 
@@ -185,7 +197,7 @@ def calibrate_threshold(
         check_cancel(cancel)
         x = lipn.prepare(bags.lr_patches(sid)).to(next(lipn.parameters()).device)
         probs.append(torch.sigmoid(lipn(x) / lipn.cfg.tau).cpu())  # [N, C]
-        wanted.append(targets[sid].cpu().bool())  # [N, C]
+        wanted.append(targets[sid].cpu().float() > 0.5)  # [N, C]: DMIN keeps (σ(s/τ) > 0.5 ⟺ s > 0)
     p, m = torch.cat(probs), torch.cat(wanted)
     default = float(lipn.cfg.threshold)
     if m.any():
@@ -271,7 +283,10 @@ def train_lipn(
     ids = list(split.train) + list(split.val)
     if progress is not None:
         progress("targets", 0, len(ids))
-    targets = hr_targets(dmin, cohort, ids, cancel)
+    if cfg.lipn_targets not in ("mask", "soft"):
+        raise HDMILError(f"lipn_targets must be 'mask' or 'soft', got {cfg.lipn_targets!r}")
+    soft = cfg.lipn_targets == "soft"
+    targets = hr_targets(dmin, cohort, ids, cancel, soft=soft)
     for sid in ids:  # read (and cache) the LR patches up front: errors surface before training
         if bags.lr_patches(sid).shape[0] != targets[sid].shape[0]:
             raise HDMILError(f"{bags.path(sid)}: LR patches and features differ in number")
@@ -294,7 +309,7 @@ def train_lipn(
         train_groups = _batches(order, sizes, cfg.lipn_batch_patches)
         for group in train_groups:
             check_cancel(cancel)
-            loss, terms, _ = _run_group(lipn, cohort, group, targets, device)
+            loss, terms, _ = _run_group(lipn, cohort, group, targets, device, soft)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -311,7 +326,7 @@ def train_lipn(
         with torch.no_grad():
             for group in val_groups:
                 check_cancel(cancel)
-                loss, terms, p = _run_group(lipn, cohort, group, targets, device)
+                loss, terms, p = _run_group(lipn, cohort, group, targets, device, soft)
                 vsum["val_loss"] = vsum.get("val_loss", 0.0) + float(loss) * len(group)
                 for k, v in terms.items():
                     vsum[f"val_{k}"] = vsum.get(f"val_{k}", 0.0) + v * len(group)
@@ -351,6 +366,7 @@ def train_lipn(
         "lr": cfg.lipn_lr,
         "weight_decay": cfg.lipn_weight_decay,
         "patience": cfg.lipn_patience,
+        "targets": cfg.lipn_targets,
         "threshold_calibration": calibration,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
