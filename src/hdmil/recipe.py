@@ -91,6 +91,7 @@ class RecipeConfig:
     lipn_patience: int = 5
     lipn_batch_patches: int = 256  # ~2 slides per LIPN step: 8x the steps of the default 2048
     lipn_recall: float | None = 0.97  # LIPN's threshold keeps 97% of DMIN's validation instances
+    lipn_targets: str = "soft"  # σ(s/τ): LIPN learns DMIN's ranking, not only its 0/1 mask
     threads: int = 2  # torch threads
     workers: int | None = None  # slide-making processes (default up to 2)
 
@@ -128,6 +129,7 @@ class RecipeConfig:
             min_epochs=self.min_epochs, patience=self.patience,
             lipn_max_epochs=self.lipn_max_epochs, lipn_patience=self.lipn_patience,
             lipn_batch_patches=self.lipn_batch_patches, lipn_recall=self.lipn_recall,
+            lipn_targets=self.lipn_targets,
             seed=self.seed, device=device,
         )
 

@@ -75,6 +75,8 @@ def register_recipe(subparsers: argparse._SubParsersAction) -> None:
                    help="held-out slides for the report (default 40; 4 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="a few small slides and two epochs: checks the recipe, trains nothing useful")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default 2; 1 is much faster on a machine others are loading)")
     p.add_argument("--install", action="store_true",
                    help="copy the three files into the installed package's assets (the bundled model)")
     p.set_defaults(func=recipe_cmd)
@@ -92,8 +94,10 @@ def recipe_cmd(args: argparse.Namespace) -> int:
     if args.heldout is not None and args.heldout < 0:
         raise HDMILError(f"--heldout must be at least 0, not {args.heldout}")
     cfg = RecipeConfig.quick(args.seed) if args.quick else RecipeConfig(seed=args.seed)
-    changes = {k: v for k, v in (("n_slides", args.slides), ("n_heldout", args.heldout))
-               if v is not None}
+    if args.threads is not None and args.threads < 1:
+        raise HDMILError(f"--threads must be at least 1, not {args.threads}")
+    changes = {k: v for k, v in (("n_slides", args.slides), ("n_heldout", args.heldout),
+                                 ("threads", args.threads)) if v is not None}
     cfg = dataclasses.replace(cfg, **changes)
     bars: dict[str, tqdm] = {}
 
