@@ -167,3 +167,48 @@ def test_hsv_matches_skimage():
     assert np.minimum(dh, 360 - dh).max() < 1e-3
     assert np.abs(sat - ref[..., 1] * 255).max() <= 0.5 + 1e-9
     np.testing.assert_array_equal(val, np.rint(ref[..., 2] * 255))
+
+
+def _hsv_to_rgb(h: float, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """uint8 RGB of hue h (degrees, one value) and per-pixel saturation / value (0-255)."""
+    import colorsys
+
+    out = np.zeros(s.shape + (3,), np.uint8)
+    for idx in np.ndindex(s.shape):
+        rgb = colorsys.hsv_to_rgb(h / 360.0, s[idx] / 255.0, v[idx] / 255.0)
+        out[idx] = np.round(np.array(rgb) * 255)
+    return out
+
+
+def test_red_eosin_and_its_fold_are_tissue_not_ink():
+    """A slide whose eosin is red (hue 345°) with a darker, more saturated fold (348°) across it:
+    neither is red ink, so the tissue stays (unbounded rim growth once swallowed all of it)."""
+    rng = np.random.default_rng(0)
+    rgb = np.full((160, 160, 3), 242, np.uint8)
+    s = np.clip(rng.normal(115, 12, (120, 120)), 0, 255)
+    v = np.clip(rng.normal(190, 15, (120, 120)), 0, 255)
+    tissue = _hsv_to_rgb(345, s, v)
+    fold = _hsv_to_rgb(348, np.clip(s[:, :14] + 50, 0, 255), np.clip(v[:, :14] - 30, 0, 255))
+    tissue[:, 80:94] = fold
+    rgb[20:140, 20:140] = tissue
+    mask = tissue_mask(rgb)
+    assert mask[20:140, 20:140].mean() > 0.9
+    assert mask[30:130, 85:90].mean() > 0.9  # the fold too
+
+
+def test_dark_red_ink_is_flat_dense_tumour_is_grainy():
+    """Same dark red (hue 345°, value ~95, saturation ~150): a flat stroke is ink, a grainy
+    patch (nuclei) is tissue."""
+    rng = np.random.default_rng(1)
+    rgb = np.full((160, 200, 3), 242, np.uint8)
+    n = (120, 160)
+    s = np.clip(rng.normal(110, 10, n), 0, 255)
+    v = np.clip(rng.normal(185, 12, n), 0, 255)
+    rgb[20:140, 20:180] = _hsv_to_rgb(330, s, v)  # pink tissue
+    grain = np.clip(rng.normal(95, 25, (40, 40)), 0, 255)  # nuclei: grainy
+    rgb[40:80, 40:80] = _hsv_to_rgb(345, np.full((40, 40), 150.0), grain)
+    rgb[90:110, 20:180] = _hsv_to_rgb(345, np.full((20, 160), 150.0), np.full((20, 160), 95.0))  # ink
+    pen = pen_mask(rgb)
+    mask = tissue_mask(rgb)
+    assert pen[95:105, 40:160].mean() > 0.9 and mask[95:105, 40:160].mean() < 0.05
+    assert pen[45:75, 45:75].mean() < 0.05 and mask[45:75, 45:75].mean() > 0.9

@@ -112,20 +112,21 @@ def pen_mask(
 
     H&E lives between blue-violet (haematoxylin, hue ≈ 260–310°) and pink (eosin, ≈ 310–340°).
     Green and blue ink sits far from it (hue 70–250°); red ink sits past eosin (≥ 350° or below
-    20°: a red eosin and its folds reach 349°) and is more saturated than eosin; dark-red ink is dark like nuclei but red, while dark
-    nuclei are blue-violet. Ink fades out at its rim into colours that tissue also has, so a
-    pixel there counts as ink only when connected to an unmistakable core and no farther from it
+    20°: a red eosin and its folds reach 349°) and is more saturated than eosin; dark-red ink is dark
+    like nuclei and as red as nuclei under a weak haematoxylin, but flat where nuclei are grainy.
+    Ink fades out at its rim into colours that tissue also has, so a pixel there counts as ink only when connected to an unmistakable core and no farther from it
     than the stroke's width (hysteresis, bounded: on a slide whose eosin is as red as the rim,
     unbounded growth from one stroke would swallow all the tissue it touches).
     """
     hue, sat, val = hsv if hsv is not None else hsv_uint8(rgb)
     green_blue = (hue >= 70) & (hue < 250)
     red_hue = (hue >= RED_INK_HUE) | (hue < 20)
-    core = (
-        (green_blue & (sat >= 45))
-        | (red_hue & (sat >= 140) & (val >= 90))
-        | (((hue >= 336) | (hue < 20)) & (val < 120) & (sat >= 120))  # dark red
-    )
+    # Dark-red ink and dense nuclei under a weak haematoxylin share their colour (hue 336–353°);
+    # ink is flat, nuclei are grainy: the ink's value varies by < 12 within 5 × 5 px, tumour's by 18+.
+    dark_red = ((hue >= 336) | (hue < 20)) & (val < 120) & (sat >= 120)
+    if dark_red.any():
+        dark_red &= _local_std(val, 5) < 12.0
+    core = (green_blue & (sat >= 45)) | (red_hue & (sat >= 140) & (val >= 90)) | dark_red
     if min_core > 1:  # a majority vote: a few odd pixels in tissue are not a pen stroke
         core = _majority(core, _odd(min_core))
     if not core.any():
@@ -136,6 +137,13 @@ def pen_mask(
         | (((hue >= 290) | (hue < 20)) & (val < 140) & (sat >= 40))
     )
     return _grow(core, rim | core, min_rim_px)
+
+
+def _local_std(values: np.ndarray, k: int) -> np.ndarray:
+    """Standard deviation of ``values`` in each k × k window (float32 (H, W))."""
+    v = values.astype(np.float32)
+    mean = ndi.uniform_filter(v, k, mode="reflect")
+    return np.sqrt(np.maximum(ndi.uniform_filter(v * v, k, mode="reflect") - mean * mean, 0.0))
 
 
 def _grow(seed: np.ndarray, allowed: np.ndarray, min_reach: int, width_factor: float = 2.0) -> np.ndarray:
