@@ -153,3 +153,23 @@ def test_prescreen_only_reads_nothing_at_20x(synthetic_slide, ckpt, tmp_path, ca
     assert report["n_patches"] > 0 and 0 <= report["n_kept"] <= report["n_patches"]
     assert set(report["kept_ratio_per_class"]) == {"normal", "tumor"}
     assert not (out / synthetic_slide.stem / "report.json").exists()
+
+
+def test_lipn_threshold_option(synthetic_slide, ckpt, tmp_path, capsys):
+    """A lower threshold keeps at least what a higher one keeps; 0 keeps every patch; out of range
+    is an error."""
+    kept = {}
+    for t in (0.0, 0.5, 0.99):
+        out = tmp_path / f"t{t}"
+        argv = ["predict", str(synthetic_slide), "--model", str(ckpt), "--out", str(out),
+                "--prescreen-only", "--lipn-threshold", str(t)]
+        assert main(argv) == 0
+        report = json.loads((out / synthetic_slide.stem / "prescreen.json").read_text())
+        kept[t] = report["n_kept"]
+        n = report["n_patches"]
+    assert kept[0.0] == n and kept[0.0] >= kept[0.5] >= kept[0.99]
+    assert kept[0.5] != kept[0.99] or kept[0.5] != kept[0.0]  # the option changes the decision
+    capsys.readouterr()
+    rc = main(["predict", str(synthetic_slide), "--model", str(ckpt), "--out", str(tmp_path / "x"),
+               "--lipn-threshold", "1.5"])
+    assert rc != 0 and "--lipn-threshold must be in [0, 1)" in capsys.readouterr().err

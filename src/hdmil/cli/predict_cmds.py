@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="HR patches per batch (default 64)")
     p.add_argument("--device", help="torch device for the encoder and DMIN (default: cuda if available)")
     p.add_argument("--workers", type=int, help="tile-decoding threads (default: all cores)")
+    p.add_argument("--lipn-threshold", type=float, metavar="T",
+                   help="keep a patch when LIPN's probability exceeds T (default: the checkpoint's; "
+                   "the paper's is 0.5, the demo model's is calibrated lower, for recall)")
     p.add_argument("--slpd", metavar="CKPT",
                    help="SLPD checkpoint for a DMIN trained on region embeddings (train-dmin "
                    "--instances region); default: the one its config names, beside it")
@@ -88,6 +91,11 @@ def predict(args: argparse.Namespace) -> int:
         print(f"note: {Path(str(model.path)).name}: its DMIN pools "
               "SLPD regions and LIPN screens patches; running HDMIL† over all patches", file=sys.stderr)
         use_lipn = False
+    if args.lipn_threshold is not None:
+        if not 0.0 <= args.lipn_threshold < 1.0:
+            raise HDMILError(f"--lipn-threshold must be in [0, 1), not {args.lipn_threshold}")
+        if model.lipn is not None:
+            model.lipn.cfg.threshold = float(args.lipn_threshold)
     if use_lipn and model.lipn is None:
         raise CheckpointError(
             f"{model.path}: the checkpoint has no LIPN; use --no-lipn to run HDMIL† over all patches"
