@@ -285,3 +285,20 @@ def test_errors_become_notifications_and_the_widget_runs_again(viewer_widget, qt
     assert len(errors()) == 3 and w.result is not None
     assert w.result.slide_path == str(cmu_slide.resolve())
     assert f"attention: {w.result.prediction}" in [layer.name for layer in viewer.layers]
+
+
+@pytest.mark.slow
+def test_region_model_runs_without_lipn(viewer_widget, qtbot, tmp_path, errors):
+    """A DMIN of SLPD regions: the widget reads every patch (LIPN screens patches, not regions)
+    with the SLPD model named beside the checkpoint, and shows region attention on the patches."""
+    from test_pipeline_regions import _region_model
+
+    viewer, w = viewer_widget
+    w.model_edit.value = _region_model(tmp_path)
+    assert w.lipn_box.value  # left on: the widget knows it does not apply
+    _run(qtbot, w, "all")
+    assert errors() == []
+    r = w.result
+    assert r is not None and r.instances == "region" and not r.use_lipn
+    assert r.n_read == r.n_patches and len(r.region_coords) > 0
+    assert f"attention: {r.prediction}" in [layer.name for layer in viewer.layers]

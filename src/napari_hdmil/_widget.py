@@ -395,18 +395,20 @@ class HDMILWidget(QWidget):
             return ("error", exc, None)
 
     def _compute(self, job: _Job, cancel: threading.Event) -> tuple[str, Any, Any]:
-        from hdmil.pipeline import run_slide
+        from hdmil.pipeline import instances_of, run_slide
 
         def progress(stage: str, done: int, total: int) -> None:
             self._bridge.progress.emit(stage, int(done), int(total))
 
         model = self._load_model(job.model_path)
+        # a DMIN of SLPD regions reads every patch: LIPN screens patches, not regions
+        use_lipn = job.use_lipn and instances_of(model) != "region"
         if job.kind == "prescreen":
-            ps = prescreen(job.slide_path, model, job.use_lipn, job.mpp, progress, cancel)
+            ps = prescreen(job.slide_path, model, use_lipn, job.mpp, progress, cancel)
             return ("prescreen", ps, None)
         encoder = self._encoder(model)
         result = run_slide(
-            job.slide_path, model, use_lipn=job.use_lipn, mpp=job.mpp, encoder=encoder,
+            job.slide_path, model, use_lipn=use_lipn, mpp=job.mpp, encoder=encoder,
             batch_size=job.batch_size, progress=progress, cancel=cancel, prescreened=job.prescreened,
         )
         thumbs = self._read_thumbs(result, result.prediction_index, job.k)
@@ -432,7 +434,6 @@ class HDMILWidget(QWidget):
         if key not in self._encoders:
             self._encoders = {key: encoder_for(model, self.device)}
         encoder = self._encoders[key]
-        model.check_feature_dim(encoder.dim, source=f"encoder {encoder.name} named in {model.path}")
         warm = (id(model), key)
         if warm not in self._warm:  # one-time torch setup stays out of the stage seconds
             warm_up(model, encoder, patch_px=model.patch_px)
