@@ -179,14 +179,6 @@ def copy_cohort(slides: list[Slide], dst: Path) -> list[Slide]:
 # ------------------------------------------------------------------- image-level synthetic
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _marker_ok(folder: Path, want: dict) -> bool:
     """Was ``folder`` completed with the settings ``want``? (its marker is written last)"""
     m = folder / "bench-cache.json"
@@ -207,7 +199,7 @@ def synth_image_cohort(args) -> tuple[Path, Path, dict]:
     Returns (features dir, labels.csv, what was used); both folders live under
     ``benchmarks/results/slpd-synth/`` and are re-used when their settings match.
     """
-    from hdmil.checkpoint import default_model_path, load_model
+    from hdmil.checkpoint import default_model_path, file_sha256, load_model
     from hdmil.recipe import cohort_features, encoder_for_model
     from hdmil.synth.cohort import DEFAULT_BURDENS, synth_cohort
 
@@ -234,10 +226,10 @@ def synth_image_cohort(args) -> tuple[Path, Path, dict]:
     model_path = Path(args.model) if args.model else default_model_path()
     model = load_model(model_path)
     encoder = encoder_for_model(model)
-    digest = hashlib.sha256(_sha256(model_path).encode())
+    digest = hashlib.sha256(file_sha256(model_path).encode())
     weights = (getattr(model, "config", {}) or {}).get("encoder_weights")
     if weights:  # the encoder's own weights file, beside the checkpoint
-        digest.update(_sha256(model_path.parent / str(weights)).encode())
+        digest.update(file_sha256(model_path.parent / str(weights)).encode())
     key = digest.hexdigest()[:12]
     feat_dir = root / f"features-{key}"
     fwant = {**want, "model": str(model_path), "key": key, "encoder": encoder.name}

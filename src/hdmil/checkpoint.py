@@ -211,12 +211,17 @@ class HDMILModel:
         return self
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The full SHA-256 hex digest of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:12]
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    return file_sha256(path)[:12]  # short: what reports and the widget show
 
 
 def _check_exists(path: Path) -> None:
