@@ -45,8 +45,10 @@ demo: venv system-deps
 model: venv
 	$(PY) -m hdmil.cli recipe demo --out out/demo-model --install
 
+# Every benchmark in turn, each printing its table (the viewer starts its own Xvfb when needed).
+BENCHMARKS := viewer reading features hierarchical accuracy batch slpd
 benchmarks: venv system-deps
-	$(PY) benchmarks/run_all.py
+	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

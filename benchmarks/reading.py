@@ -31,20 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-CMU = REPO.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
-
-
-def synthetic_slide(size: int, seed: int, tumor_fraction: float = 0.3) -> Path:
-    """A cached synthetic slide of ``size``² px (made on first use; minutes for 20k²)."""
-    from hdmil.synth import synth_slide
-
-    path = RESULTS / "slides" / f"synth-{size}-s{seed}.tiff"
-    if not path.exists():
-        print(f"making {path} (once) ...", file=sys.stderr, flush=True)
-        synth_slide(path, size=(size, size), seed=seed, tumor_fraction=tumor_fraction)
-    return path
+from _slides import CMU, synthetic_slide  # beside this script (benchmarks/)
 
 
 def raw_decode_rate(path: Path, workers: int, repeat: int) -> tuple[int, float, float]:

@@ -50,3 +50,19 @@ def synthetic_slide(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "synthetic.tiff"
     synth_slide(out, size=(4096, 3072), seed=7, tumor_fraction=0.2)
     return out
+
+
+@pytest.fixture
+def errors():
+    """Error notifications shown from now on (their messages)."""
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    start = len(notification_manager.records)
+
+    def get() -> list[str]:
+        return [
+            str(n.message) for n in notification_manager.records[start:]
+            if n.severity == NotificationSeverity.ERROR
+        ]  # fmt: skip
+
+    return get

@@ -9,21 +9,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from hdmil.checkpoint import save_checkpoint
 from hdmil.cli import main
-from hdmil.features.encoders import Encoder, register_encoder
 from hdmil.models import DMIN, LIPN, DMINConfig, LIPNConfig
-
-TINY = "tiny_test_encoder"
-
-
-@register_encoder(TINY)
-def _tiny_encoder(pretrained: bool = False, device=None) -> Encoder:
-    """An 8-d encoder that costs next to nothing: one strided conv, average pooled."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 16, stride=16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return Encoder(model, TINY, input_size=256, dim=8, device=device, channels_last=False)
+from helpers import TINY
 
 
 def _checkpoint(path: Path, in_dim: int = 8, with_lipn: bool = True) -> Path:

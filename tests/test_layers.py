@@ -21,7 +21,7 @@ from hdmil.grid import PatchGrid
 from hdmil.models import DMIN, LIPN, DMINConfig, LIPNConfig
 from hdmil.pipeline import Result
 from napari_hdmil import _layers
-from lipn_helpers import calibrated_lipn
+from helpers import calibrated_lipn
 
 TINY = "gui_tiny_encoder"
 SLOW = "gui_slow_encoder"

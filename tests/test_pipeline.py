@@ -12,26 +12,17 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from hdmil.checkpoint import load_model, save_checkpoint
 from hdmil.errors import Cancelled, CheckpointError, HDMILError, MissingMPPError, SlideError
-from hdmil.features.encoders import Encoder, create_encoder, register_encoder
+from hdmil.features.encoders import create_encoder
 from hdmil.grid import build_grid
 from hdmil.models import DMIN, LIPN, DMINConfig, LIPNConfig
 from hdmil.pipeline import NoTissueError, run_slide
 from hdmil.reading import PatchReader
 from hdmil.slide import open_slide
-from lipn_helpers import calibrated_lipn
+from helpers import TINY, calibrated_lipn
 
-TINY = "tiny_test_encoder"
-
-
-@register_encoder(TINY)
-def _tiny_encoder(pretrained: bool = False, device=None) -> Encoder:
-    """An 8-d encoder that costs next to nothing: one strided conv, average pooled."""
-    model = nn.Sequential(nn.Conv2d(3, 8, 16, stride=16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return Encoder(model, TINY, input_size=256, dim=8, device=device, channels_last=False)
 
 
 def _calibrated_lipn(lr: np.ndarray, keep: tuple[float, float] = (0.35, 0.2)) -> LIPN:

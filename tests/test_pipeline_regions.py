@@ -22,7 +22,7 @@ from hdmil.models import DMIN, DMINConfig
 from hdmil.models.slpd import SLPD, slpd_config
 from hdmil.pipeline import NoTissueError, run_slide
 from hdmil.train.slpd_trainer import embed_slide, save_slpd_checkpoint
-from test_pipeline import TINY  # registers the 8-d test encoder
+from helpers import TINY  # registers the 8-d test encoder
 
 SLPD_NAME = "slpd.safetensors"
 
@@ -120,7 +120,7 @@ def test_cli_predict_with_region_model(synthetic_slide, tmp_path):
     ckpt = _region_model(tmp_path)
     out = tmp_path / "out"
     code = (
-        "import sys, test_pipeline; from hdmil.cli import main; "
+        "import sys, helpers; from hdmil.cli import main; "
         f"sys.exit(main(['predict', {str(synthetic_slide)!r}, '--model', {str(ckpt)!r}, "
         f"'--out', {str(out)!r}]))"
     )

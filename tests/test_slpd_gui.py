@@ -80,22 +80,6 @@ def cohort(tmp_path_factory):
 
 
 @pytest.fixture
-def errors():
-    """Error notifications shown from now on (their messages)."""
-    from napari.utils.notifications import NotificationSeverity, notification_manager
-
-    start = len(notification_manager.records)
-
-    def get() -> list[str]:
-        return [
-            str(n.message) for n in notification_manager.records[start:]
-            if n.severity == NotificationSeverity.ERROR
-        ]  # fmt: skip
-
-    return get
-
-
-@pytest.fixture
 def viewer_widget(make_napari_viewer):
     viewer = make_napari_viewer()
     widget = HDMILWidget(viewer)

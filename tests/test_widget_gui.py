@@ -40,22 +40,6 @@ def viewer_widget(make_napari_viewer, cmu_slide):
     return viewer, widget
 
 
-@pytest.fixture
-def errors():
-    """Error notifications shown from now on (their messages)."""
-    from napari.utils.notifications import NotificationSeverity, notification_manager
-
-    start = len(notification_manager.records)
-
-    def get() -> list[str]:
-        return [
-            str(n.message) for n in notification_manager.records[start:]
-            if n.severity == NotificationSeverity.ERROR
-        ]  # fmt: skip
-
-    return get
-
-
 def _run(qtbot, widget, kind="all", timeout=60_000):
     worker = widget.run(kind)
     assert worker is not None

@@ -99,7 +99,7 @@ def process_slide(
     Input problems (corrupt file, no tissue, no mpp, a model that does not fit) are recorded in the
     row as ``failed``; other exceptions propagate so that Dask can retry the task.
     """
-    from hdmil.pipeline import instances_of, run_slide
+    from hdmil.pipeline import lipn_applies, run_slide
 
     slide_path = Path(slide_path)
     row: dict[str, Any] = {"slide": slide_path.stem, "path": str(slide_path)}
@@ -107,7 +107,7 @@ def process_slide(
         return _row_from_report(row, slide_out_dir(Path(out_dir), slide_path) / "report.json", "skipped")
     try:
         model, encoder = _load_model_cached(model_path)
-        use_lipn = use_lipn and instances_of(model) != "region"  # LIPN screens patches, not regions
+        use_lipn = lipn_applies(model, use_lipn)
         result = run_slide(
             slide_path, model, use_lipn=use_lipn, mpp=mpp, encoder=encoder, batch_size=batch_size
         )

@@ -44,7 +44,10 @@ import numpy as np
 
 from hdmil.errors import Cancelled, CheckpointError, HDMILError
 
-__all__ = ["NoTissueError", "Result", "check_slpd_dims", "encoder_for", "instances_of", "run_slide", "slpd_for", "warm_up"]
+__all__ = [
+    "NoTissueError", "Result", "check_slpd_dims", "encoder_for", "instances_of", "lipn_applies",
+    "run_slide", "slpd_for", "warm_up",
+]
 
 ProgressFn = Callable[[str, int, int], None]
 STAGES = ("tissue", "lipn", "crop", "features", "dmin", "total")
@@ -553,6 +556,12 @@ def warm_up(model: Any, encoder: Any, patch_px: int = 256) -> None:
 def instances_of(model: Any) -> str:
     """``"patch"`` or ``"region"``: what the checkpoint's DMIN was trained to pool."""
     return str((getattr(model, "config", {}) or {}).get("instances", "patch") or "patch")
+
+
+def lipn_applies(model: Any, use_lipn: bool = True) -> bool:
+    """Whether a run asked for ``use_lipn`` screens with LIPN: not for a DMIN of SLPD regions,
+    which reads every patch (LIPN screens patches, not regions)."""
+    return bool(use_lipn) and instances_of(model) != "region"
 
 
 def slpd_for(model: Any, slpd: Any = None) -> Any:

@@ -395,14 +395,13 @@ class HDMILWidget(QWidget):
             return ("error", exc, None)
 
     def _compute(self, job: _Job, cancel: threading.Event) -> tuple[str, Any, Any]:
-        from hdmil.pipeline import instances_of, run_slide
+        from hdmil.pipeline import lipn_applies, run_slide
 
         def progress(stage: str, done: int, total: int) -> None:
             self._bridge.progress.emit(stage, int(done), int(total))
 
         model = self._load_model(job.model_path)
-        # a DMIN of SLPD regions reads every patch: LIPN screens patches, not regions
-        use_lipn = job.use_lipn and instances_of(model) != "region"
+        use_lipn = lipn_applies(model, job.use_lipn)
         if job.kind == "prescreen":
             ps = prescreen(job.slide_path, model, use_lipn, job.mpp, progress, cancel)
             return ("prescreen", ps, None)

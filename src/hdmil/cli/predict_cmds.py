@@ -76,7 +76,9 @@ def predict(args: argparse.Namespace) -> int:
 
     from hdmil.checkpoint import load_model
     from hdmil.export import write_json_atomic
-    from hdmil.pipeline import check_slpd_dims, encoder_for, instances_of, prescreen, run_slide, slpd_for, warm_up
+    from hdmil.pipeline import (
+        check_slpd_dims, encoder_for, instances_of, lipn_applies, prescreen, run_slide, slpd_for, warm_up,
+    )
 
     if args.batch_size < 1:
         raise HDMILError(f"--batch-size must be at least 1, not {args.batch_size}")
@@ -85,12 +87,11 @@ def predict(args: argparse.Namespace) -> int:
     if args.device:
         _check_device(args.device)
     model = load_model(_model_path(args.model), map_location=args.device or "cpu")
-    use_lipn = not args.no_lipn
     regions = instances_of(model) == "region"
-    if regions and use_lipn:
+    use_lipn = lipn_applies(model, not args.no_lipn)
+    if regions and not args.no_lipn:
         print(f"note: {Path(str(model.path)).name}: its DMIN pools "
               "SLPD regions and LIPN screens patches; running HDMIL† over all patches", file=sys.stderr)
-        use_lipn = False
     if args.lipn_threshold is not None:
         if not 0.0 <= args.lipn_threshold < 1.0:
             raise HDMILError(f"--lipn-threshold must be in [0, 1), not {args.lipn_threshold}")

@@ -1,4 +1,5 @@
-"""A LIPN with a known kept set, shared by the pipeline and viewer tests."""
+"""Test models shared by several test files: an 8-d encoder that costs next to nothing, and a LIPN
+with a known kept set."""
 
 from __future__ import annotations
 
@@ -6,7 +7,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from hdmil.features.encoders import Encoder, register_encoder
 from hdmil.models import LIPN, LIPNConfig
+
+TINY = "tiny_test_encoder"
+
+
+@register_encoder(TINY)
+def _tiny_encoder(pretrained: bool = False, device=None) -> Encoder:
+    """An 8-d encoder that costs next to nothing: one strided conv, average pooled."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 16, stride=16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return Encoder(model, TINY, input_size=256, dim=8, device=device, channels_last=False)
 
 
 def calibrated_lipn(lr: np.ndarray, keep: tuple[float, float]) -> LIPN:
