@@ -12,7 +12,16 @@ APT_PKGS := xvfb xauth libgl1 libegl1 libxkbcommon-x11-0 libxcb-icccm4 libxcb-im
 
 .PHONY: demo test venv system-deps benchmarks model clean
 
+# pip's CUDA build of torch (the one torchvision on this registry is built against) needs about
+# 6 GB in the venv; say so plainly instead of failing halfway with "No space left on device".
+NEED_GB ?= 7
+
 $(STAMP): pyproject.toml
+	@free_gb=$$(( $$(df -Pk . | awk 'NR==2 {print $$4}') / 1048576 )); \
+	if [ "$$free_gb" -lt $(NEED_GB) ] && [ ! -e $(PY) ]; then \
+		echo "make: the virtual environment needs about $(NEED_GB) GB free on $$(df -P . | awk 'NR==2 {print $$6}'), only $$free_gb GB is free" >&2; \
+		exit 1; \
+	fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
