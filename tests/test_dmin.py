@@ -293,6 +293,31 @@ def test_instance_loss_uses_other_branches_only_for_multiclass() -> None:
         assert (other is not None and other.abs().sum() > 0) == other_gets_grad
 
 
+def test_out_of_class_negatives_for_binary_tasks(monkeypatch) -> None:
+    """inst_out_of_class: on a class-0 bag, branch 1's top-k are negatives for classifier 1."""
+    model = _model(k_sample=2, inst_loss="ce", inst_out_of_class=True)
+    h = torch.randn(6, 16)
+    s = torch.tensor([[5.0, -2.0], [4, 3], [0, 0], [-1, 6], [-3, -1], [-4, 1]])
+    calls = []
+
+    def spy(logits, target):
+        calls.append(target.tolist())
+        return logits.sum() * 0
+
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    real = [clf.forward for clf in model.instance_classifiers]
+    fed = []
+    for c, clf in enumerate(model.instance_classifiers):
+        monkeypatch.setattr(clf, "forward", lambda x, c=c: (fed.append((c, x)), real[c](x))[1])
+    model.instance_loss(h, s, label=0)
+    # classifier 0: top-2 of branch 0 (rows 0, 1) positive, bottom-2 (rows 5, 4) negative;
+    # classifier 1: top-2 of branch 1 (rows 3, 1) negative
+    assert calls == [[1, 1, 0, 0], [0, 0]]
+    assert [c for c, _ in fed] == [0, 1]
+    torch.testing.assert_close(fed[0][1], h[[0, 1, 5, 4]])
+    torch.testing.assert_close(fed[1][1], h[[3, 1]])
+
+
 def test_instance_loss_clamps_k_for_small_bags() -> None:
     model = _model(k_sample=32, inst_loss="ce").train()
     for n in (1, 2, 5):

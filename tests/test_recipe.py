@@ -75,6 +75,35 @@ def test_recipe_is_reproducible(quick_run: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(a[k], b[k], msg=k)
 
 
+@pytest.mark.slow
+def test_hard_negatives_are_the_tumour_free_patches_rated_most_tumour_like(quick_run: Path) -> None:
+    from hdmil.features import create_encoder
+    from hdmil.grid import build_grid
+    from hdmil.reading import iter_patches
+    from hdmil.recipe import _hard_negatives
+    from hdmil.slide import open_slide
+
+    encoder = create_encoder(RecipeConfig().encoder, device="cpu")
+    torch.manual_seed(0)
+    head = torch.nn.Linear(encoder.dim, 1)
+    manifest = json.loads((quick_run / "cohort" / "cohort.json").read_text())["slides"]
+    s = next(s for s in manifest if s["label"] == "tumor")
+    got = _hard_negatives(encoder, head, quick_run / "cohort", [s["slide_id"]], per_slide=3)
+    assert got.pixels.shape[0] == got.targets.shape[0] == 3 and not got.targets.any()
+    # against every tumour-free patch of the slide, scored here
+    with open_slide(quick_run / "cohort" / s["path"]) as slide:
+        grid = build_grid(slide)
+        frac = slide_truth(quick_run / "cohort" / s["truth_npz"], grid.coords)
+        free = np.flatnonzero(frac == 0)
+        assert 3 < len(free) < len(frac)  # the slide has tumour, and enough tumour-free tissue
+        pixels = np.concatenate([b.pixels for b in iter_patches(
+            slide, grid.coords[free], grid.patch_size_level0, batch_size=64)])
+    with torch.no_grad():
+        scores = head(encoder.model(encoder.preprocess(pixels))).squeeze(1).numpy()
+    top = np.argsort(-scores, kind="stable")[:3]
+    np.testing.assert_array_equal(got.pixels, pixels[top])
+
+
 def test_slide_truth_maps_coords_to_the_patch_grid(tmp_path: Path) -> None:
     frac = np.zeros((3, 4), np.float32)
     frac[1, 2] = 0.8

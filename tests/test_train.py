@@ -207,6 +207,56 @@ def test_lipn_threshold_calibration(trained, synth, tmp_path):
         calibrate_threshold(model.lipn, cohort, ids, targets, recall=1.5)
 
 
+def test_lipn_attention_calibration(trained, synth, tmp_path):
+    """Per-class thresholds: each class's kept set holds the asked share of DMIN's attention."""
+    from hdmil.checkpoint import load_model, save_checkpoint
+    from hdmil.train.lipn_trainer import calibrate_attention
+
+    _, _, res = trained
+    cohort, splits = synth[4], synth[5]
+    model = load_model(res.checkpoint)
+    ids = list(splits[0].val) + list(splits[0].test)
+
+    def held(c: int) -> float:
+        """DMIN's class-c attention inside LIPN's class-c kept set, averaged over slides."""
+        shares = []
+        for sid in ids:
+            s = model.dmin.predict(cohort.bags[sid].features).scores[:, c]
+            if not bool((s > 0).any()):
+                continue
+            w = torch.softmax(s.masked_fill(s <= 0, float("-inf")), dim=0)
+            keep = model.lipn.keep_mask(cohort.bags.lr_patches(sid))[:, c]
+            shares.append(float(w[keep].sum()))
+        return float(np.mean(shares))
+
+    loose = calibrate_attention(model.lipn, model.dmin, cohort, ids, share=0.99)
+    kept_loose = torch.cat([model.lipn.keep_mask(cohort.bags.lr_patches(s)) for s in ids])
+    assert model.lipn.cfg.class_thresholds == tuple(loose["class_thresholds"])
+    for c in range(2):
+        assert held(c) >= 0.99 - 1e-6
+        assert loose["attention_held"][c] == pytest.approx(held(c), abs=1e-5)
+    tight = calibrate_attention(model.lipn, model.dmin, cohort, ids, share=0.5)
+    kept_tight = torch.cat([model.lipn.keep_mask(cohort.bags.lr_patches(s)) for s in ids])
+    for c in range(2):
+        assert 0.5 - 1e-6 <= held(c) < 0.99
+        # the highest such threshold: a lower share never needs a lower threshold
+        assert tight["class_thresholds"][c] >= loose["class_thresholds"][c]
+    assert bool((kept_loose | ~kept_tight).all()) and int(kept_tight.sum()) < int(kept_loose.sum())
+    assert tight["kept_ratio"] == pytest.approx(float(kept_tight.any(dim=1).float().mean()))
+    # the thresholds travel with the checkpoint, and one --lipn-threshold style value replaces them
+    path = save_checkpoint(tmp_path / "att.safetensors", {"dmin": model.dmin, "lipn": model.lipn},
+                           dict(model.config))
+    back = load_model(path).lipn
+    assert back.cfg.class_thresholds == pytest.approx(tuple(tight["class_thresholds"]))
+    assert torch.equal(back.keep_mask(cohort.bags.lr_patches(ids[0])),
+                       model.lipn.keep_mask(cohort.bags.lr_patches(ids[0])))
+    with pytest.raises(HDMILError, match="lipn_attention"):
+        calibrate_attention(model.lipn, model.dmin, cohort, ids, share=0.0)
+    with pytest.raises(HDMILError, match="set one"):
+        train_lipn(cohort, splits[0], res.checkpoint,
+                   TrainConfig(lipn_recall=0.9, lipn_attention=0.9), tmp_path / "both")
+
+
 @pytest.mark.slow
 def test_lipn_soft_targets_rank_like_dmin(trained, synth, tmp_path):
     """Soft targets σ(s/τ): LIPN's probabilities follow DMIN's scores, and tumour is kept."""
@@ -366,9 +416,15 @@ def test_cli_train_and_evaluate_table(synth, tmp_path, capsys):
                  "--epochs", "2", "--hidden", "32", "--attn-dim", "16", "--k-sample", "4"]) == 0
     assert sorted(p.name for p in (out / "splits").iterdir()) == [f"splits_{i}.csv" for i in range(4)]
     assert main(["train-lipn", *common, "--dmin", str(out), "--out", str(out),
-                 "--epochs", "2"]) == 0
+                 "--epochs", "2", "--attention", "0.9", "--soft-targets"]) == 0
     assert (out / "fold_0" / "hdmil.safetensors").is_file()
     assert (out / "fold_1" / "hdmil.safetensors").is_file()
+    from hdmil.checkpoint import load_model
+
+    lipn_prov = load_model(out / "fold_0" / "hdmil.safetensors").config["provenance"]["lipn"]
+    assert lipn_prov["targets"] == "soft"
+    assert lipn_prov["threshold_calibration"]["share"] == 0.9
+    assert len(lipn_prov["threshold_calibration"]["class_thresholds"]) == 2
     capsys.readouterr()
     assert main(["evaluate", *common, "--model", str(out), "--splits", str(out / "splits"),
                  "--csv", str(tmp_path / "table.csv")]) == 0

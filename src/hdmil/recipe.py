@@ -80,17 +80,29 @@ class RecipeConfig:
     encoder_patches: int = 24  # patches per training slide for the encoder (tumour first)
     encoder_epochs: int = 4
     encoder_lr: float = 1e-3
+    # optional second round: the encoder_hard_negatives tumour-free patches per training slide
+    # that the encoder rates most tumour-like (lymphoid aggregates, folds, ink) are added for
+    # encoder_hard_epochs more epochs. Off: with 8 x 2 both DMINs trained on those features put
+    # their tumour evidence in the *normal* branch (docs/demo_model.md)
+    encoder_hard_negatives: int = 0
+    encoder_hard_epochs: int = 2
     batch_size: int = 64
     # DMIN (METHOD §3; k = 8 for small bags) and LIPN (§4)
     keep_rate: float = 0.6
     k_sample: int = 8
+    # CLAM's out-of-class instance negatives for two classes: off, as METHOD §3 (it did not keep
+    # the tumour evidence in the tumour branch in the one run measured, docs/demo_model.md)
+    inst_out_of_class: bool = False
     max_epochs: int = 200
     min_epochs: int = 50
     patience: int = 20
     lipn_max_epochs: int = 100
     lipn_patience: int = 5
     lipn_batch_patches: int = 256  # ~2 slides per LIPN step: 8x the steps of the default 2048
-    lipn_recall: float | None = 0.97  # LIPN's threshold keeps 97% of DMIN's validation instances
+    lipn_lr: float = 1e-3  # the paper's 1e-4 is for cohorts 100x larger: here it stops unconverged
+    # one LIPN threshold per class, the highest that keeps 95% of DMIN's validation attention
+    lipn_attention: float | None = 0.95
+    lipn_recall: float | None = None  # or: one threshold keeping this share of DMIN's instances
     lipn_targets: str = "soft"  # σ(s/τ): LIPN learns DMIN's ranking, not only its 0/1 mask
     threads: int = 2  # torch threads
     workers: int | None = None  # slide-making processes (default up to 2)
@@ -102,7 +114,7 @@ class RecipeConfig:
             seed=seed, n_slides=n_slides, n_heldout=2, slide_size=1536, max_epochs=2,
             min_epochs=0, patience=1, lipn_max_epochs=2, lipn_patience=1, batch_size=32,
             tumor_burdens=(0.4,), heldout_burdens=(0.4,), workers=1, encoder_patches=8,
-            encoder_epochs=1,
+            encoder_epochs=1, encoder_hard_negatives=2, encoder_hard_epochs=1,
         )
 
     def __post_init__(self) -> None:
@@ -125,11 +137,12 @@ class RecipeConfig:
         from hdmil.train import TrainConfig
 
         return TrainConfig(
-            keep_rate=self.keep_rate, k_sample=self.k_sample, max_epochs=self.max_epochs,
+            keep_rate=self.keep_rate, k_sample=self.k_sample,
+            inst_out_of_class=self.inst_out_of_class, max_epochs=self.max_epochs,
             min_epochs=self.min_epochs, patience=self.patience,
             lipn_max_epochs=self.lipn_max_epochs, lipn_patience=self.lipn_patience,
             lipn_batch_patches=self.lipn_batch_patches, lipn_recall=self.lipn_recall,
-            lipn_targets=self.lipn_targets,
+            lipn_attention=self.lipn_attention, lipn_lr=self.lipn_lr, lipn_targets=self.lipn_targets,
             seed=self.seed, device=device,
         )
 
@@ -216,39 +229,90 @@ def _stratified_split(slide_ids: Sequence[str], labels: Sequence[str], val_fract
     return Split(tuple(sorted(train)), tuple(sorted(val)), (), fold=0)
 
 
+def _slide_grids(
+    cohort_dir: Path, slide_ids: Sequence[str], progress: Progress | None,
+    cancel: threading.Event | None,
+):
+    """(open slide, its tissue grid, each grid patch's tumour share) for each slide with tissue."""
+    from hdmil.grid import build_grid
+    from hdmil.slide import open_slide
+
+    slides = {s["slide_id"]: s for s in json.loads((cohort_dir / "cohort.json").read_text())["slides"]}
+    for done, sid in enumerate(slide_ids):
+        _check(cancel)
+        if progress is not None:
+            progress("slides", done, len(slide_ids))
+        s = slides[sid]
+        with open_slide(cohort_dir / s["path"]) as slide:
+            grid = build_grid(slide)
+            if len(grid.coords):
+                yield slide, grid, slide_truth(cohort_dir / s["truth_npz"], grid.coords)
+    if progress is not None:
+        progress("slides", len(slide_ids), len(slide_ids))
+
+
 def _sample_patches(
     cohort_dir: Path, slide_ids: Sequence[str], per_slide: int, seed: int,
     cancel: threading.Event | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [P, 256, 256, 3] patches and their tumour share [P] from the given slides: up to
     ``per_slide / 2`` ground-truth tumour patches of each slide, the rest other tissue patches."""
-    from hdmil.grid import build_grid
     from hdmil.reading import iter_patches
-    from hdmil.slide import open_slide
 
-    slides = {s["slide_id"]: s for s in json.loads((cohort_dir / "cohort.json").read_text())["slides"]}
     rng = np.random.default_rng([seed, 0xE7C0])
     pixels, targets = [], []
-    for sid in slide_ids:
-        _check(cancel)
-        s = slides[sid]
-        with open_slide(cohort_dir / s["path"]) as slide:
-            grid = build_grid(slide)
-            if len(grid.coords) == 0:
-                continue
-            frac = slide_truth(cohort_dir / s["truth_npz"], grid.coords)
-            tum = np.flatnonzero(frac >= TUMOR_AT)
-            other = np.flatnonzero(frac < TUMOR_AT)
-            take_t = rng.permutation(tum)[: per_slide // 2]
-            take_o = rng.permutation(other)[: per_slide - len(take_t)]
-            rows = np.sort(np.concatenate([take_t, take_o]))
-            for batch in iter_patches(slide, grid.coords[rows], grid.patch_size_level0,
-                                      batch_size=64, cancel=cancel):
-                pixels.append(batch.pixels)
-                targets.append(frac[rows[batch.indices]])
+    for slide, grid, frac in _slide_grids(cohort_dir, slide_ids, None, cancel):
+        tum = np.flatnonzero(frac >= TUMOR_AT)
+        other = np.flatnonzero(frac < TUMOR_AT)
+        take_t = rng.permutation(tum)[: per_slide // 2]
+        take_o = rng.permutation(other)[: per_slide - len(take_t)]
+        rows = np.sort(np.concatenate([take_t, take_o]))
+        for batch in iter_patches(slide, grid.coords[rows], grid.patch_size_level0,
+                                  batch_size=64, cancel=cancel):
+            pixels.append(batch.pixels)
+            targets.append(frac[rows[batch.indices]])
     if not pixels:
         raise RecipeError(f"{cohort_dir}: no tissue patch in the training slides")
     return np.concatenate(pixels), np.concatenate(targets).astype(np.float32)
+
+
+@dataclass
+class _Patches:
+    pixels: np.ndarray  # uint8 [P, H, W, 3]
+    targets: np.ndarray  # float32 [P] tumour share
+
+
+def _hard_negatives(
+    encoder: Any, head: Any, cohort_dir: Path, slide_ids: Sequence[str], per_slide: int,
+    progress: Progress | None = None, cancel: threading.Event | None = None,
+) -> _Patches:
+    """The ``per_slide`` tissue patches of each slide with no tumour that the encoder + head rate
+    most tumour-like (lymphoid aggregates, folds, ink: what random sampling rarely draws)."""
+    import torch
+
+    from hdmil.reading import iter_patches
+
+    pixels, targets = [], []
+    encoder.model.eval()
+    for slide, grid, frac in _slide_grids(cohort_dir, slide_ids, progress, cancel):
+        rows = np.flatnonzero(frac == 0)
+        scores, kept = [], []
+        for batch in iter_patches(slide, grid.coords[rows], grid.patch_size_level0,
+                                  batch_size=64, cancel=cancel):
+            with torch.no_grad():
+                x = encoder.preprocess(batch.pixels)
+                scores.append(head(encoder.model(x)).squeeze(1).cpu().numpy())
+            kept.append((batch.indices, batch.pixels))
+        if not scores:
+            continue
+        order = np.argsort(-np.concatenate(scores), kind="stable")[:per_slide]
+        idx = np.concatenate([i for i, _ in kept])
+        px = np.concatenate([p for _, p in kept])
+        pixels.append(px[order])
+        targets.append(frac[rows[idx[order]]])
+    if not pixels:
+        return _Patches(np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.float32))
+    return _Patches(np.concatenate(pixels), np.concatenate(targets).astype(np.float32))
 
 
 def train_patch_encoder(
@@ -261,20 +325,24 @@ def train_patch_encoder(
     seed: int = 0,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    head: Any = None,
 ) -> dict[str, float]:
     """Fine-tune ``encoder.model`` in place with a linear head on patch tumour shares (BCE).
 
     pixels uint8 [P, H, W, 3], targets float [P] in [0, 1]. Random flips and quarter turns (H&E has
-    no orientation). The head is dropped afterwards: the encoder still gives its pooled features.
-    Returns the last epoch's mean loss.
+    no orientation). ``head``: a ``Linear(encoder.dim, 1)`` to go on training (a new one when None);
+    the encoder itself still gives its pooled features. Returns the last epoch's mean loss.
     """
     import torch
     from torch import nn
 
     gen = torch.Generator().manual_seed(int(seed))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        head = nn.Linear(encoder.dim, 1).to(encoder.device)
+    if head is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            head = nn.Linear(encoder.dim, 1).to(encoder.device)
+    for p in encoder.model.parameters():
+        p.requires_grad_(True)
     params = list(encoder.model.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=lr)
     y_all = torch.as_tensor(targets)
@@ -561,14 +629,30 @@ def run_recipe(
         encoder = create_encoder(cfg.encoder, device="cpu")
         pixels, targets = _sample_patches(out / "cohort", split.train, cfg.encoder_patches,
                                           cfg.seed, cancel)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg.seed))
+            head = torch.nn.Linear(encoder.dim, 1)
         enc_fit = train_patch_encoder(encoder, pixels, targets, cfg.encoder_epochs,
                                       cfg.encoder_lr, seed=cfg.seed, progress=stage("encoder"),
-                                      cancel=cancel)
+                                      cancel=cancel, head=head)
+        if cfg.encoder_hard_negatives and cfg.encoder_hard_epochs:
+            # a second round with the tumour-free patches the first round rated most tumour-like
+            hard = _hard_negatives(encoder, head, out / "cohort", split.train,
+                                   cfg.encoder_hard_negatives, stage("hard_negatives"), cancel)
+            more = train_patch_encoder(
+                encoder, np.concatenate([pixels, hard.pixels]) if len(hard.targets) else pixels,
+                np.concatenate([targets, hard.targets]), cfg.encoder_hard_epochs, cfg.encoder_lr,
+                seed=cfg.seed + 1, progress=stage("encoder_hard_negatives"), cancel=cancel,
+                head=head)
+            enc_fit = {**enc_fit, "loss": more["loss"], "hard_negatives": int(len(hard.targets)),
+                       "hard_negative_epochs": more["epochs"]}
         del pixels
         timings["encoder"] = time.perf_counter() - t0
         cpu["encoder"] = _cpu_seconds() - c0
-        say(f"encoder {encoder.name}: {enc_fit['patches']} patches x {enc_fit['epochs']} epochs, "
-            f"loss {enc_fit['loss']:.3f}, {timings['encoder']:.0f} s")
+        hard_note = (f", then + {enc_fit['hard_negatives']} hard negatives x "
+                     f"{enc_fit['hard_negative_epochs']} epochs" if "hard_negatives" in enc_fit else "")
+        say(f"encoder {encoder.name}: {enc_fit['patches']} patches x {enc_fit['epochs']} epochs"
+            f"{hard_note}, loss {enc_fit['loss']:.3f}, {timings['encoder']:.0f} s")
 
         # -- features --------------------------------------------------------------------------
         t0, c0 = time.perf_counter(), _cpu_seconds()

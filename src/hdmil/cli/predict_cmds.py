@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="torch device for the encoder and DMIN (default: cuda if available)")
     p.add_argument("--workers", type=int, help="tile-decoding threads (default: all cores)")
     p.add_argument("--lipn-threshold", type=float, metavar="T",
-                   help="keep a patch when LIPN's probability exceeds T (default: the checkpoint's; "
-                   "the paper's is 0.5, the demo model's is calibrated lower, for recall)")
+                   help="keep a patch when LIPN's probability for any class exceeds T (default: the "
+                   "checkpoint's; the paper's is 0.5, the demo model's are calibrated per class)")
     p.add_argument("--slpd", metavar="CKPT",
                    help="SLPD checkpoint for a DMIN trained on region embeddings (train-dmin "
                    "--instances region); default: the one its config names, beside it")
@@ -97,6 +97,7 @@ def predict(args: argparse.Namespace) -> int:
             raise HDMILError(f"--lipn-threshold must be in [0, 1), not {args.lipn_threshold}")
         if model.lipn is not None:
             model.lipn.cfg.threshold = float(args.lipn_threshold)
+            model.lipn.cfg.class_thresholds = None  # one threshold for every class, as asked
     if use_lipn and model.lipn is None:
         raise CheckpointError(
             f"{model.path}: the checkpoint has no LIPN; use --no-lipn to run HDMIL† over all patches"

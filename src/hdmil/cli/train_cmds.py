@@ -79,6 +79,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--recall", type=float, metavar="SHARE",
                    help="lower LIPN's threshold (from 0.5) until it keeps this share of the validation "
                    "patches DMIN keeps, e.g. 0.97 (default: the paper's fixed 0.5)")
+    p.add_argument("--attention", type=float, metavar="SHARE",
+                   help="instead of --recall: one threshold per class, the highest whose kept "
+                   "patches hold this share of DMIN's attention on the validation slides, e.g. 0.95")
+    p.add_argument("--soft-targets", action="store_true",
+                   help="distil DMIN's scores σ(s/τ) instead of its 0/1 mask (same boundary)")
     p.set_defaults(func=cmd_train_lipn)
 
     p = subparsers.add_parser(
@@ -237,8 +242,10 @@ def cmd_train_lipn(args: argparse.Namespace) -> int:
     cfg = _config(args, {
         "epochs": "lipn_max_epochs", "min_epochs": "lipn_min_epochs", "patience": "lipn_patience",
         "lr": "lipn_lr", "weight_decay": "lipn_weight_decay", "batch_patches": "lipn_batch_patches",
-        "recall": "lipn_recall",
+        "recall": "lipn_recall", "attention": "lipn_attention",
     })
+    if args.soft_targets:
+        cfg.lipn_targets = "soft"
     given = None
     cohort = None
     for ckpt in checkpoints:

@@ -47,6 +47,10 @@ class DMINConfig:
     gamma: float = 0.5  # binarisation threshold of the training mask
     k_sample: int = 32  # instances per side for the clustering loss (clamped to N // 2)
     inst_loss: str = "svm"  # "svm" (smooth top-1 SVM) or "ce"
+    # ours for binary tasks (CLAM's non-subtyping mode): the top-k of the other class's branch are
+    # negatives too, which fixes which branch's top attention is the positive evidence; METHOD §3
+    # does this for more than two classes only
+    inst_out_of_class: bool = False
     w_ce: float = 0.7
     w_clu: float = 0.3
     w_emb: float = 0.5
@@ -231,7 +235,8 @@ class DMIN(nn.Module):
         """CLAM's instance clustering loss L_clu for true class ``label``.
 
         Branch y: top-k instances by attention are positives, bottom-k negatives for classifier y.
-        With more than two classes, the top-k of every other branch c are negatives for classifier c.
+        With more than two classes (or ``inst_out_of_class``), the top-k of every other branch c are
+        negatives for classifier c.
         k = clamp(k_sample, 1, N // 2). Averaged over the classifiers that got instances.
         """
         n = h.shape[0]
@@ -243,7 +248,7 @@ class DMIN(nn.Module):
                 bottom = torch.topk(-s[:, c], k).indices
                 idx = torch.cat([top, bottom])
                 target = torch.cat([torch.ones(k), torch.zeros(k)]).long().to(h.device)
-            elif self.cfg.n_classes > 2:
+            elif self.cfg.n_classes > 2 or self.cfg.inst_out_of_class:
                 idx = torch.topk(s[:, c], k).indices
                 target = torch.zeros(k, dtype=torch.long, device=h.device)
             else:

@@ -46,6 +46,8 @@ class LIPNConfig:
     n_classes: int = 2
     tau: float = 0.7  # P = sigmoid(logit / τ)
     threshold: float = 0.5  # M_LR = 1[P > threshold]
+    # ours: one threshold per class (set by attention calibration); None: ``threshold`` for all
+    class_thresholds: tuple[float, ...] | None = None
     in_chans: int = 3
     input_px: int = 16  # LR patch side
     conv_widths: tuple[int, ...] = (16, 16, 16, 48, 24)  # conv3×3 s2, 3×3 s2, 1×1, 3×3 s2, 1×1
@@ -58,6 +60,13 @@ class LIPNConfig:
         self.conv_widths = tuple(int(v) for v in self.conv_widths)
         self.uib_widths = tuple(int(v) for v in self.uib_widths)
         self.uib_kernels = tuple((int(a), int(b)) for a, b in self.uib_kernels)
+        if self.class_thresholds is not None:
+            self.class_thresholds = tuple(float(t) for t in self.class_thresholds)
+            if len(self.class_thresholds) != self.n_classes:
+                raise ValueError(
+                    f"LIPNConfig.class_thresholds needs {self.n_classes} values, got "
+                    f"{len(self.class_thresholds)}"
+                )
         if self.n_classes < 1:
             raise ValueError(f"LIPNConfig.n_classes must be >= 1, got {self.n_classes}")
         if self.tau <= 0:
@@ -72,7 +81,14 @@ class LIPNConfig:
         d["conv_widths"] = list(self.conv_widths)
         d["uib_widths"] = list(self.uib_widths)
         d["uib_kernels"] = [list(k) for k in self.uib_kernels]
+        if self.class_thresholds is not None:
+            d["class_thresholds"] = list(self.class_thresholds)
         return d
+
+    def thresholds(self) -> torch.Tensor:
+        """float32 [C]: the evaluation threshold of each class."""
+        t = self.class_thresholds if self.class_thresholds is not None else (self.threshold,) * self.n_classes
+        return torch.tensor(t, dtype=torch.float32)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LIPNConfig:
@@ -173,16 +189,19 @@ class LIPN(nn.Module):
 
     def keep_mask(self, lr_uint8: torch.Tensor | np.ndarray, batch_size: int = 4096) -> torch.Tensor:
         """Eval: LR patches uint8 [N, 16, 16, 3] -> bool [N, C] on the CPU (which instances each class keeps)."""
+        return self.probabilities(lr_uint8, batch_size) > self.cfg.thresholds()
+
+    def probabilities(self, lr_uint8: torch.Tensor | np.ndarray, batch_size: int = 4096) -> torch.Tensor:
+        """Eval: LR patches uint8 [N, 16, 16, 3] -> P = sigmoid(logit / τ), float [N, C] on the CPU."""
         n = int(lr_uint8.shape[0])
         if n == 0:
-            return torch.zeros(0, self.cfg.n_classes, dtype=torch.bool)
+            return torch.zeros(0, self.cfg.n_classes)
         device = next(self.parameters()).device
         out = []
         with self._evaluating(), _few_cpu_threads(device, n):
             for start in range(0, n, batch_size):
                 x = self.prepare(lr_uint8[start : start + batch_size]).to(device)
-                p = torch.sigmoid(self.forward(x) / self.cfg.tau)
-                out.append((p > self.cfg.threshold).cpu())
+                out.append(torch.sigmoid(self.forward(x) / self.cfg.tau).cpu())
         return torch.cat(out)
 
 

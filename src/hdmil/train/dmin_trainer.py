@@ -68,6 +68,7 @@ class TrainConfig:
     tau: float = 0.7  # Gumbel-sigmoid temperature
     gamma: float = 0.5  # mask threshold
     k_sample: int = 32  # instances per side for the clustering loss (clamped to N/2)
+    inst_out_of_class: bool = False  # other branches' top-k as negatives also for 2 classes (ours)
     # hybrid loss
     keep_rate: float = 0.6  # target kept ratio r (0.7 for TCGA-NSCLC / BRCA)
     w_ce: float = 0.7
@@ -95,6 +96,9 @@ class TrainConfig:
     # "mask": the paper's target M_HR = 1[s > 0] and LIPN's straight-through mask; "soft": target
     # σ(s / τ) and LIPN's probability, the same boundary (σ(s/τ) > 0.5 ⟺ s > 0) with DMIN's margin
     lipn_targets: str = "mask"
+    # ours, instead of lipn_recall: one threshold per class, the highest whose kept set holds this
+    # share of DMIN's attention (pooling weight) for the class on the validation slides
+    lipn_attention: float | None = None
     # run
     seed: int = 0
     instances: str = "patch"
@@ -331,6 +335,7 @@ def dmin_config(cfg: TrainConfig, in_dim: int, n_classes: int):
         "tau": cfg.tau,
         "gamma": cfg.gamma,
         "k_sample": cfg.k_sample,
+        "inst_out_of_class": cfg.inst_out_of_class,
         "target_keep_rate": cfg.keep_rate,
         "w_ce": cfg.w_ce,
         "w_clu": cfg.w_clu,

@@ -46,7 +46,7 @@ from hdmil.train.dmin_trainer import (
 )
 from hdmil.train.splits import Split
 
-__all__ = ["calibrate_threshold", "hr_targets", "train_lipn"]
+__all__ = ["calibrate_attention", "calibrate_threshold", "hr_targets", "train_lipn"]
 
 HDMIL_NAME = "hdmil.safetensors"
 LIPN_LOG_NAME = "lipn_log.csv"
@@ -217,6 +217,70 @@ def calibrate_threshold(
     }
 
 
+@torch.no_grad()
+def calibrate_attention(
+    lipn: torch.nn.Module,
+    dmin: torch.nn.Module,
+    cohort: Cohort,
+    slide_ids: Sequence[str],
+    share: float,
+    cancel: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Set one LIPN threshold per class (``lipn.cfg.class_thresholds``): the highest with which
+    LIPN's kept set holds ``share`` of DMIN's attention for that class, on average over
+    ``slide_ids``.
+
+    DMIN's attention for class c is its evaluation pooling weight: softmax of s[:, c] over the
+    instances it keeps (s > 0). Pooling is a weighted mean, so instances with little weight change
+    the prediction little whether LIPN keeps them or not; a class whose attention is spread thin
+    over every patch (say, "normal" on any slide) then no longer keeps every patch it marks, while a
+    class whose attention sits on a few patches (tumour) keeps those. Thresholds may lie above the
+    paper's 0.5. Returns per class the threshold, the attention share held, and the kept ratio.
+    """
+    if not 0.0 < share <= 1.0:
+        raise HDMILError(f"lipn_attention must be in (0, 1], got {share}")
+    bags = cohort.require_bags()
+    lipn.eval()
+    dmin.eval()
+    device = next(lipn.parameters()).device
+    probs, weights = [], []
+    for sid in slide_ids:
+        check_cancel(cancel)
+        s = dmin.predict(bags[sid].features, None).scores.cpu()  # [N, C]
+        w = torch.softmax(s.masked_fill(s <= 0, float("-inf")), dim=0)  # [N, C], NaN: kept nothing
+        probs.append(torch.sigmoid(lipn(lipn.prepare(bags.lr_patches(sid)).to(device)) / lipn.cfg.tau).cpu())
+        weights.append(torch.nan_to_num(w, nan=0.0))
+    n_classes = lipn.cfg.n_classes
+    thresholds, held = [], []
+    for c in range(n_classes):
+        # each slide that keeps anything for c counts once: its weights sum to 1 over its instances
+        slides = [i for i, w in enumerate(weights) if float(w[:, c].sum()) > 0]
+        if not slides:
+            thresholds.append(float(lipn.cfg.threshold))
+            held.append(math.nan)
+            continue
+        p = torch.cat([probs[i][:, c] for i in slides]).numpy().astype(np.float32)
+        w = torch.cat([weights[i][:, c] for i in slides]).numpy() / len(slides)
+        order = np.argsort(-p, kind="stable")
+        covered = np.cumsum(w[order])  # attention held when the threshold is just below p[order[i]]
+        i = int(np.searchsorted(covered, share * (1 - 1e-9)))
+        i = min(i, len(order) - 1)
+        # just under that patch's P (float32, as P > threshold compares): it and its ties are kept
+        t = float(np.nextafter(p[order[i]], np.float32(-np.inf)))
+        thresholds.append(t)
+        held.append(float(w[p > t].sum()))
+    lipn.cfg.class_thresholds = tuple(thresholds)
+    p_all = torch.cat(probs) if probs else torch.zeros(0, n_classes)
+    kept = p_all > lipn.cfg.thresholds()
+    return {
+        "share": share,
+        "class_thresholds": thresholds,
+        "attention_held": held,
+        "kept_ratio": float(kept.any(dim=1).float().mean()) if len(p_all) else math.nan,
+        "class_kept_ratio": [float(v) for v in kept.float().mean(dim=0)] if len(p_all) else [],
+    }
+
+
 def train_lipn(
     cohort: Cohort,
     split: Split,
@@ -286,6 +350,8 @@ def train_lipn(
     if cfg.lipn_targets not in ("mask", "soft"):
         raise HDMILError(f"lipn_targets must be 'mask' or 'soft', got {cfg.lipn_targets!r}")
     soft = cfg.lipn_targets == "soft"
+    if cfg.lipn_recall is not None and cfg.lipn_attention is not None:
+        raise HDMILError("lipn_recall and lipn_attention both calibrate LIPN's thresholds: set one")
     targets = hr_targets(dmin, cohort, ids, cancel, soft=soft)
     for sid in ids:  # read (and cache) the LR patches up front: errors surface before training
         if bags.lr_patches(sid).shape[0] != targets[sid].shape[0]:
@@ -353,7 +419,9 @@ def train_lipn(
     lipn.load_state_dict(best_state)
     lipn.eval()
     calibration = None
-    if cfg.lipn_recall is not None:
+    if cfg.lipn_attention is not None:
+        calibration = calibrate_attention(lipn, dmin, cohort, split.val, cfg.lipn_attention, cancel)
+    elif cfg.lipn_recall is not None:
         calibration = calibrate_threshold(lipn, cohort, split.val, targets, cfg.lipn_recall, cancel)
     config = {k: v for k, v in base_config.items() if k not in ("modules", "model_type")}
     prov = dict(config.get("provenance") or {})
