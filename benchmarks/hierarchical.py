@@ -13,7 +13,7 @@ above the process's baseline while the slide ran. Targets (issue 4): total(HDMIL
 ``crop`` is the reader thread's working time and overlaps ``features`` (see hdmil.pipeline), so
 the stages add up to more than ``total``; ``total`` is wall-clock. Each method runs
 ``--repeats`` times per slide and the fastest run counts (peak memory: the largest); HDMIL runs
-at the checkpoint's LIPN threshold and at each of ``--lipn-thresholds`` (the paper's 0.5).
+at the checkpoint's LIPN thresholds (per class where calibrated so) and at each of ``--lipn-thresholds`` (one threshold for every class; the paper's 0.5).
 
 Model: ``--model``, else the bundled demo model when it exists, else a quick model trained here
 (DMIN on two small synthetic slides' features, then LIPN on DMIN's masks; cached under
@@ -188,12 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         with open(path, "rb") as fh:  # both methods find the file in the page cache
             while fh.read(1 << 24):
                 pass
-        own = float(model.lipn.cfg.threshold)
-        runs = [(False, None), (True, own)] + [(True, t) for t in args.lipn_thresholds if t != own]
+        own, own_cls = float(model.lipn.cfg.threshold), model.lipn.cfg.class_thresholds
+        own_label = ("/".join(f"{t:.2f}" for t in own_cls) if own_cls else f"{own:.2f}")
+        runs = [(False, None), (True, own_label)] + [(True, t) for t in args.lipn_thresholds]
         res = {}
         for use_lipn, thr in runs:
-            if thr is not None:
-                model.lipn.cfg.threshold = thr
+            if isinstance(thr, float):  # one threshold for every class, as --lipn-threshold does
+                model.lipn.cfg.threshold, model.lipn.cfg.class_thresholds = thr, None
+                thr = f"{thr:.2f}"
             r, peak = None, 0.0
             try:
                 for _ in range(max(1, args.repeats)):
@@ -204,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
                     if r is None or run.timings["total"] < r.timings["total"]:
                         r = run
             finally:
-                model.lipn.cfg.threshold = own
+                model.lipn.cfg.threshold, model.lipn.cfg.class_thresholds = own, own_cls
             res[thr] = r
             t = r.timings
-            method = r.method + (f" (LIPN > {thr:.2f})" if thr is not None else "")
+            method = r.method + (f" (LIPN > {thr})" if thr is not None else "")
             print(f"| {path.name} | {w}x{h} | {method} | {r.n_patches} | {r.n_read} | {r.kept_ratio:.2f} | "
                   + " | ".join(f"{t[s]:.2f}" for s in stages)
                   + f" | {t.get('crop_wait', 0.0):.2f} | {peak:.0f} |", flush=True)
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|")
     for name, thr, kept, ratio, lipn_share, p_hd, p_dag in summary:
         met = ratio <= kept + 0.05 and lipn_share <= 0.02
-        print(f"| {name} | {thr:.2f} | {kept:.2f} | {ratio:.2f} | {kept + 0.05:.2f} | {lipn_share:.1%} "
+        print(f"| {name} | {thr} | {kept:.2f} | {ratio:.2f} | {kept + 0.05:.2f} | {lipn_share:.1%} "
               f"| {'yes' if met else 'no'} | {p_hd:.3f} / {p_dag:.3f} |")
     return 0
 
