@@ -88,8 +88,9 @@ def test_hard_negatives_are_the_tumour_free_patches_rated_most_tumour_like(quick
     head = torch.nn.Linear(encoder.dim, 1)
     manifest = json.loads((quick_run / "cohort" / "cohort.json").read_text())["slides"]
     s = next(s for s in manifest if s["label"] == "tumor")
-    got = _hard_negatives(encoder, head, quick_run / "cohort", [s["slide_id"]], per_slide=3)
-    assert got.pixels.shape[0] == got.targets.shape[0] == 3 and not got.targets.any()
+    (got_pixels,), (got_targets,) = _hard_negatives(encoder, head, quick_run / "cohort",
+                                                    [s["slide_id"]], per_slide=3)
+    assert got_pixels.shape[0] == got_targets.shape[0] == 3 and not got_targets.any()
     # against every tumour-free patch of the slide, scored here
     with open_slide(quick_run / "cohort" / s["path"]) as slide:
         grid = build_grid(slide)
@@ -101,7 +102,7 @@ def test_hard_negatives_are_the_tumour_free_patches_rated_most_tumour_like(quick
     with torch.no_grad():
         scores = head(encoder.model(encoder.preprocess(pixels))).squeeze(1).numpy()
     top = np.argsort(-scores, kind="stable")[:3]
-    np.testing.assert_array_equal(got.pixels, pixels[top])
+    np.testing.assert_array_equal(got_pixels, pixels[top])
 
 
 def test_slide_truth_maps_coords_to_the_patch_grid(tmp_path: Path) -> None:

@@ -45,7 +45,8 @@ import numpy as np
 from hdmil.errors import Cancelled, CheckpointError, HDMILError
 
 __all__ = [
-    "NoTissueError", "Result", "check_slpd_dims", "encoder_for", "instances_of", "lipn_applies",
+    "NoTissueError", "Result", "check_slpd_dims", "encoder_for", "fit_encoder", "instances_of",
+    "lipn_applies",
     "run_slide", "slpd_for", "warm_up",
 ]
 
@@ -390,13 +391,9 @@ def run_slide(
                 f"{getattr(model, 'path', None) or 'the model'}: its DMIN pools SLPD regions and LIPN "
                 "screens patches; run HDMIL† over all patches (use_lipn=False, --no-lipn)"
             )
-        slpd = slpd_for(model, slpd)
     if encoder is None:
         encoder = encoder_for(model, device)
-    if regions:
-        check_slpd_dims(model, slpd, encoder)
-    else:
-        model.check_feature_dim(encoder.dim, source=f"encoder {getattr(encoder, 'name', '?')}")
+    slpd = fit_encoder(model, encoder, slpd)
 
     def report(stage: str, done: int, total: int) -> None:
         if progress is not None:
@@ -590,6 +587,18 @@ def slpd_for(model: Any, slpd: Any = None) -> Any:
     loaded = load_slpd(path)
     loaded.path = str(path)
     return loaded
+
+
+def fit_encoder(model: Any, encoder: Any, slpd: Any = None, source: str | None = None) -> Any:
+    """CheckpointError unless the encoder's features fit the model; returns the SLPD model a
+    region DMIN needs (``slpd_for``), None for a patch DMIN. ``source`` names the encoder in the
+    error (default ``encoder <name>``)."""
+    if instances_of(model) == "region":
+        slpd = slpd_for(model, slpd)
+        check_slpd_dims(model, slpd, encoder)
+        return slpd
+    model.check_feature_dim(encoder.dim, source=source or f"encoder {getattr(encoder, 'name', '?')}")
+    return None
 
 
 def check_slpd_dims(model: Any, slpd: Any, encoder: Any) -> None:

@@ -276,18 +276,13 @@ def _sample_patches(
     return np.concatenate(pixels), np.concatenate(targets).astype(np.float32)
 
 
-@dataclass
-class _Patches:
-    pixels: np.ndarray  # uint8 [P, H, W, 3]
-    targets: np.ndarray  # float32 [P] tumour share
-
-
 def _hard_negatives(
     encoder: Any, head: Any, cohort_dir: Path, slide_ids: Sequence[str], per_slide: int,
     progress: Progress | None = None, cancel: threading.Event | None = None,
-) -> _Patches:
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The ``per_slide`` tissue patches of each slide with no tumour that the encoder + head rate
-    most tumour-like (lymphoid aggregates, folds, ink: what random sampling rarely draws)."""
+    most tumour-like (lymphoid aggregates, folds, ink: what random sampling rarely draws): per
+    slide, uint8 [k, H, W, 3] pixels and float32 [k] tumour shares (all 0)."""
     import torch
 
     from hdmil.reading import iter_patches
@@ -309,10 +304,8 @@ def _hard_negatives(
         idx = np.concatenate([i for i, _ in kept])
         px = np.concatenate([p for _, p in kept])
         pixels.append(px[order])
-        targets.append(frac[rows[idx[order]]])
-    if not pixels:
-        return _Patches(np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.float32))
-    return _Patches(np.concatenate(pixels), np.concatenate(targets).astype(np.float32))
+        targets.append(frac[rows[idx[order]]].astype(np.float32))
+    return pixels, targets
 
 
 def train_patch_encoder(
@@ -637,14 +630,15 @@ def run_recipe(
                                       cancel=cancel, head=head)
         if cfg.encoder_hard_negatives and cfg.encoder_hard_epochs:
             # a second round with the tumour-free patches the first round rated most tumour-like
-            hard = _hard_negatives(encoder, head, out / "cohort", split.train,
-                                   cfg.encoder_hard_negatives, stage("hard_negatives"), cancel)
+            hard_px, hard_y = _hard_negatives(encoder, head, out / "cohort", split.train,
+                                              cfg.encoder_hard_negatives, stage("hard_negatives"),
+                                              cancel)
             more = train_patch_encoder(
-                encoder, np.concatenate([pixels, hard.pixels]) if len(hard.targets) else pixels,
-                np.concatenate([targets, hard.targets]), cfg.encoder_hard_epochs, cfg.encoder_lr,
-                seed=cfg.seed + 1, progress=stage("encoder_hard_negatives"), cancel=cancel,
-                head=head)
-            enc_fit = {**enc_fit, "loss": more["loss"], "hard_negatives": int(len(hard.targets)),
+                encoder, np.concatenate([pixels, *hard_px]), np.concatenate([targets, *hard_y]),
+                cfg.encoder_hard_epochs, cfg.encoder_lr, seed=cfg.seed + 1,
+                progress=stage("encoder_hard_negatives"), cancel=cancel, head=head)
+            enc_fit = {**enc_fit, "loss": more["loss"],
+                       "hard_negatives": int(sum(len(y) for y in hard_y)),
                        "hard_negative_epochs": more["epochs"]}
         del pixels
         timings["encoder"] = time.perf_counter() - t0

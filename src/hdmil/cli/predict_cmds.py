@@ -77,7 +77,7 @@ def predict(args: argparse.Namespace) -> int:
     from hdmil.checkpoint import load_model
     from hdmil.export import write_json_atomic
     from hdmil.pipeline import (
-        check_slpd_dims, encoder_for, instances_of, lipn_applies, prescreen, run_slide, slpd_for, warm_up,
+        encoder_for, fit_encoder, instances_of, lipn_applies, prescreen, run_slide, warm_up,
     )
 
     if args.batch_size < 1:
@@ -106,12 +106,8 @@ def predict(args: argparse.Namespace) -> int:
     if not args.prescreen_only:
         # One encoder for all slides; a checkpoint whose DMIN does not fit it stops here, once.
         encoder = encoder_for(model, args.device)
-        if regions:
-            slpd = slpd_for(model, args.slpd)
-            check_slpd_dims(model, slpd, encoder)
-        else:
-            slpd = None
-            model.check_feature_dim(encoder.dim, source=f"encoder {encoder.name} named in {model.path}")
+        slpd = fit_encoder(model, encoder, args.slpd,
+                           source=f"encoder {encoder.name} named in {model.path}")
         warm_up(model, encoder, patch_px=model.patch_px)  # one-time torch setup out of slide timings
 
     out = Path(args.out)

@@ -191,12 +191,10 @@ def calibrate_threshold(
     if not 0.0 < recall <= 1.0:
         raise HDMILError(f"lipn_recall must be in (0, 1], got {recall}")
     bags = cohort.require_bags()
-    lipn.eval()
     probs, wanted = [], []
     for sid in slide_ids:
         check_cancel(cancel)
-        x = lipn.prepare(bags.lr_patches(sid)).to(next(lipn.parameters()).device)
-        probs.append(torch.sigmoid(lipn(x) / lipn.cfg.tau).cpu())  # [N, C]
+        probs.append(lipn.probabilities(bags.lr_patches(sid)))  # [N, C]
         wanted.append(targets[sid].cpu().float() > 0.5)  # [N, C]: DMIN keeps (σ(s/τ) > 0.5 ⟺ s > 0)
     p, m = torch.cat(probs), torch.cat(wanted)
     default = float(lipn.cfg.threshold)
@@ -240,16 +238,12 @@ def calibrate_attention(
     if not 0.0 < share <= 1.0:
         raise HDMILError(f"lipn_attention must be in (0, 1], got {share}")
     bags = cohort.require_bags()
-    lipn.eval()
-    dmin.eval()
-    device = next(lipn.parameters()).device
     probs, weights = [], []
     for sid in slide_ids:
         check_cancel(cancel)
-        s = dmin.predict(bags[sid].features, None).scores.cpu()  # [N, C]
-        w = torch.softmax(s.masked_fill(s <= 0, float("-inf")), dim=0)  # [N, C], NaN: kept nothing
-        probs.append(torch.sigmoid(lipn(lipn.prepare(bags.lr_patches(sid)).to(device)) / lipn.cfg.tau).cpu())
-        weights.append(torch.nan_to_num(w, nan=0.0))
+        # DMIN's pooling weights [N, C], NaN outside each class's kept set: 0 there
+        weights.append(torch.nan_to_num(dmin.predict(bags[sid].features, None).attention, nan=0.0))
+        probs.append(lipn.probabilities(bags.lr_patches(sid)))  # [N, C]
     n_classes = lipn.cfg.n_classes
     thresholds, held = [], []
     for c in range(n_classes):
