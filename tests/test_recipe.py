@@ -191,3 +191,38 @@ def test_predict_on_the_real_cmu_slide_with_the_bundled_model(
     assert report["prediction"] in ("normal", "tumor")
     assert sum(report["probabilities"]) == pytest.approx(1.0, abs=1e-5)
     assert 0 < report["n_patches"] and 0 <= report["n_kept"] <= report["n_patches"]
+
+
+def test_dmin_is_trained_again_while_its_tumour_branch_fails(tmp_path: Path, monkeypatch) -> None:
+    """The recipe's branch check: next seed while the branch AUC is low, first pass kept, else
+    the best of the tries; every try is listed."""
+    import hdmil.train as train_pkg
+    from hdmil.recipe import _train_dmin_checked
+    from hdmil.train import TrainConfig, TrainResult
+
+    def fake_runs(branch_aucs: dict[int, float]):
+        calls: list[tuple[int, str]] = []
+
+        def train_dmin(cohort, split, tcfg, folder, progress=None, cancel=None):
+            calls.append((tcfg.seed, Path(folder).name))
+            return TrainResult(Path(folder), Path(folder) / "dmin.safetensors", Path(folder) / "log.csv",
+                               best_epoch=tcfg.seed, epochs_run=1, stopped_early=False,
+                               best_metrics={"val_auc": 1.0, "val_branch_auc": branch_aucs[tcfg.seed]})
+        return calls, train_dmin
+
+    said: list[str] = []
+    calls, fake = fake_runs({5: 0.2, 6: 0.95, 7: 1.0})
+    monkeypatch.setattr(train_pkg, "train_dmin", fake)
+    cfg = RecipeConfig(seed=5, dmin_tries=3, branch_auc_min=0.9)
+    res, tries = _train_dmin_checked(None, None, cfg, TrainConfig(seed=5), tmp_path, None, None,
+                                     said.append)
+    assert calls == [(5, "dmin"), (6, "dmin-seed6")]  # stops at the first seed that passes
+    assert res.best_epoch == 6 and [t["val_branch_auc"] for t in tries] == [0.2, 0.95]
+    assert any("branch AUC 0.200" in line for line in said)
+
+    calls, fake = fake_runs({5: 0.3, 6: 0.6, 7: 0.1})
+    monkeypatch.setattr(train_pkg, "train_dmin", fake)
+    res, tries = _train_dmin_checked(None, None, cfg, TrainConfig(seed=5), tmp_path, None, None,
+                                     said.append)
+    assert [c[0] for c in calls] == [5, 6, 7] and len(tries) == 3
+    assert res.best_epoch == 6  # none passed: the highest branch AUC

@@ -448,3 +448,65 @@ def test_cli_error_is_one_line(synth, tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("hdmil train-dmin: error:") and len(err.splitlines()) == 1
+
+
+def test_branch_auc_tells_a_swapped_tumour_branch() -> None:
+    """Slide labels only: does the tumour branch's top instance mark the tumour slides?"""
+    from hdmil.train.dmin_trainer import branch_auc
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    tumour_top = np.array([-1.0, -0.5, 0.2, 1.5, 2.0, 0.9])  # high on the tumour slides
+    flat = np.array([0.3, 0.1, 0.2, 0.2, 0.1, 0.3])
+    good = np.stack([flat, tumour_top], 1)  # branch 1 (tumour) finds tumour
+    swapped = np.stack([tumour_top, -tumour_top], 1)  # the normal branch holds the evidence
+    assert branch_auc(labels, good) == pytest.approx(1.0)
+    assert branch_auc(labels, swapped) == pytest.approx(0.0)
+    assert math.isnan(branch_auc(np.zeros(6, int), good))  # one class: undefined, not an error
+    # more classes: the mean one-vs-rest AUC of branch c for class c
+    labels3 = np.array([0, 0, 1, 1, 2, 2])
+    top3 = np.eye(3)[labels3] + 0.01 * np.arange(6)[:, None]
+    assert branch_auc(labels3, top3) == pytest.approx(1.0)
+    assert branch_auc(labels3, -top3) == pytest.approx(0.0)
+
+
+@pytest.mark.slow
+def test_validation_branch_auc_is_the_checkpoints_own(trained, synth):
+    """The logged branch AUC is recomputable from the best checkpoint's attention logits."""
+    from hdmil.checkpoint import load_model
+    from hdmil.train.dmin_trainer import branch_auc
+
+    _, res, _ = trained
+    cohort, splits = synth[4], synth[5]
+    dmin = load_model(res.checkpoint).dmin
+    val = list(splits[0].val)
+    top = np.stack([dmin.predict(cohort.bags[s].features).scores.amax(0).numpy() for s in val])
+    assert res.best_metrics["val_branch_auc"] == pytest.approx(
+        branch_auc(cohort.labels_of(val), top), abs=1e-6)
+    assert "val_branch_auc" in res.history[0]
+
+
+@pytest.mark.slow
+def test_lipn_stain_jitter_restains_training_slides_only(synth, trained, tmp_path, monkeypatch):
+    """One random stain change per training slide per epoch; validation slides are never changed."""
+    from hdmil.augment import StainJitter
+
+    cfg, dmin_res, _ = trained
+    cohort, splits = synth[4], synth[5]
+    seen: list[int] = []
+    original = StainJitter.__call__
+
+    def spy(self, rgb, rng):
+        seen.append(int(rgb.shape[0]))
+        return original(self, rgb, rng)
+
+    monkeypatch.setattr(StainJitter, "__call__", spy)
+    import dataclasses
+
+    run = dataclasses.replace(cfg, lipn_max_epochs=2, lipn_min_epochs=2, lipn_stain_jitter=1.0)
+    res = train_lipn(cohort, splits[0], dmin_res.checkpoint, run, tmp_path / "jitter")
+    train_sizes = sorted(cohort.bags.lr_patches(s).shape[0] for s in splits[0].train)
+    assert res.epochs_run == 2
+    assert sorted(seen) == sorted(train_sizes * 2)
+    from hdmil.checkpoint import load_model
+
+    assert load_model(res.checkpoint).config["provenance"]["lipn"]["stain_jitter"] == 1.0

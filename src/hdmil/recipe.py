@@ -80,6 +80,11 @@ class RecipeConfig:
     encoder_patches: int = 24  # patches per training slide for the encoder (tumour first)
     encoder_epochs: int = 4
     encoder_lr: float = 1e-3
+    # random stain changes while training the encoder and LIPN (hdmil.augment.StainJitter
+    # strengths; 0 = off): without them, held-out slides stained paler or bluer than the training
+    # slides were missed whole (docs/demo_model.md)
+    encoder_stain_jitter: float = 1.0
+    lipn_stain_jitter: float = 1.0
     # optional second round: the encoder_hard_negatives tumour-free patches per training slide
     # that the encoder rates most tumour-like (lymphoid aggregates, folds, ink) are added for
     # encoder_hard_epochs more epochs. Off: with 8 x 2 both DMINs trained on those features put
@@ -96,6 +101,10 @@ class RecipeConfig:
     max_epochs: int = 200
     min_epochs: int = 50
     patience: int = 20
+    # DMIN is trained again with seed + 1, + 2, ... (up to dmin_tries runs) while its validation
+    # branch AUC is below branch_auc_min (its tumour evidence sits in the normal branch)
+    dmin_tries: int = 3
+    branch_auc_min: float = 0.9
     lipn_max_epochs: int = 100
     lipn_patience: int = 5
     lipn_batch_patches: int = 256  # ~2 slides per LIPN step: 8x the steps of the default 2048
@@ -143,6 +152,7 @@ class RecipeConfig:
             lipn_max_epochs=self.lipn_max_epochs, lipn_patience=self.lipn_patience,
             lipn_batch_patches=self.lipn_batch_patches, lipn_recall=self.lipn_recall,
             lipn_attention=self.lipn_attention, lipn_lr=self.lipn_lr, lipn_targets=self.lipn_targets,
+            lipn_stain_jitter=self.lipn_stain_jitter,
             seed=self.seed, device=device,
         )
 
@@ -319,17 +329,24 @@ def train_patch_encoder(
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
     head: Any = None,
+    stain_jitter: float = 0.0,
 ) -> dict[str, float]:
     """Fine-tune ``encoder.model`` in place with a linear head on patch tumour shares (BCE).
 
     pixels uint8 [P, H, W, 3], targets float [P] in [0, 1]. Random flips and quarter turns (H&E has
-    no orientation). ``head``: a ``Linear(encoder.dim, 1)`` to go on training (a new one when None);
-    the encoder itself still gives its pooled features. Returns the last epoch's mean loss.
+    no orientation), and with ``stain_jitter`` > 0 a random stain change per patch
+    (``hdmil.augment.StainJitter`` of that strength). ``head``: a ``Linear(encoder.dim, 1)`` to go
+    on training (a new one when None); the encoder itself still gives its pooled features.
+    Returns the last epoch's mean loss.
     """
     import torch
     from torch import nn
 
+    from hdmil.augment import StainJitter
+
     gen = torch.Generator().manual_seed(int(seed))
+    jitter = StainJitter(float(stain_jitter))
+    stain_rng = np.random.default_rng([int(seed), 0x57A1])
     if head is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
@@ -350,7 +367,7 @@ def train_patch_encoder(
             for i in range(steps):
                 _check(cancel)
                 idx = order[i * batch_size:(i + 1) * batch_size]
-                x = encoder.preprocess(pixels[idx.numpy()])
+                x = encoder.preprocess(jitter.per_item(pixels[idx.numpy()], stain_rng))
                 k = int(torch.randint(0, 4, (1,), generator=gen))
                 x = torch.rot90(x, k, dims=(2, 3))
                 if bool(torch.randint(0, 2, (1,), generator=gen)):
@@ -368,7 +385,8 @@ def train_patch_encoder(
         encoder.model.eval()
         for p in encoder.model.parameters():
             p.requires_grad_(False)
-    return {"loss": loss_sum / steps, "patches": int(n), "epochs": int(epochs)}
+    return {"loss": loss_sum / steps, "patches": int(n), "epochs": int(epochs),
+            "stain_jitter": float(stain_jitter)}
 
 
 def _load(labels: Path, features_dir: Path, skipped: dict[str, str]):
@@ -542,6 +560,38 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def _train_dmin_checked(cohort: Any, split: Any, cfg: RecipeConfig, tcfg: Any, out: Path,
+                        progress: Progress | None, cancel: threading.Event | None,
+                        say: Callable[[str], None]):
+    """Train DMIN, again with the next seed while its tumour branch fails the branch check.
+
+    Nothing in DMIN's loss ties the tumour evidence to the tumour branch: some seeds give a DMIN
+    whose *normal* branch attends to tumour (right slide calls, a tumour heatmap on normal tissue).
+    The validation branch AUC (``hdmil.train.dmin_trainer.branch_auc``, slide labels only) catches
+    that. Returns the first run that passes, else the one with the highest branch AUC, and one
+    summary per try.
+    """
+    from hdmil.train import train_dmin
+
+    runs, tries = [], []
+    for t in range(max(1, int(cfg.dmin_tries))):
+        seed = int(cfg.seed) + t
+        folder = out / ("dmin" if t == 0 else f"dmin-seed{seed}")
+        res = train_dmin(cohort, split, dataclasses.replace(tcfg, seed=seed), folder,
+                         progress=progress, cancel=cancel)
+        b = float(res.best_metrics.get("val_branch_auc", math.nan))
+        runs.append(res)
+        tries.append({"seed": seed, "folder": folder.name, "best_epoch": res.best_epoch,
+                      "val_auc": res.best_metrics.get("val_auc"), "val_branch_auc": b})
+        if math.isnan(b) or b >= cfg.branch_auc_min:
+            return res, tries
+        say(f"DMIN seed {seed}: branch AUC {b:.3f} < {cfg.branch_auc_min} (the tumour evidence is "
+            "in another branch); training again with the next seed")
+    best = max(range(len(runs)), key=lambda i: tries[i]["val_branch_auc"])
+    say(f"DMIN: no seed passed the branch check; keeping seed {tries[best]['seed']}")
+    return runs[best], tries
+
+
 # ---------------------------------------------------------------------------------------------
 # the recipe
 
@@ -568,7 +618,7 @@ def run_recipe(
     from hdmil.checkpoint import _sha256, load_model, save_checkpoint
     from hdmil.features import create_encoder, save_encoder
     from hdmil.synth import synth_cohort
-    from hdmil.train import train_dmin, train_lipn
+    from hdmil.train import train_lipn
 
     cfg = cfg or RecipeConfig()
     out = Path(out_dir)
@@ -627,7 +677,8 @@ def run_recipe(
             head = torch.nn.Linear(encoder.dim, 1)
         enc_fit = train_patch_encoder(encoder, pixels, targets, cfg.encoder_epochs,
                                       cfg.encoder_lr, seed=cfg.seed, progress=stage("encoder"),
-                                      cancel=cancel, head=head)
+                                      cancel=cancel, head=head,
+                                      stain_jitter=cfg.encoder_stain_jitter)
         if cfg.encoder_hard_negatives and cfg.encoder_hard_epochs:
             # a second round with the tumour-free patches the first round rated most tumour-like
             hard_px, hard_y = _hard_negatives(encoder, head, out / "cohort", split.train,
@@ -636,7 +687,8 @@ def run_recipe(
             more = train_patch_encoder(
                 encoder, np.concatenate([pixels, *hard_px]), np.concatenate([targets, *hard_y]),
                 cfg.encoder_hard_epochs, cfg.encoder_lr, seed=cfg.seed + 1,
-                progress=stage("encoder_hard_negatives"), cancel=cancel, head=head)
+                progress=stage("encoder_hard_negatives"), cancel=cancel, head=head,
+                stain_jitter=cfg.encoder_stain_jitter)
             enc_fit = {**enc_fit, "loss": more["loss"],
                        "hard_negatives": int(sum(len(y) for y in hard_y)),
                        "hard_negative_epochs": more["epochs"]}
@@ -673,13 +725,15 @@ def run_recipe(
             raise RecipeError(f"{out}: too few slides with tissue to train and validate")
         tcfg = cfg.train_config()
         t0, c0 = time.perf_counter(), _cpu_seconds()
-        dmin_res = train_dmin(cohort_, split, tcfg, out / "dmin", progress=stage("dmin"),
-                              cancel=cancel)
+        dmin_res, dmin_tries = _train_dmin_checked(cohort_, split, cfg, tcfg, out, stage("dmin"),
+                                                   cancel, say)
         timings["dmin"] = time.perf_counter() - t0
         cpu["dmin"] = _cpu_seconds() - c0
         say(f"DMIN: best epoch {dmin_res.best_epoch} of {dmin_res.epochs_run}, "
             f"val AUC {dmin_res.best_metrics.get('val_auc', math.nan):.3f}, kept "
-            f"{dmin_res.best_metrics.get('val_kept_ratio', math.nan):.2f}, {timings['dmin']:.0f} s")
+            f"{dmin_res.best_metrics.get('val_kept_ratio', math.nan):.2f}, branch AUC "
+            f"{dmin_res.best_metrics.get('val_branch_auc', math.nan):.3f}, "
+            f"{len(dmin_tries)} {'try' if len(dmin_tries) == 1 else 'tries'}, {timings['dmin']:.0f} s")
         t0, c0 = time.perf_counter(), _cpu_seconds()
         lipn_res = train_lipn(cohort_, split, dmin_res.checkpoint, tcfg, out / "lipn",
                               progress=stage("lipn"), cancel=cancel)
@@ -744,7 +798,7 @@ def run_recipe(
             "heldout_cohort": {"seed": cfg.heldout_seed, "n_slides": cfg.n_heldout,
                                "skipped": heldout_skipped},
             "dmin": {"best_epoch": dmin_res.best_epoch, "epochs_run": dmin_res.epochs_run,
-                     "best_val": dmin_res.best_metrics},
+                     "best_val": dmin_res.best_metrics, "tries": dmin_tries},
             "lipn": {"best_epoch": lipn_res.best_epoch, "epochs_run": lipn_res.epochs_run,
                      "best_val": lipn_res.best_metrics},
             "heldout": heldout,

@@ -84,6 +84,9 @@ def register(subparsers: Any) -> None:
                    "patches hold this share of DMIN's attention on the validation slides, e.g. 0.95")
     p.add_argument("--soft-targets", action="store_true",
                    help="distil DMIN's scores σ(s/τ) instead of its 0/1 mask (same boundary)")
+    p.add_argument("--stain-jitter", type=float, metavar="STRENGTH",
+                   help="a random H&E stain change per training slide, e.g. 1.0 (default 0: off); "
+                   "helps when new slides are stained unlike the training slides")
     p.set_defaults(func=cmd_train_lipn)
 
     p = subparsers.add_parser(
@@ -218,7 +221,13 @@ def cmd_train_dmin(args: argparse.Namespace) -> int:
         m = res.best_metrics
         print(f"fold {split.fold}: best epoch {res.best_epoch} of {res.epochs_run}, val loss "
               f"{_fmt(m.get('val_loss'))}, AUC {_fmt(m.get('val_auc'))}, ACC {_fmt(m.get('val_acc'))}"
-              f" -> {res.checkpoint}")
+              f", branch AUC {_fmt(m.get('val_branch_auc'))} -> {res.checkpoint}")
+        if m.get("val_branch_auc", 1.0) < 0.5:  # NaN compares False: no warning
+            which = (f"the {cohort.classes[1]!r} attention branch's" if cohort.n_classes == 2
+                     else "the attention branches'")
+            print(f"fold {split.fold}: warning: {which} top patches do not mark their class's "
+                  "slides (branch AUC < 0.5), so the heatmaps likely point at other tissue; train "
+                  "again with another --seed")
     return 0
 
 
@@ -242,7 +251,7 @@ def cmd_train_lipn(args: argparse.Namespace) -> int:
     cfg = _config(args, {
         "epochs": "lipn_max_epochs", "min_epochs": "lipn_min_epochs", "patience": "lipn_patience",
         "lr": "lipn_lr", "weight_decay": "lipn_weight_decay", "batch_patches": "lipn_batch_patches",
-        "recall": "lipn_recall", "attention": "lipn_attention",
+        "recall": "lipn_recall", "attention": "lipn_attention", "stain_jitter": "lipn_stain_jitter",
     })
     if args.soft_targets:
         cfg.lipn_targets = "soft"

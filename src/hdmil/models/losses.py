@@ -128,17 +128,26 @@ def lipn_loss(
     mask_hr: torch.Tensor,
     beta1: float = 1.0,
     beta2: float = 1.0,
+    match: str = "l1",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """LIPN's loss for one slide: β1·mean_c L1(M_LR[:, c], M_HR[:, c]) + β2·(r̃_LR − r̃_HR)².
 
-    mask_lr: [N, C] LIPN's straight-through mask (``LIPN.soft_mask``);
+    mask_lr: [N, C] LIPN's straight-through mask (``LIPN.soft_mask``) or its probabilities;
     mask_hr: [N, C] the frozen DMIN's evaluation mask 1[s > 0] (bool or float), the target.
-    Kept ratios are the union over classes (``keep_union``).
+    Kept ratios are the union over classes (``keep_union``). ``match="bce"`` (ours, for
+    probabilities against soft targets) puts binary cross-entropy in the L1 term's place: L1's
+    gradient has the same size for every patch, so with few tumour patches among many it settles
+    for the majority; cross-entropy keeps ranking the rare ones high. The term is still named "l1".
     """
     if mask_lr.shape != mask_hr.shape:
         raise ValueError(f"lipn_loss: mask shapes differ, {tuple(mask_lr.shape)} vs {tuple(mask_hr.shape)}")
     target = mask_hr.to(mask_lr.dtype).detach()
-    l1 = (mask_lr - target).abs().mean(dim=0).mean()  # per-class L1, then the mean over classes
+    if match == "bce":
+        l1 = F.binary_cross_entropy(mask_lr.clamp(1e-6, 1 - 1e-6), target, reduction="none").mean(0).mean()
+    elif match == "l1":
+        l1 = (mask_lr - target).abs().mean(dim=0).mean()  # per-class L1, then the mean over classes
+    else:
+        raise ValueError(f"lipn_loss: match must be 'l1' or 'bce', got {match!r}")
     _, r_lr = keep_union(mask_lr)
     _, r_hr = keep_union(target)
     rate = (r_lr - r_hr) ** 2

@@ -43,6 +43,7 @@ __all__ = [
     "EarlyStopping",
     "TrainConfig",
     "TrainResult",
+    "branch_auc",
     "build_dmin",
     "dmin_config",
     "train_dmin",
@@ -99,6 +100,12 @@ class TrainConfig:
     # ours, instead of lipn_recall: one threshold per class, the highest whose kept set holds this
     # share of DMIN's attention (pooling weight) for the class on the validation slides
     lipn_attention: float | None = None
+    # ours: a random stain change per training slide (hdmil.augment.StainJitter strength; 0 = off,
+    # the paper), so LIPN's 16 px view does not learn the training slides' stains
+    lipn_stain_jitter: float = 0.0
+    # "l1": the paper's L1 between LIPN's and DMIN's masks; "bce" (ours, with soft targets):
+    # cross-entropy between LIPN's probabilities and σ(s / τ), which ranks rare tumour patches higher
+    lipn_match: str = "l1"
     # run
     seed: int = 0
     instances: str = "patch"
@@ -370,10 +377,11 @@ def validate_dmin(
     device: torch.device,
     cancel: threading.Event | None = None,
 ) -> dict[str, float]:
-    """Student (masked, ``M = 1[s > 0]``) path on each slide: loss = mean NLL, AUC, ACC, kept."""
+    """Student (masked, ``M = 1[s > 0]``) path on each slide: loss = mean NLL, AUC, ACC, kept,
+    and the branch AUC (``branch_auc``)."""
     bags = cohort.require_bags()
     model.eval()
-    probs, kept, nll = [], [], []
+    probs, kept, nll, top = [], [], [], []
     for sid in slide_ids:
         check_cancel(cancel)
         x = bags[sid].features.to(device)
@@ -382,6 +390,7 @@ def validate_dmin(
         probs.append(p)
         nll.append(-math.log(max(float(p[cohort.label_of(sid)]), 1e-12)))
         kept.append(float(pred.kept_ratio))
+        top.append(pred.scores.amax(dim=0).float().numpy())
     labels = cohort.labels_of(slide_ids)
     m = classification_metrics(labels, np.stack(probs)) if probs else {}
     return {
@@ -389,7 +398,28 @@ def validate_dmin(
         "val_auc": m.get("auc", math.nan),
         "val_acc": m.get("acc", math.nan),
         "val_kept_ratio": float(np.nanmean(kept)) if kept else math.nan,
+        "val_branch_auc": branch_auc(labels, np.stack(top)) if top else math.nan,
     }
+
+
+def branch_auc(labels: np.ndarray, top_scores: np.ndarray) -> float:
+    """Does each class's attention branch find that class's evidence? labels [S], top_scores
+    [S, C] = each slide's highest attention logit ``max_j s[j, c]`` per branch.
+
+    Two classes: the ROC AUC of branch 1's top score for class 1 against class 0 (as ``auc``: index
+    1 is the positive class). More: the mean one-vs-rest AUC of branch c for class c. Near 1, the
+    positive branch's top instance marks the positive slides (a tumour branch that attends to
+    tumour); near or under 0.5 the branches swapped roles: the slide call can still be right while
+    the positive class's heatmap points at the wrong tissue. NaN with one class present.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels, dtype=np.int64)
+    top_scores = np.asarray(top_scores, dtype=np.float64)
+    classes = [1] if top_scores.shape[1] == 2 else range(top_scores.shape[1])
+    aucs = [roc_auc_score(labels == c, top_scores[:, c]) for c in classes
+            if 0 < (labels == c).sum() < len(labels)]
+    return float(np.mean(aucs)) if aucs else math.nan
 
 
 def _check_split(cohort: Cohort, split: Split) -> None:
@@ -490,7 +520,8 @@ def train_dmin(
         row["seconds"] = time.perf_counter() - t0
 
         if stopper.step(epoch, row["val_loss"]):
-            best_metrics = {k: row[k] for k in ("val_loss", "val_auc", "val_acc", "val_kept_ratio")}
+            best_metrics = {k: row[k] for k in ("val_loss", "val_auc", "val_acc", "val_kept_ratio",
+                                                "val_branch_auc")}
             best_metrics["epoch"] = epoch
             config = _checkpoint_config(
                 cfg, dcfg, cohort, split, provenance, epoch, best_metrics

@@ -95,14 +95,21 @@ def _run_group(
     targets: dict[str, torch.Tensor],
     device: torch.device,
     soft: bool = False,
+    jitter: Any = None,
+    rng: np.random.Generator | None = None,
+    match: str = "l1",
 ) -> tuple[torch.Tensor, dict[str, float], list[tuple[torch.Tensor, torch.Tensor]]]:
     """LIPN on a group of slides: (mean per-slide loss, mean terms, [(M_LR, M_HR) per slide]).
 
-    ``soft``: LIPN's probabilities P [N, C] against soft targets, instead of its binary mask."""
+    ``soft``: LIPN's probabilities P [N, C] against soft targets, instead of its binary mask.
+    ``jitter`` (a ``StainJitter``, with ``rng``): one random stain change per slide (training)."""
     from hdmil.models.losses import lipn_loss
 
     bags = cohort.require_bags()
-    lr = np.concatenate([bags.lr_patches(s) for s in group])
+    if jitter is not None:
+        lr = np.concatenate([jitter(bags.lr_patches(s), rng) for s in group])
+    else:
+        lr = np.concatenate([bags.lr_patches(s) for s in group])
     logits = lipn(lipn.prepare(lr).to(device))
     masks = torch.sigmoid(logits / lipn.cfg.tau) if soft else lipn.soft_mask(logits)
     losses, sums, pairs = [], {}, []
@@ -111,7 +118,7 @@ def _run_group(
         target = targets[sid].to(device)
         m = masks[start : start + target.shape[0]]
         start += target.shape[0]
-        loss, terms = lipn_loss(m, target)
+        loss, terms = lipn_loss(m, target, match=match)
         losses.append(loss)
         for k, v in terms.items():
             if k != "total":
@@ -292,6 +299,7 @@ def train_lipn(
     Adam lr 1e-4, weight decay 1e-5, early stopping on validation loss with patience 5.
     """
     from hdmil.checkpoint import load_model, save_checkpoint
+    from hdmil.augment import StainJitter
     from hdmil.models.lipn import LIPN, LIPNConfig
 
     cfg = cfg or TrainConfig()
@@ -337,6 +345,7 @@ def train_lipn(
         lipn.parameters(), lr=cfg.lipn_lr, weight_decay=cfg.lipn_weight_decay
     )
     stopper = EarlyStopping(cfg.lipn_patience, cfg.lipn_min_epochs)
+    jitter = StainJitter(cfg.lipn_stain_jitter) if cfg.lipn_stain_jitter else None
 
     ids = list(split.train) + list(split.val)
     if progress is not None:
@@ -344,6 +353,11 @@ def train_lipn(
     if cfg.lipn_targets not in ("mask", "soft"):
         raise HDMILError(f"lipn_targets must be 'mask' or 'soft', got {cfg.lipn_targets!r}")
     soft = cfg.lipn_targets == "soft"
+    if cfg.lipn_match not in ("l1", "bce"):
+        raise HDMILError(f"lipn_match must be 'l1' or 'bce', got {cfg.lipn_match!r}")
+    if cfg.lipn_match == "bce" and not soft:
+        raise HDMILError("lipn_match='bce' compares LIPN's probabilities with DMIN's soft targets: "
+                         "set lipn_targets='soft' too")
     if cfg.lipn_recall is not None and cfg.lipn_attention is not None:
         raise HDMILError("lipn_recall and lipn_attention both calibrate LIPN's thresholds: set one")
     targets = hr_targets(dmin, cohort, ids, cancel, soft=soft)
@@ -367,9 +381,11 @@ def train_lipn(
         sums: dict[str, float] = {}
         steps = 0
         train_groups = _batches(order, sizes, cfg.lipn_batch_patches)
+        stain_rng = np.random.default_rng([es, 0x57A1])
         for group in train_groups:
             check_cancel(cancel)
-            loss, terms, _ = _run_group(lipn, cohort, group, targets, device, soft)
+            loss, terms, _ = _run_group(lipn, cohort, group, targets, device, soft, jitter,
+                                        stain_rng, cfg.lipn_match)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -386,7 +402,8 @@ def train_lipn(
         with torch.no_grad():
             for group in val_groups:
                 check_cancel(cancel)
-                loss, terms, p = _run_group(lipn, cohort, group, targets, device, soft)
+                loss, terms, p = _run_group(lipn, cohort, group, targets, device, soft,
+                                            match=cfg.lipn_match)
                 vsum["val_loss"] = vsum.get("val_loss", 0.0) + float(loss) * len(group)
                 for k, v in terms.items():
                     vsum[f"val_{k}"] = vsum.get(f"val_{k}", 0.0) + v * len(group)
@@ -429,6 +446,8 @@ def train_lipn(
         "weight_decay": cfg.lipn_weight_decay,
         "patience": cfg.lipn_patience,
         "targets": cfg.lipn_targets,
+        "stain_jitter": cfg.lipn_stain_jitter,
+        "match": cfg.lipn_match,
         "threshold_calibration": calibration,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
