@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -133,6 +134,23 @@ def test_lipn_loss_terms() -> None:
     assert lr.grad.abs().sum() > 0
 
 
+def test_lipn_loss_cross_entropy_ranks_a_rare_positive_higher_than_l1() -> None:
+    """match='bce': per-class mean binary cross-entropy in place of L1; unlike L1 its gradient
+    grows for a rare positive scored low, which is what lifts LIPN's recall of small tumours."""
+    target = torch.tensor([[0.9, 0.1], [0.2, 0.0], [0.0, 0.0], [0.1, 0.0]])
+    probs = torch.tensor([[0.3, 0.2], [0.2, 0.1], [0.1, 0.1], [0.1, 0.1]], requires_grad=True)
+    total, terms = lipn_loss(probs, target, match="bce")
+    want = torch.nn.functional.binary_cross_entropy(probs.detach(), target, reduction="none").mean(0).mean()
+    assert terms["l1"] == pytest.approx(float(want), rel=1e-5)
+    total.backward()
+    bce_push = float(-probs.grad[0, 0])  # the rare positive, scored 0.3 against 0.9
+    probs.grad = None
+    lipn_loss(probs, target, match="l1")[0].backward()
+    assert bce_push > float(-probs.grad[0, 0]) > 0
+    with pytest.raises(ValueError, match="match"):
+        lipn_loss(probs, target, match="l2")
+
+
 def test_lipn_loss_trains_logits_through_soft_mask() -> None:
     model = _lipn().train()
     lr = LIPN.prepare(_lr(32))
@@ -149,3 +167,29 @@ def test_config_round_trip_is_json() -> None:
     assert isinstance(create_model("lipn", **d), LIPN)
     with pytest.raises(ValueError, match="unknown LIPN config keys"):
         LIPNConfig.from_dict({"n_classes": 2, "width": 3})
+
+
+def test_dihedral_average_is_orientation_free() -> None:
+    """With dihedral_average, P is the mean over the 8 flips / quarter turns, so turning or
+    mirroring the LR patches changes nothing; without it, it does."""
+    torch.manual_seed(0)
+    plain = LIPN(LIPNConfig()).train()
+    for m in plain.modules():  # running statistics of real inputs, so eval outputs vary
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        plain(LIPN.prepare(_lr(256, seed=1)))
+    plain.eval()
+    averaged = LIPN(dataclasses.replace(plain.cfg, dihedral_average=True))
+    averaged.load_state_dict(plain.state_dict())
+    lr = _lr(24)
+    turned = np.ascontiguousarray(np.rot90(lr, 1, axes=(1, 2))[:, :, ::-1])
+    p = averaged.probabilities(lr)
+    torch.testing.assert_close(averaged.probabilities(turned), p, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(plain.probabilities(turned), plain.probabilities(lr), atol=1e-4)
+    views = [np.ascontiguousarray(np.rot90(v, k, axes=(1, 2))) for v in (lr, lr[:, :, ::-1]) for k in range(4)]
+    manual = torch.stack([plain.probabilities(v) for v in views]).mean(0)
+    torch.testing.assert_close(p, manual, atol=1e-6, rtol=1e-5)
+    # the setting travels with the config (and so with the checkpoint)
+    back = LIPNConfig.from_dict(json.loads(json.dumps(averaged.cfg.to_dict())))
+    assert back.dihedral_average is True

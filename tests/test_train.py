@@ -255,6 +255,8 @@ def test_lipn_attention_calibration(trained, synth, tmp_path):
     with pytest.raises(HDMILError, match="set one"):
         train_lipn(cohort, splits[0], res.checkpoint,
                    TrainConfig(lipn_recall=0.9, lipn_attention=0.9), tmp_path / "both")
+    with pytest.raises(HDMILError, match="lipn_targets='soft'"):
+        train_lipn(cohort, splits[0], res.checkpoint, TrainConfig(lipn_match="bce"), tmp_path / "bce")
 
 
 @pytest.mark.slow
@@ -416,16 +418,20 @@ def test_cli_train_and_evaluate_table(synth, tmp_path, capsys):
                  "--epochs", "2", "--hidden", "32", "--attn-dim", "16", "--k-sample", "4"]) == 0
     assert sorted(p.name for p in (out / "splits").iterdir()) == [f"splits_{i}.csv" for i in range(4)]
     assert main(["train-lipn", *common, "--dmin", str(out), "--out", str(out),
-                 "--epochs", "2", "--attention", "0.9", "--soft-targets"]) == 0
+                 "--epochs", "2", "--attention", "0.9", "--soft-targets", "--match", "bce",
+                 "--dihedral-average", "--stain-jitter", "0.5"]) == 0
     assert (out / "fold_0" / "hdmil.safetensors").is_file()
     assert (out / "fold_1" / "hdmil.safetensors").is_file()
     from hdmil.checkpoint import load_model
 
     lipn_prov = load_model(out / "fold_0" / "hdmil.safetensors").config["provenance"]["lipn"]
-    assert lipn_prov["targets"] == "soft"
+    assert lipn_prov["targets"] == "soft" and lipn_prov["match"] == "bce"
+    assert lipn_prov["stain_jitter"] == 0.5
+    assert load_model(out / "fold_0" / "hdmil.safetensors").lipn.cfg.dihedral_average is True
     assert lipn_prov["threshold_calibration"]["share"] == 0.9
     assert len(lipn_prov["threshold_calibration"]["class_thresholds"]) == 2
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert "branch AUC" in printed
     assert main(["evaluate", *common, "--model", str(out), "--splits", str(out / "splits"),
                  "--csv", str(tmp_path / "table.csv")]) == 0
     text = capsys.readouterr().out

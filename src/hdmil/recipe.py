@@ -85,11 +85,10 @@ class RecipeConfig:
     # slides were missed whole (docs/demo_model.md)
     encoder_stain_jitter: float = 1.0
     lipn_stain_jitter: float = 1.0
-    # optional second round: the encoder_hard_negatives tumour-free patches per training slide
-    # that the encoder rates most tumour-like (lymphoid aggregates, folds, ink) are added for
-    # encoder_hard_epochs more epochs. Off: with 8 x 2 both DMINs trained on those features put
-    # their tumour evidence in the *normal* branch (docs/demo_model.md)
-    encoder_hard_negatives: int = 0
+    # a second round: the encoder_hard_negatives tumour-free patches per training slide that the
+    # encoder rates most tumour-like (lymphoid aggregates, folds, ink) are added for
+    # encoder_hard_epochs more epochs (0 = no second round)
+    encoder_hard_negatives: int = 8
     encoder_hard_epochs: int = 2
     batch_size: int = 64
     # DMIN (METHOD §3; k = 8 for small bags) and LIPN (§4)
@@ -109,10 +108,12 @@ class RecipeConfig:
     lipn_patience: int = 5
     lipn_batch_patches: int = 256  # ~2 slides per LIPN step: 8x the steps of the default 2048
     lipn_lr: float = 1e-3  # the paper's 1e-4 is for cohorts 100x larger: here it stops unconverged
-    # one LIPN threshold per class, the highest that keeps 95% of DMIN's validation attention
-    lipn_attention: float | None = 0.95
+    # one LIPN threshold per class, the highest that keeps 98% of DMIN's validation attention
+    lipn_attention: float | None = 0.98
     lipn_recall: float | None = None  # or: one threshold keeping this share of DMIN's instances
     lipn_targets: str = "soft"  # σ(s/τ): LIPN learns DMIN's ranking, not only its 0/1 mask
+    lipn_match: str = "bce"  # cross-entropy to σ(s/τ), not L1: ranks rare tumour patches higher
+    lipn_dihedral_average: bool = True  # P averaged over 8 flips / turns (docs/demo_model.md)
     threads: int = 2  # torch threads
     workers: int | None = None  # slide-making processes (default up to 2)
 
@@ -152,7 +153,8 @@ class RecipeConfig:
             lipn_max_epochs=self.lipn_max_epochs, lipn_patience=self.lipn_patience,
             lipn_batch_patches=self.lipn_batch_patches, lipn_recall=self.lipn_recall,
             lipn_attention=self.lipn_attention, lipn_lr=self.lipn_lr, lipn_targets=self.lipn_targets,
-            lipn_stain_jitter=self.lipn_stain_jitter,
+            lipn_stain_jitter=self.lipn_stain_jitter, lipn_match=self.lipn_match,
+            lipn_dihedral_average=self.lipn_dihedral_average,
             seed=self.seed, device=device,
         )
 

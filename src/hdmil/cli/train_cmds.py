@@ -84,6 +84,12 @@ def register(subparsers: Any) -> None:
                    "patches hold this share of DMIN's attention on the validation slides, e.g. 0.95")
     p.add_argument("--soft-targets", action="store_true",
                    help="distil DMIN's scores σ(s/τ) instead of its 0/1 mask (same boundary)")
+    p.add_argument("--match", choices=("l1", "bce"),
+                   help="how LIPN's output is compared with DMIN's: the paper's L1 (default) or "
+                   "cross-entropy (with --soft-targets; ranks rare tumour patches higher)")
+    p.add_argument("--dihedral-average", action="store_true",
+                   help="average LIPN's probabilities over the 8 flips / quarter turns of each "
+                   "LR patch (8x LIPN's small cost; steadier thresholds)")
     p.add_argument("--stain-jitter", type=float, metavar="STRENGTH",
                    help="a random H&E stain change per training slide, e.g. 1.0 (default 0: off); "
                    "helps when new slides are stained unlike the training slides")
@@ -255,6 +261,10 @@ def cmd_train_lipn(args: argparse.Namespace) -> int:
     })
     if args.soft_targets:
         cfg.lipn_targets = "soft"
+    if args.match:
+        cfg.lipn_match = args.match
+    if args.dihedral_average:
+        cfg.lipn_dihedral_average = True
     given = None
     cohort = None
     for ckpt in checkpoints:

@@ -48,6 +48,9 @@ class LIPNConfig:
     threshold: float = 0.5  # M_LR = 1[P > threshold]
     # ours: one threshold per class (set by attention calibration); None: ``threshold`` for all
     class_thresholds: tuple[float, ...] | None = None
+    # ours: average P over the 8 flips / quarter turns of each LR patch (H&E has no orientation);
+    # 8x LIPN's (small) cost, a steadier ranking of the patches it is unsure about
+    dihedral_average: bool = False
     in_chans: int = 3
     input_px: int = 16  # LR patch side
     conv_widths: tuple[int, ...] = (16, 16, 16, 48, 24)  # conv3×3 s2, 3×3 s2, 1×1, 3×3 s2, 1×1
@@ -192,7 +195,8 @@ class LIPN(nn.Module):
         return self.probabilities(lr_uint8, batch_size) > self.cfg.thresholds()
 
     def probabilities(self, lr_uint8: torch.Tensor | np.ndarray, batch_size: int = 4096) -> torch.Tensor:
-        """Eval: LR patches uint8 [N, 16, 16, 3] -> P = sigmoid(logit / τ), float [N, C] on the CPU."""
+        """Eval: LR patches uint8 [N, 16, 16, 3] -> P = sigmoid(logit / τ), float [N, C] on the CPU
+        (the mean over the 8 dihedral views of each patch with ``cfg.dihedral_average``)."""
         n = int(lr_uint8.shape[0])
         if n == 0:
             return torch.zeros(0, self.cfg.n_classes)
@@ -201,7 +205,12 @@ class LIPN(nn.Module):
         with self._evaluating(), _few_cpu_threads(device, n):
             for start in range(0, n, batch_size):
                 x = self.prepare(lr_uint8[start : start + batch_size]).to(device)
-                out.append(torch.sigmoid(self.forward(x) / self.cfg.tau).cpu())
+                if self.cfg.dihedral_average:
+                    views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)]
+                    p = torch.stack([torch.sigmoid(self.forward(v) / self.cfg.tau) for v in views])
+                    out.append(p.mean(0).cpu())
+                else:
+                    out.append(torch.sigmoid(self.forward(x) / self.cfg.tau).cpu())
         return torch.cat(out)
 
 

@@ -340,7 +340,8 @@ def train_lipn(
     for p in dmin.parameters():
         p.requires_grad_(False)
     seed_everything(cfg.seed)
-    lipn = LIPN(LIPNConfig(n_classes=cohort.n_classes, tau=cfg.lipn_tau)).to(device)
+    lipn = LIPN(LIPNConfig(n_classes=cohort.n_classes, tau=cfg.lipn_tau,
+                           dihedral_average=cfg.lipn_dihedral_average)).to(device)
     optimizer = torch.optim.Adam(
         lipn.parameters(), lr=cfg.lipn_lr, weight_decay=cfg.lipn_weight_decay
     )
