@@ -257,8 +257,6 @@ def test_lipn_attention_calibration(trained, synth, tmp_path):
                    TrainConfig(lipn_recall=0.9, lipn_attention=0.9), tmp_path / "both")
     with pytest.raises(HDMILError, match="lipn_targets='soft'"):
         train_lipn(cohort, splits[0], res.checkpoint, TrainConfig(lipn_match="bce"), tmp_path / "bce")
-    with pytest.raises(HDMILError, match="lipn_target_tau"):
-        train_lipn(cohort, splits[0], res.checkpoint, TrainConfig(lipn_target_tau=2.0), tmp_path / "tau")
 
 
 @pytest.mark.slow
@@ -421,14 +419,14 @@ def test_cli_train_and_evaluate_table(synth, tmp_path, capsys):
     assert sorted(p.name for p in (out / "splits").iterdir()) == [f"splits_{i}.csv" for i in range(4)]
     assert main(["train-lipn", *common, "--dmin", str(out), "--out", str(out),
                  "--epochs", "2", "--attention", "0.9", "--soft-targets", "--match", "bce",
-                 "--dihedral-average", "--stain-jitter", "0.5", "--target-tau", "2"]) == 0
+                 "--dihedral-average", "--stain-jitter", "0.5"]) == 0
     assert (out / "fold_0" / "hdmil.safetensors").is_file()
     assert (out / "fold_1" / "hdmil.safetensors").is_file()
     from hdmil.checkpoint import load_model
 
     lipn_prov = load_model(out / "fold_0" / "hdmil.safetensors").config["provenance"]["lipn"]
     assert lipn_prov["targets"] == "soft" and lipn_prov["match"] == "bce"
-    assert lipn_prov["stain_jitter"] == 0.5 and lipn_prov["target_tau"] == 2.0
+    assert lipn_prov["stain_jitter"] == 0.5
     assert load_model(out / "fold_0" / "hdmil.safetensors").lipn.cfg.dihedral_average is True
     assert lipn_prov["threshold_calibration"]["share"] == 0.9
     assert len(lipn_prov["threshold_calibration"]["class_thresholds"]) == 2
@@ -518,25 +516,3 @@ def test_lipn_stain_jitter_restains_training_slides_only(synth, trained, tmp_pat
     from hdmil.checkpoint import load_model
 
     assert load_model(res.checkpoint).config["provenance"]["lipn"]["stain_jitter"] == 1.0
-
-
-@pytest.mark.slow
-def test_soft_target_temperature_keeps_dmins_boundary(trained, synth):
-    """lipn_target_tau changes how soft the targets are, never which patches DMIN keeps."""
-    from hdmil.checkpoint import load_model
-    from hdmil.train.lipn_trainer import hr_targets
-
-    _, res, _ = trained
-    cohort, splits = synth[4], synth[5]
-    dmin = load_model(res.checkpoint).dmin
-    ids = list(splits[0].val)[:4]
-    hard = hr_targets(dmin, cohort, ids)
-    sharp = hr_targets(dmin, cohort, ids, soft=True)
-    wide = hr_targets(dmin, cohort, ids, soft=True, tau=2.0)
-    for sid in ids:
-        s = dmin.predict(cohort.bags[sid].features).scores
-        torch.testing.assert_close(wide[sid], torch.sigmoid(s / 2.0))
-        torch.testing.assert_close(sharp[sid], torch.sigmoid(s / dmin.cfg.tau))
-        assert torch.equal(wide[sid] > 0.5, hard[sid]) and torch.equal(sharp[sid] > 0.5, hard[sid])
-        # a wider temperature pulls every target towards 0.5 (further apart at the top)
-        assert bool(((wide[sid] - 0.5).abs() <= (sharp[sid] - 0.5).abs() + 1e-6).all())

@@ -8,8 +8,7 @@ Everything follows from ``RecipeConfig.seed``: the training cohort is ``synth_co
 held-out cohort ``synth_cohort(seed + HELDOUT_OFFSET)`` (its slide seeds are checked to be disjoint
 from the training ones), a tiny timm encoder is trained on the training slides' patch truth (its
 weights go beside the checkpoint, named by ``encoder_weights``), DMIN then learns from slide labels
-only (trained again with the next seed while its tumour branch fails the branch check) and LIPN
-from DMIN's attention, all seeded. Two runs with one seed give the same weights. The demo
+only and LIPN from DMIN's masks, all seeded. Two runs with one seed give the same weights. The demo
 is trained on synthetic slides and is not for diagnosis (docs/demo_model.md).
 
 The held-out metrics (``heldout_metrics``) use the cohort's ground truth: slide AUC / ACC of HDMIL
@@ -109,12 +108,11 @@ class RecipeConfig:
     lipn_patience: int = 5
     lipn_batch_patches: int = 256  # ~2 slides per LIPN step: 8x the steps of the default 2048
     lipn_lr: float = 1e-3  # the paper's 1e-4 is for cohorts 100x larger: here it stops unconverged
-    # one LIPN threshold per class, the highest that keeps 97% of DMIN's validation attention
-    lipn_attention: float | None = 0.97
+    # one LIPN threshold per class, the highest that keeps 98% of DMIN's validation attention
+    lipn_attention: float | None = 0.98
     lipn_recall: float | None = None  # or: one threshold keeping this share of DMIN's instances
     lipn_targets: str = "soft"  # σ(s/τ): LIPN learns DMIN's ranking, not only its 0/1 mask
     lipn_match: str = "bce"  # cross-entropy to σ(s/τ), not L1: ranks rare tumour patches higher
-    lipn_target_tau: float | None = 2.0  # σ(s / 2): DMIN's high scores stay apart (0.7 saturates)
     lipn_dihedral_average: bool = True  # P averaged over 8 flips / turns (docs/demo_model.md)
     threads: int = 2  # torch threads
     workers: int | None = None  # slide-making processes (default up to 2)
@@ -156,7 +154,7 @@ class RecipeConfig:
             lipn_batch_patches=self.lipn_batch_patches, lipn_recall=self.lipn_recall,
             lipn_attention=self.lipn_attention, lipn_lr=self.lipn_lr, lipn_targets=self.lipn_targets,
             lipn_stain_jitter=self.lipn_stain_jitter, lipn_match=self.lipn_match,
-            lipn_dihedral_average=self.lipn_dihedral_average, lipn_target_tau=self.lipn_target_tau,
+            lipn_dihedral_average=self.lipn_dihedral_average,
             seed=self.seed, device=device,
         )
 

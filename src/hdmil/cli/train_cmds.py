@@ -87,9 +87,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--match", choices=("l1", "bce"),
                    help="how LIPN's output is compared with DMIN's: the paper's L1 (default) or "
                    "cross-entropy (with --soft-targets; ranks rare tumour patches higher)")
-    p.add_argument("--target-tau", type=float, metavar="TAU",
-                   help="with --soft-targets: σ(s / TAU) as targets (default DMIN's τ = 0.7); a "
-                   "larger TAU keeps DMIN's boundary and spreads its high scores apart, e.g. 2")
     p.add_argument("--dihedral-average", action="store_true",
                    help="average LIPN's probabilities over the 8 flips / quarter turns of each "
                    "LR patch (8x LIPN's small cost; steadier thresholds)")
@@ -261,7 +258,6 @@ def cmd_train_lipn(args: argparse.Namespace) -> int:
         "epochs": "lipn_max_epochs", "min_epochs": "lipn_min_epochs", "patience": "lipn_patience",
         "lr": "lipn_lr", "weight_decay": "lipn_weight_decay", "batch_patches": "lipn_batch_patches",
         "recall": "lipn_recall", "attention": "lipn_attention", "stain_jitter": "lipn_stain_jitter",
-        "target_tau": "lipn_target_tau",
     })
     if args.soft_targets:
         cfg.lipn_targets = "soft"

@@ -108,7 +108,6 @@ class TrainConfig:
     lipn_match: str = "l1"
     # ours: LIPN's probabilities (thresholds, inference) averaged over the 8 dihedral views
     lipn_dihedral_average: bool = False
-    lipn_target_tau: float | None = None  # soft targets σ(s / τ) with this τ (None: DMIN's 0.7)
     # run
     seed: int = 0
     instances: str = "patch"

@@ -59,19 +59,16 @@ def hr_targets(
     slide_ids: Sequence[str],
     cancel: threading.Event | None = None,
     soft: bool = False,
-    tau: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """slide id -> [N, C]: the frozen DMIN's evaluation mask ``1[s > 0]`` (bool, no dropout), or
-    with ``soft`` its attention logits through the mask's own sigmoid, ``σ(s / τ)`` (float; ``tau``
-    replaces DMIN's τ: the boundary σ = 0.5 at s = 0 stays, a larger τ spreads the high scores)."""
+    with ``soft`` its attention logits through the mask's own sigmoid, ``σ(s / τ)`` (float)."""
     bags = cohort.require_bags()
     dmin.eval()
-    t = float(tau) if tau is not None else dmin.cfg.tau
     out = {}
     for sid in slide_ids:
         check_cancel(cancel)
         pred = dmin.predict(bags[sid].features, None)
-        out[sid] = torch.sigmoid(pred.scores / t).cpu() if soft else pred.mask.bool().cpu()
+        out[sid] = torch.sigmoid(pred.scores / dmin.cfg.tau).cpu() if soft else pred.mask.bool().cpu()
     return out
 
 
@@ -359,15 +356,12 @@ def train_lipn(
     soft = cfg.lipn_targets == "soft"
     if cfg.lipn_match not in ("l1", "bce"):
         raise HDMILError(f"lipn_match must be 'l1' or 'bce', got {cfg.lipn_match!r}")
-    if cfg.lipn_target_tau is not None and (not soft or not cfg.lipn_target_tau > 0):
-        raise HDMILError(f"lipn_target_tau={cfg.lipn_target_tau}: a temperature > 0 for soft targets "
-                         "(lipn_targets='soft')")
     if cfg.lipn_match == "bce" and not soft:
         raise HDMILError("lipn_match='bce' compares LIPN's probabilities with DMIN's soft targets: "
                          "set lipn_targets='soft' too")
     if cfg.lipn_recall is not None and cfg.lipn_attention is not None:
         raise HDMILError("lipn_recall and lipn_attention both calibrate LIPN's thresholds: set one")
-    targets = hr_targets(dmin, cohort, ids, cancel, soft=soft, tau=cfg.lipn_target_tau)
+    targets = hr_targets(dmin, cohort, ids, cancel, soft=soft)
     for sid in ids:  # read (and cache) the LR patches up front: errors surface before training
         if bags.lr_patches(sid).shape[0] != targets[sid].shape[0]:
             raise HDMILError(f"{bags.path(sid)}: LR patches and features differ in number")
@@ -455,7 +449,6 @@ def train_lipn(
         "targets": cfg.lipn_targets,
         "stain_jitter": cfg.lipn_stain_jitter,
         "match": cfg.lipn_match,
-        "target_tau": cfg.lipn_target_tau,
         "threshold_calibration": calibration,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
