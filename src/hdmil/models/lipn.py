@@ -202,15 +202,16 @@ class LIPN(nn.Module):
             return torch.zeros(0, self.cfg.n_classes)
         device = next(self.parameters()).device
         out = []
-        with self._evaluating(), _few_cpu_threads(device, n):
-            for start in range(0, n, batch_size):
-                x = self.prepare(lr_uint8[start : start + batch_size]).to(device)
-                if self.cfg.dihedral_average:
-                    views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)]
-                    p = torch.stack([torch.sigmoid(self.forward(v) / self.cfg.tau) for v in views])
-                    out.append(p.mean(0).cpu())
-                else:
-                    out.append(torch.sigmoid(self.forward(x) / self.cfg.tau).cpu())
+        views = 8 if self.cfg.dihedral_average else 1
+        step = max(1, batch_size // views)  # patches per forward pass: ~batch_size inputs in all
+        with self._evaluating(), torch.inference_mode(), _few_cpu_threads(device, n):
+            for start in range(0, n, step):
+                x = self.prepare(lr_uint8[start : start + step]).to(device)
+                if views > 1:  # [8 * b, 3, 16, 16]: every flip / quarter turn in one pass
+                    x = torch.cat([torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)])
+                # channels-last halves the time of these tiny convolutions on the CPU (measured)
+                p = torch.sigmoid(self.forward(x.contiguous(memory_format=torch.channels_last)) / self.cfg.tau)
+                out.append(p.reshape(views, -1, p.shape[1]).mean(0).cpu())
         return torch.cat(out)
 
 
