@@ -169,9 +169,11 @@ def test_config_round_trip_is_json() -> None:
         LIPNConfig.from_dict({"n_classes": 2, "width": 3})
 
 
-def test_dihedral_average_is_orientation_free() -> None:
-    """With dihedral_average, P is the mean over the 8 flips / quarter turns, so turning or
-    mirroring the LR patches changes nothing; without it, it does."""
+@pytest.mark.parametrize("views", [4, 8])
+def test_averaged_views_are_orientation_free(views: int) -> None:
+    """With views=4 (quarter turns) P does not change when the LR patches are turned; with views=8
+    (also mirrored) not when they are mirrored either; with one view it does. P equals the mean
+    of the single-view probabilities over those orientations."""
     torch.manual_seed(0)
     plain = LIPN(LIPNConfig()).train()
     for m in plain.modules():  # running statistics of real inputs, so eval outputs vary
@@ -180,16 +182,21 @@ def test_dihedral_average_is_orientation_free() -> None:
     with torch.no_grad():
         plain(LIPN.prepare(_lr(256, seed=1)))
     plain.eval()
-    averaged = LIPN(dataclasses.replace(plain.cfg, dihedral_average=True))
+    averaged = LIPN(dataclasses.replace(plain.cfg, views=views))
     averaged.load_state_dict(plain.state_dict())
     lr = _lr(24)
-    turned = np.ascontiguousarray(np.rot90(lr, 1, axes=(1, 2))[:, :, ::-1])
+    turned = np.ascontiguousarray(np.rot90(lr, 1, axes=(1, 2)))
+    mirrored = np.ascontiguousarray(lr[:, :, ::-1])
     p = averaged.probabilities(lr)
     torch.testing.assert_close(averaged.probabilities(turned), p, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(plain.probabilities(turned), plain.probabilities(lr), atol=1e-4)
-    views = [np.ascontiguousarray(np.rot90(v, k, axes=(1, 2))) for v in (lr, lr[:, :, ::-1]) for k in range(4)]
-    manual = torch.stack([plain.probabilities(v) for v in views]).mean(0)
+    assert torch.allclose(averaged.probabilities(mirrored), p, atol=1e-6) == (views == 8)
+    sides = (lr, lr[:, :, ::-1]) if views == 8 else (lr,)
+    orientations = [np.ascontiguousarray(np.rot90(v, k, axes=(1, 2))) for v in sides for k in range(4)]
+    manual = torch.stack([plain.probabilities(v) for v in orientations]).mean(0)
     torch.testing.assert_close(p, manual, atol=1e-6, rtol=1e-5)
     # the setting travels with the config (and so with the checkpoint)
     back = LIPNConfig.from_dict(json.loads(json.dumps(averaged.cfg.to_dict())))
-    assert back.dihedral_average is True
+    assert back.views == views
+    with pytest.raises(ValueError, match="views"):
+        LIPNConfig(views=2)

@@ -419,7 +419,7 @@ def test_cli_train_and_evaluate_table(synth, tmp_path, capsys):
     assert sorted(p.name for p in (out / "splits").iterdir()) == [f"splits_{i}.csv" for i in range(4)]
     assert main(["train-lipn", *common, "--dmin", str(out), "--out", str(out),
                  "--epochs", "2", "--attention", "0.9", "--soft-targets", "--match", "bce",
-                 "--dihedral-average", "--stain-jitter", "0.5"]) == 0
+                 "--views", "8", "--stain-jitter", "0.5"]) == 0
     assert (out / "fold_0" / "hdmil.safetensors").is_file()
     assert (out / "fold_1" / "hdmil.safetensors").is_file()
     from hdmil.checkpoint import load_model
@@ -427,7 +427,7 @@ def test_cli_train_and_evaluate_table(synth, tmp_path, capsys):
     lipn_prov = load_model(out / "fold_0" / "hdmil.safetensors").config["provenance"]["lipn"]
     assert lipn_prov["targets"] == "soft" and lipn_prov["match"] == "bce"
     assert lipn_prov["stain_jitter"] == 0.5
-    assert load_model(out / "fold_0" / "hdmil.safetensors").lipn.cfg.dihedral_average is True
+    assert load_model(out / "fold_0" / "hdmil.safetensors").lipn.cfg.views == 8
     assert lipn_prov["threshold_calibration"]["share"] == 0.9
     assert len(lipn_prov["threshold_calibration"]["class_thresholds"]) == 2
     printed = capsys.readouterr().out

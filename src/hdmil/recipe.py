@@ -113,7 +113,7 @@ class RecipeConfig:
     lipn_recall: float | None = None  # or: one threshold keeping this share of DMIN's instances
     lipn_targets: str = "soft"  # σ(s/τ): LIPN learns DMIN's ranking, not only its 0/1 mask
     lipn_match: str = "bce"  # cross-entropy to σ(s/τ), not L1: ranks rare tumour patches higher
-    lipn_dihedral_average: bool = True  # P averaged over 8 flips / turns (docs/demo_model.md)
+    lipn_views: int = 4  # P averaged over the 4 quarter turns of each LR patch (docs/demo_model.md)
     threads: int = 2  # torch threads
     workers: int | None = None  # slide-making processes (default up to 2)
 
@@ -154,7 +154,7 @@ class RecipeConfig:
             lipn_batch_patches=self.lipn_batch_patches, lipn_recall=self.lipn_recall,
             lipn_attention=self.lipn_attention, lipn_lr=self.lipn_lr, lipn_targets=self.lipn_targets,
             lipn_stain_jitter=self.lipn_stain_jitter, lipn_match=self.lipn_match,
-            lipn_dihedral_average=self.lipn_dihedral_average,
+            lipn_views=self.lipn_views,
             seed=self.seed, device=device,
         )
 

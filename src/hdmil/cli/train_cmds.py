@@ -87,9 +87,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--match", choices=("l1", "bce"),
                    help="how LIPN's output is compared with DMIN's: the paper's L1 (default) or "
                    "cross-entropy (with --soft-targets; ranks rare tumour patches higher)")
-    p.add_argument("--dihedral-average", action="store_true",
-                   help="average LIPN's probabilities over the 8 flips / quarter turns of each "
-                   "LR patch (8x LIPN's small cost; steadier thresholds)")
+    p.add_argument("--views", type=int, choices=(1, 4, 8),
+                   help="average LIPN's probabilities over this many orientations of each LR "
+                   "patch: 4 quarter turns, 8 with the mirror image (default 1; costs views x "
+                   "LIPN's small time, ranks uncertain patches more steadily)")
     p.add_argument("--stain-jitter", type=float, metavar="STRENGTH",
                    help="a random H&E stain change per training slide, e.g. 1.0 (default 0: off); "
                    "helps when new slides are stained unlike the training slides")
@@ -263,8 +264,8 @@ def cmd_train_lipn(args: argparse.Namespace) -> int:
         cfg.lipn_targets = "soft"
     if args.match:
         cfg.lipn_match = args.match
-    if args.dihedral_average:
-        cfg.lipn_dihedral_average = True
+    if args.views:
+        cfg.lipn_views = args.views
     given = None
     cohort = None
     for ckpt in checkpoints:

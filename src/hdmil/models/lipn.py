@@ -48,9 +48,10 @@ class LIPNConfig:
     threshold: float = 0.5  # M_LR = 1[P > threshold]
     # ours: one threshold per class (set by attention calibration); None: ``threshold`` for all
     class_thresholds: tuple[float, ...] | None = None
-    # ours: average P over the 8 flips / quarter turns of each LR patch (H&E has no orientation);
-    # 8x LIPN's (small) cost, a steadier ranking of the patches it is unsure about
-    dihedral_average: bool = False
+    # ours: P is the mean over this many orientations of each LR patch (H&E has none): 1 (the
+    # paper), 4 quarter turns, or 8 (quarter turns of the patch and of its mirror image). A steadier
+    # ranking of the patches LIPN is unsure about, at views x LIPN's (small) cost
+    views: int = 1
     in_chans: int = 3
     input_px: int = 16  # LR patch side
     conv_widths: tuple[int, ...] = (16, 16, 16, 48, 24)  # conv3×3 s2, 3×3 s2, 1×1, 3×3 s2, 1×1
@@ -70,6 +71,8 @@ class LIPNConfig:
                     f"LIPNConfig.class_thresholds needs {self.n_classes} values, got "
                     f"{len(self.class_thresholds)}"
                 )
+        if self.views not in (1, 4, 8):
+            raise ValueError(f"LIPNConfig.views must be 1, 4 or 8, got {self.views}")
         if self.n_classes < 1:
             raise ValueError(f"LIPNConfig.n_classes must be >= 1, got {self.n_classes}")
         if self.tau <= 0:
@@ -196,19 +199,20 @@ class LIPN(nn.Module):
 
     def probabilities(self, lr_uint8: torch.Tensor | np.ndarray, batch_size: int = 4096) -> torch.Tensor:
         """Eval: LR patches uint8 [N, 16, 16, 3] -> P = sigmoid(logit / τ), float [N, C] on the CPU
-        (the mean over the 8 dihedral views of each patch with ``cfg.dihedral_average``)."""
+        (the mean over ``cfg.views`` orientations of each patch)."""
         n = int(lr_uint8.shape[0])
         if n == 0:
             return torch.zeros(0, self.cfg.n_classes)
         device = next(self.parameters()).device
         out = []
-        views = 8 if self.cfg.dihedral_average else 1
+        views = self.cfg.views
         step = max(1, batch_size // views)  # patches per forward pass: ~batch_size inputs in all
         with self._evaluating(), torch.inference_mode(), _few_cpu_threads(device, n):
             for start in range(0, n, step):
                 x = self.prepare(lr_uint8[start : start + step]).to(device)
-                if views > 1:  # [8 * b, 3, 16, 16]: every flip / quarter turn in one pass
-                    x = torch.cat([torch.rot90(v, k, dims=(2, 3)) for v in (x, x.flip(3)) for k in range(4)])
+                if views > 1:  # [views * b, 3, 16, 16]: every orientation in one pass
+                    sides = (x, x.flip(3)) if views == 8 else (x,)
+                    x = torch.cat([torch.rot90(v, k, dims=(2, 3)) for v in sides for k in range(4)])
                 # channels-last halves the time of these tiny convolutions on the CPU (measured)
                 p = torch.sigmoid(self.forward(x.contiguous(memory_format=torch.channels_last)) / self.cfg.tau)
                 out.append(p.reshape(views, -1, p.shape[1]).mean(0).cpu())

@@ -106,8 +106,8 @@ class TrainConfig:
     # "l1": the paper's L1 between LIPN's and DMIN's masks; "bce" (ours, with soft targets):
     # cross-entropy between LIPN's probabilities and σ(s / τ), which ranks rare tumour patches higher
     lipn_match: str = "l1"
-    # ours: LIPN's probabilities (thresholds, inference) averaged over the 8 dihedral views
-    lipn_dihedral_average: bool = False
+    # ours: LIPN's probabilities (thresholds, inference) averaged over 1, 4 or 8 orientations
+    lipn_views: int = 1
     # run
     seed: int = 0
     instances: str = "patch"

@@ -341,7 +341,7 @@ def train_lipn(
         p.requires_grad_(False)
     seed_everything(cfg.seed)
     lipn = LIPN(LIPNConfig(n_classes=cohort.n_classes, tau=cfg.lipn_tau,
-                           dihedral_average=cfg.lipn_dihedral_average)).to(device)
+                           views=cfg.lipn_views)).to(device)
     optimizer = torch.optim.Adam(
         lipn.parameters(), lr=cfg.lipn_lr, weight_decay=cfg.lipn_weight_decay
     )
