@@ -82,7 +82,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--attention", type=float, metavar="SHARE",
                    help="instead of --recall: one threshold per class, the highest whose kept "
                    "patches hold this share of DMIN's attention on the validation slides, e.g. 0.95")
-    p.add_argument("--soft-targets", action="store_true",
+    p.add_argument("--soft-targets", action="store_const", const="soft",
                    help="distil DMIN's scores σ(s/τ) instead of its 0/1 mask (same boundary)")
     p.add_argument("--match", choices=("l1", "bce"),
                    help="how LIPN's output is compared with DMIN's: the paper's L1 (default) or "
@@ -259,13 +259,8 @@ def cmd_train_lipn(args: argparse.Namespace) -> int:
         "epochs": "lipn_max_epochs", "min_epochs": "lipn_min_epochs", "patience": "lipn_patience",
         "lr": "lipn_lr", "weight_decay": "lipn_weight_decay", "batch_patches": "lipn_batch_patches",
         "recall": "lipn_recall", "attention": "lipn_attention", "stain_jitter": "lipn_stain_jitter",
+        "soft_targets": "lipn_targets", "match": "lipn_match", "views": "lipn_views",
     })
-    if args.soft_targets:
-        cfg.lipn_targets = "soft"
-    if args.match:
-        cfg.lipn_match = args.match
-    if args.views:
-        cfg.lipn_views = args.views
     given = None
     cohort = None
     for ckpt in checkpoints:

@@ -106,10 +106,8 @@ def _run_group(
     from hdmil.models.losses import lipn_loss
 
     bags = cohort.require_bags()
-    if jitter is not None:
-        lr = np.concatenate([jitter(bags.lr_patches(s), rng) for s in group])
-    else:
-        lr = np.concatenate([bags.lr_patches(s) for s in group])
+    lr = np.concatenate([bags.lr_patches(s) if jitter is None else jitter(bags.lr_patches(s), rng)
+                         for s in group])
     logits = lipn(lipn.prepare(lr).to(device))
     masks = torch.sigmoid(logits / lipn.cfg.tau) if soft else lipn.soft_mask(logits)
     losses, sums, pairs = [], {}, []
@@ -346,7 +344,7 @@ def train_lipn(
         lipn.parameters(), lr=cfg.lipn_lr, weight_decay=cfg.lipn_weight_decay
     )
     stopper = EarlyStopping(cfg.lipn_patience, cfg.lipn_min_epochs)
-    jitter = StainJitter(cfg.lipn_stain_jitter) if cfg.lipn_stain_jitter else None
+    jitter = StainJitter(cfg.lipn_stain_jitter)  # strength 0 (the paper) returns slides unchanged
 
     ids = list(split.train) + list(split.val)
     if progress is not None:
