@@ -29,6 +29,19 @@ def _lr(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, 16, 16, 3), dtype=np.uint8)
 
 
+def _lipn_on_lr(**kw) -> LIPN:
+    """A random LIPN whose BatchNorm holds the statistics of random LR patches, so its eval
+    probabilities differ from patch to patch."""
+    torch.manual_seed(0)
+    model = LIPN(LIPNConfig(**kw)).train()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        model(LIPN.prepare(_lr(256, seed=1)))
+    return model.eval()
+
+
 def test_output_shape_and_spatial_size_per_stage() -> None:
     model = _lipn(n_classes=3)
     sizes: list[tuple[int, int, int]] = []
@@ -174,14 +187,7 @@ def test_averaged_views_are_orientation_free(views: int) -> None:
     """With views=4 (quarter turns) P does not change when the LR patches are turned; with views=8
     (also mirrored) not when they are mirrored either; with one view it does. P equals the mean
     of the single-view probabilities over those orientations."""
-    torch.manual_seed(0)
-    plain = LIPN(LIPNConfig()).train()
-    for m in plain.modules():  # running statistics of real inputs, so eval outputs vary
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None
-    with torch.no_grad():
-        plain(LIPN.prepare(_lr(256, seed=1)))
-    plain.eval()
+    plain = _lipn_on_lr()
     averaged = LIPN(dataclasses.replace(plain.cfg, views=views))
     averaged.load_state_dict(plain.state_dict())
     lr = _lr(24)
@@ -200,3 +206,55 @@ def test_averaged_views_are_orientation_free(views: int) -> None:
     assert back.views == views
     with pytest.raises(ValueError, match="views"):
         LIPNConfig(views=2)
+
+
+def test_dilate_mask_grows_each_class_by_its_rings_on_the_grid() -> None:
+    """One kept patch in the middle of a 5 x 5 grid with a hole: ring 1 adds its 8 neighbours that
+    are tissue patches (not the hole), ring 2 the whole square; a class with 0 rings is unchanged."""
+    from hdmil.models.lipn import dilate_mask
+
+    rows, cols = np.mgrid[0:5, 0:5]
+    index = np.stack([rows.ravel(), cols.ravel()], 1) + 10  # anywhere on the slide's grid
+    hole = (index[:, 0] == 11) & (index[:, 1] == 12)
+    index = index[~hole]
+    centre = (index[:, 0] == 12) & (index[:, 1] == 12)
+    corner = (index[:, 0] == 10) & (index[:, 1] == 10)
+    mask = np.stack([centre | corner, centre], 1)  # [24, 2]
+    one = dilate_mask(mask, index, (0, 1))
+    assert np.array_equal(one[:, 0], mask[:, 0])
+    near = np.abs(index - 12).max(axis=1) <= 1
+    assert np.array_equal(one[:, 1], near) and int(one[:, 1].sum()) == 8  # 9 cells minus the hole
+    two = dilate_mask(mask, index, (1, 2))
+    assert two[:, 1].all()
+    assert np.array_equal(two[:, 0], near | (np.abs(index - 10).max(axis=1) <= 1))
+    assert dilate_mask(mask[:0], index[:0], (1, 1)).shape == (0, 2)
+    with pytest.raises(ValueError, match="index"):
+        dilate_mask(mask, index[:5], (0, 1))
+
+
+def test_keep_mask_dilates_with_the_grid_index() -> None:
+    from hdmil.models.lipn import dilate_mask, grid_index
+
+    model = _lipn_on_lr(n_classes=2)
+    lr = _lr(40, seed=5)
+    t1 = float(torch.quantile(model.probabilities(lr)[:, 1], 0.9))  # class 1 keeps a few patches
+    grown = LIPN(dataclasses.replace(model.cfg, dilation=(0, 1), class_thresholds=(0.5, t1)))
+    grown.load_state_dict(model.state_dict())
+    coords = np.stack([np.arange(40) % 8, np.arange(40) // 8], 1) * 512  # level-0 (x, y)
+    index = grid_index(coords, 512)
+    assert np.array_equal(index[9], [1, 1])  # (row, col)
+    plain = grown.probabilities(lr) > torch.tensor([0.5, t1])
+    mask = grown.keep_mask(lr, index=index)
+    assert torch.equal(mask, torch.from_numpy(dilate_mask(plain.numpy(), index, (0, 1))))
+    assert bool((mask | ~plain).all()) and int(mask[:, 1].sum()) > int(plain[:, 1].sum())
+    with pytest.raises(ValueError, match="grid index"):
+        grown.keep_mask(lr)
+    assert torch.equal(model.keep_mask(lr), model.keep_mask(lr, index=index))  # no dilation: no grid
+    back = LIPNConfig.from_dict(json.loads(json.dumps(grown.cfg.to_dict())))
+    assert back.dilation == (0, 1)
+    with pytest.raises(ValueError, match="dilation"):
+        LIPNConfig(n_classes=2, dilation=(1,))
+    from hdmil.errors import FeatureFileError
+
+    with pytest.raises(FeatureFileError, match="slide_7.h5.*no patch coords"):
+        grid_index(None, 512, "slide_7.h5")

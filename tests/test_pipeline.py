@@ -313,6 +313,30 @@ def test_prescreen_then_classify_reuses_the_grid_and_mask(synthetic_slide, model
     assert again.timings["tissue"] == ps.timings["tissue"]
 
 
+def test_dilating_lipn_keeps_the_neighbours_of_its_kept_patches(synthetic_slide, model, encoder):
+    """A LIPN with dilation (0, 1) keeps, for class 1, its thresholded patches plus their 8
+    neighbours on the slide's patch grid; class 0 keeps what it kept without dilation."""
+    import copy
+
+    from hdmil.models.lipn import dilate_mask
+    from hdmil.pipeline import prescreen
+
+    grown = copy.deepcopy(model)
+    with open_slide(synthetic_slide) as slide:
+        grid = build_grid(slide)
+        probs = model.lipn.probabilities(grid.lr_patches()).numpy()
+    # class 1 keeps its top tenth, so there are neighbours to add
+    grown.lipn.cfg.class_thresholds = (0.5, float(np.quantile(probs[:, 1], 0.9)))
+    grown.lipn.cfg.dilation = (0, 1)
+    plain = probs > np.array(grown.lipn.cfg.class_thresholds, np.float32)
+    ps = prescreen(synthetic_slide, grown)
+    np.testing.assert_array_equal(ps.lipn_mask, dilate_mask(plain, grid.index, (0, 1)))
+    assert ps.lipn_mask[:, 1].sum() > plain[:, 1].sum()
+    np.testing.assert_array_equal(ps.lipn_mask[:, 0], plain[:, 0])
+    result = run_slide(synthetic_slide, grown, encoder=encoder, batch_size=8, prescreened=ps)
+    np.testing.assert_array_equal(result.lipn_mask, ps.lipn_mask)
+
+
 def test_prescreen_from_another_setting_is_refused(synthetic_slide, model, encoder):
     from hdmil.pipeline import prescreen
 

@@ -260,6 +260,40 @@ def test_lipn_attention_calibration(trained, synth, tmp_path):
 
 
 @pytest.mark.slow
+def test_lipn_attention_shares_per_class_and_dilation(trained, synth, tmp_path):
+    """One share per class calibrates each class as that share alone would; a dilating LIPN keeps
+    the same thresholds, and the kept ratios reported count the neighbours it adds."""
+    from hdmil.checkpoint import load_model
+    from hdmil.train.lipn_trainer import calibrate_attention
+
+    _, _, res = trained
+    cohort, splits = synth[4], synth[5]
+    model = load_model(res.checkpoint)
+    ids = list(splits[0].val) + list(splits[0].test)
+    loose = calibrate_attention(model.lipn, model.dmin, cohort, ids, share=0.99)["class_thresholds"]
+    tight = calibrate_attention(model.lipn, model.dmin, cohort, ids, share=0.5)["class_thresholds"]
+    mixed = calibrate_attention(model.lipn, model.dmin, cohort, ids, share=(0.99, 0.5))
+    assert mixed["class_thresholds"] == [loose[0], tight[1]] and mixed["share"] == [0.99, 0.5]
+    model.lipn.cfg.dilation = (0, 1)
+    grown = calibrate_attention(model.lipn, model.dmin, cohort, ids, share=(0.99, 0.5))
+    assert grown["class_thresholds"] == mixed["class_thresholds"]
+    kept = torch.cat([model.lipn.keep_mask(cohort.bags.lr_patches(s), index=cohort.bags.grid_index(s))
+                      for s in ids])
+    assert grown["kept_ratio"] == pytest.approx(float(kept.any(dim=1).float().mean()))
+    assert grown["class_kept_ratio"][1] > mixed["class_kept_ratio"][1]
+    assert grown["class_kept_ratio"][0] == pytest.approx(mixed["class_kept_ratio"][0])
+    # evaluation hands LIPN the patch grid too (without it a dilating LIPN refuses to run)
+    result = evaluate_model(model, cohort, ids, use_lipn=True)
+    assert len(result.kept_ratio) == len(ids)
+    with pytest.raises(HDMILError, match="lipn_attention"):
+        calibrate_attention(model.lipn, model.dmin, cohort, ids, share=(0.9, 0.9, 0.9))
+    with pytest.raises(HDMILError, match="3 shares for 2 classes"):
+        train_lipn(cohort, splits[0], res.checkpoint, TrainConfig(lipn_attention=(0.9, 0.9, 0.9)),
+                   tmp_path / "shares")
+    with pytest.raises(HDMILError, match="1 ring counts for 2 classes"):
+        train_lipn(cohort, splits[0], res.checkpoint, TrainConfig(lipn_dilation=(1,)), tmp_path / "rings")
+
+
 def test_lipn_soft_targets_rank_like_dmin(trained, synth, tmp_path):
     """Soft targets σ(s/τ): LIPN's probabilities follow DMIN's scores, and tumour is kept."""
     from hdmil.checkpoint import load_model
@@ -418,8 +452,8 @@ def test_cli_train_and_evaluate_table(synth, tmp_path, capsys):
                  "--epochs", "2", "--hidden", "32", "--attn-dim", "16", "--k-sample", "4"]) == 0
     assert sorted(p.name for p in (out / "splits").iterdir()) == [f"splits_{i}.csv" for i in range(4)]
     assert main(["train-lipn", *common, "--dmin", str(out), "--out", str(out),
-                 "--epochs", "2", "--attention", "0.9", "--soft-targets", "--match", "bce",
-                 "--views", "8", "--stain-jitter", "0.5"]) == 0
+                 "--epochs", "2", "--attention", "0.8,0.95", "--dilation", "0,1", "--soft-targets",
+                 "--match", "bce", "--views", "8", "--stain-jitter", "0.5"]) == 0
     assert (out / "fold_0" / "hdmil.safetensors").is_file()
     assert (out / "fold_1" / "hdmil.safetensors").is_file()
     from hdmil.checkpoint import load_model
@@ -427,11 +461,15 @@ def test_cli_train_and_evaluate_table(synth, tmp_path, capsys):
     lipn_prov = load_model(out / "fold_0" / "hdmil.safetensors").config["provenance"]["lipn"]
     assert lipn_prov["targets"] == "soft" and lipn_prov["match"] == "bce"
     assert lipn_prov["stain_jitter"] == 0.5
-    assert load_model(out / "fold_0" / "hdmil.safetensors").lipn.cfg.views == 8
-    assert lipn_prov["threshold_calibration"]["share"] == 0.9
+    fold0 = load_model(out / "fold_0" / "hdmil.safetensors").lipn.cfg
+    assert fold0.views == 8 and fold0.dilation == (0, 1)
+    assert lipn_prov["threshold_calibration"]["share"] == [0.8, 0.95]
     assert len(lipn_prov["threshold_calibration"]["class_thresholds"]) == 2
     printed = capsys.readouterr().out
     assert "branch AUC" in printed
+    with pytest.raises(SystemExit):
+        main(["train-lipn", *common, "--dmin", str(out), "--out", str(out), "--dilation", "one"])
+    assert "not comma-separated ring counts: 'one'" in capsys.readouterr().err
     assert main(["evaluate", *common, "--model", str(out), "--splits", str(out / "splits"),
                  "--csv", str(tmp_path / "table.csv")]) == 0
     text = capsys.readouterr().out

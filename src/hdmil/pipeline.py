@@ -287,7 +287,7 @@ def _prescreen_open(
     report("lipn", 0, n)
     t0 = time.perf_counter()
     if use_lipn:
-        lipn_mask = np.asarray(model.lipn.keep_mask(grid.lr_patches()), dtype=bool).reshape(n, len(classes))
+        lipn_mask = np.asarray(model.lipn.keep_mask(grid.lr_patches(), index=grid.index), dtype=bool).reshape(n, len(classes))
     else:
         lipn_mask = np.ones((n, len(classes)), dtype=bool)
     t_lipn = time.perf_counter() - t0
@@ -545,7 +545,7 @@ def warm_up(model: Any, encoder: Any, patch_px: int = 256) -> None:
     """
     lr = np.full((2, 16, 16, 3), 200, np.uint8)
     if getattr(model, "lipn", None) is not None:
-        model.lipn.keep_mask(lr)
+        model.lipn.keep_mask(lr, index=np.array([[0, 0], [0, 1]]))
     encoder.embed(np.full((2, patch_px, patch_px, 3), 200, np.uint8))
     model.dmin.predict(np.zeros((2, int(model.dmin.cfg.in_dim)), np.float32), mask=None)
 

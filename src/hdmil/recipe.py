@@ -108,8 +108,12 @@ class RecipeConfig:
     lipn_patience: int = 5
     lipn_batch_patches: int = 256  # ~2 slides per LIPN step: 8x the steps of the default 2048
     lipn_lr: float = 1e-3  # the paper's 1e-4 is for cohorts 100x larger: here it stops unconverged
-    # one LIPN threshold per class, the highest that keeps 98% of DMIN's validation attention
-    lipn_attention: float | None = 0.98
+    # one LIPN threshold per class (normal, tumour), the highest whose kept set holds this share of
+    # DMIN's validation attention: normal attention is spread thin over all tissue, so 85% of it
+    # changes little; tumour attention sits on few patches (docs/demo_model.md)
+    lipn_attention: float | tuple[float, ...] | None = (0.85, 0.98)
+    # rings of neighbours joining each patch LIPN keeps (normal, tumour): the tumour set's boundary
+    lipn_dilation: tuple[int, ...] | None = (0, 1)
     lipn_recall: float | None = None  # or: one threshold keeping this share of DMIN's instances
     lipn_targets: str = "soft"  # σ(s/τ): LIPN learns DMIN's ranking, not only its 0/1 mask
     lipn_match: str = "bce"  # cross-entropy to σ(s/τ), not L1: ranks rare tumour patches higher
@@ -154,7 +158,7 @@ class RecipeConfig:
             lipn_batch_patches=self.lipn_batch_patches, lipn_recall=self.lipn_recall,
             lipn_attention=self.lipn_attention, lipn_lr=self.lipn_lr, lipn_targets=self.lipn_targets,
             lipn_stain_jitter=self.lipn_stain_jitter, lipn_match=self.lipn_match,
-            lipn_views=self.lipn_views,
+            lipn_views=self.lipn_views, lipn_dilation=self.lipn_dilation,
             seed=self.seed, device=device,
         )
 
@@ -464,7 +468,8 @@ def heldout_metrics(
             with np.load(cohort_dir / s["truth_npz"]) as t:  # every tumour patch, found or not
                 n_truth = int((np.asarray(t["tumor_fraction"]) >= TUMOR_AT).sum())
             dagger = model.dmin.predict(x, None)
-            lipn_mask = np.asarray(model.lipn.keep_mask(bag.lr_patches), bool)
+            index = bag.grid_index() if model.lipn.dilates else None
+            lipn_mask = np.asarray(model.lipn.keep_mask(bag.lr_patches, index=index), bool)
             hdmil = model.dmin.predict(x, torch.as_tensor(lipn_mask))
             kept = lipn_mask.any(axis=1)
             scores = dagger.scores[:, t_idx].numpy()

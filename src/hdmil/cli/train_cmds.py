@@ -79,9 +79,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--recall", type=float, metavar="SHARE",
                    help="lower LIPN's threshold (from 0.5) until it keeps this share of the validation "
                    "patches DMIN keeps, e.g. 0.97 (default: the paper's fixed 0.5)")
-    p.add_argument("--attention", type=float, metavar="SHARE",
+    p.add_argument("--attention", type=_shares, metavar="SHARE[,SHARE...]",
                    help="instead of --recall: one threshold per class, the highest whose kept "
-                   "patches hold this share of DMIN's attention on the validation slides, e.g. 0.95")
+                   "patches hold this share of DMIN's attention on the validation slides, e.g. 0.95, "
+                   "or one share per class in class order, e.g. 0.85,0.98")
+    p.add_argument("--dilation", type=_rings, metavar="R,R...",
+                   help="per class (in class order), rings of neighbouring patches that join each "
+                   "patch LIPN keeps for it, e.g. 0,1 (default: none)")
     p.add_argument("--soft-targets", action="store_const", const="soft",
                    help="distil DMIN's scores σ(s/τ) instead of its 0/1 mask (same boundary)")
     p.add_argument("--match", choices=("l1", "bce"),
@@ -248,6 +252,23 @@ def _dmin_checkpoints(path: Path) -> list[Path]:
     return find_fold_checkpoints(path)
 
 
+def _shares(text: str) -> float | tuple[float, ...]:
+    """"0.95" -> 0.95 (every class); "0.85,0.98" -> one share per class."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a share or comma-separated shares: {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _rings(text: str) -> tuple[int, ...]:
+    """"0,1" -> (0, 1): ring counts, one per class."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated ring counts: {text!r}") from None
+
+
 def cmd_train_lipn(args: argparse.Namespace) -> int:
     from hdmil.checkpoint import load_model
     from hdmil.train.evaluate import model_split
@@ -260,6 +281,7 @@ def cmd_train_lipn(args: argparse.Namespace) -> int:
         "lr": "lipn_lr", "weight_decay": "lipn_weight_decay", "batch_patches": "lipn_batch_patches",
         "recall": "lipn_recall", "attention": "lipn_attention", "stain_jitter": "lipn_stain_jitter",
         "soft_targets": "lipn_targets", "match": "lipn_match", "views": "lipn_views",
+        "dilation": "lipn_dilation",
     })
     given = None
     cohort = None

@@ -47,6 +47,12 @@ class FeatureBag:
     def dim(self) -> int:
         return int(self.features.shape[1])
 
+    def grid_index(self) -> np.ndarray:
+        """int64 [N, 2]: each patch's (row, col) on the slide's patch grid (LIPN's dilation)."""
+        from hdmil.models.lipn import grid_index
+
+        return grid_index(self.coords, self.attrs.get("patch_size_level0"), self.path or self.slide_id)
+
 
 # --------------------------------------------------------------------------------------------------
 # Writing

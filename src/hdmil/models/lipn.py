@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from hdmil.errors import FeatureFileError
 from hdmil.models._eval import evaluating
 from hdmil.models.losses import binarize_st
 
-__all__ = ["LIPN", "LIPNConfig", "ConvBNReLU", "UIBlock"]
+__all__ = ["LIPN", "LIPNConfig", "ConvBNReLU", "UIBlock", "dilate_mask", "grid_index"]
 
 
 @dataclass
@@ -52,6 +53,10 @@ class LIPNConfig:
     # paper), 4 quarter turns, or 8 (quarter turns of the patch and of its mirror image). A steadier
     # ranking of the patches LIPN is unsure about, at views x LIPN's (small) cost
     views: int = 1
+    # ours: per class, how many rings of neighbouring patches join each patch that class keeps
+    # (0: none; None: 0 for all, the paper). Tumour is contiguous, and at 16 px its boundary
+    # patches (half tumour) look half normal: growing the tumour set by one ring reads them
+    dilation: tuple[int, ...] | None = None
     in_chans: int = 3
     input_px: int = 16  # LR patch side
     conv_widths: tuple[int, ...] = (16, 16, 16, 48, 24)  # conv3×3 s2, 3×3 s2, 1×1, 3×3 s2, 1×1
@@ -71,6 +76,12 @@ class LIPNConfig:
                     f"LIPNConfig.class_thresholds needs {self.n_classes} values, got "
                     f"{len(self.class_thresholds)}"
                 )
+        if self.dilation is not None:
+            self.dilation = tuple(int(r) for r in self.dilation)
+            if len(self.dilation) != self.n_classes or min(self.dilation) < 0:
+                raise ValueError(
+                    f"LIPNConfig.dilation needs {self.n_classes} ring counts >= 0, got {self.dilation}"
+                )
         if self.views not in (1, 4, 8):
             raise ValueError(f"LIPNConfig.views must be 1, 4 or 8, got {self.views}")
         if self.n_classes < 1:
@@ -89,6 +100,8 @@ class LIPNConfig:
         d["uib_kernels"] = [list(k) for k in self.uib_kernels]
         if self.class_thresholds is not None:
             d["class_thresholds"] = list(self.class_thresholds)
+        if self.dilation is not None:
+            d["dilation"] = list(self.dilation)
         return d
 
     def thresholds(self) -> torch.Tensor:
@@ -193,9 +206,32 @@ class LIPN(nn.Module):
     def _evaluating(self) -> contextlib.AbstractContextManager[None]:
         return evaluating(self)
 
-    def keep_mask(self, lr_uint8: torch.Tensor | np.ndarray, batch_size: int = 4096) -> torch.Tensor:
-        """Eval: LR patches uint8 [N, 16, 16, 3] -> bool [N, C] on the CPU (which instances each class keeps)."""
-        return self.probabilities(lr_uint8, batch_size) > self.cfg.thresholds()
+    @property
+    def dilates(self) -> bool:
+        """Whether a kept set grows into neighbouring patches (then ``keep_mask`` needs ``index``)."""
+        return self.cfg.dilation is not None and max(self.cfg.dilation) > 0
+
+    def keep_mask(
+        self,
+        lr_uint8: torch.Tensor | np.ndarray,
+        batch_size: int = 4096,
+        index: np.ndarray | None = None,
+    ) -> torch.Tensor:
+        """Eval: LR patches uint8 [N, 16, 16, 3] -> bool [N, C] on the CPU (which instances each
+        class keeps): P > the class's threshold, grown by ``cfg.dilation`` rings on the patch grid.
+
+        index: int [N, 2] each patch's (row, col) on the slide's patch grid (``PatchGrid.index``,
+        ``grid_index``); needed when the config dilates.
+        """
+        keep = self.probabilities(lr_uint8, batch_size) > self.cfg.thresholds()
+        if not self.dilates:
+            return keep
+        if index is None:
+            raise ValueError(
+                f"this LIPN grows its kept sets by {list(self.cfg.dilation)} rings of patches: "
+                "keep_mask needs each patch's grid index"
+            )
+        return torch.from_numpy(dilate_mask(keep.numpy(), index, self.cfg.dilation))
 
     def probabilities(self, lr_uint8: torch.Tensor | np.ndarray, batch_size: int = 4096) -> torch.Tensor:
         """Eval: LR patches uint8 [N, 16, 16, 3] -> P = sigmoid(logit / τ), float [N, C] on the CPU
@@ -217,6 +253,46 @@ class LIPN(nn.Module):
                 p = torch.sigmoid(self.forward(x.contiguous(memory_format=torch.channels_last)) / self.cfg.tau)
                 out.append(p.reshape(views, -1, p.shape[1]).mean(0).cpu())
         return torch.cat(out)
+
+
+def grid_index(coords: np.ndarray | None, patch_size_level0: int | None, where: Any = "") -> np.ndarray:
+    """Level-0 (x, y) int [N, 2] of patches on a grid of ``patch_size_level0`` px -> (row, col)
+    int64 [N, 2]. ``where`` (a feature file) names the source in the error when either is missing."""
+    if coords is None or not patch_size_level0:
+        raise FeatureFileError(
+            f"{where or 'features'}: no patch coords or patch_size_level0, so no patch grid for "
+            "LIPN's dilation; re-run `hdmil features` on the slide"
+        )
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    return coords[:, ::-1] // int(patch_size_level0)
+
+
+def dilate_mask(mask: np.ndarray, index: np.ndarray, rings: tuple[int, ...]) -> np.ndarray:
+    """Grow each class's kept set into its neighbours on the patch grid.
+
+    mask: bool [N, C]; index: int [N, 2] (row, col) of each patch; rings: [C] ring counts (a ring
+    = the 8 neighbours: a square of side 2r + 1). Returns bool [N, C]; only listed (tissue) patches
+    can join, and a set never shrinks.
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    index = np.asarray(index, dtype=np.int64).reshape(-1, 2)
+    if index.shape[0] != mask.shape[0]:
+        raise ValueError(f"index must be [N={mask.shape[0]}, 2], got {index.shape}")
+    out = mask.copy()
+    if not len(index):
+        return out
+    rc = index - index.min(axis=0)  # the patches' bounding box, not the whole slide
+    shape = tuple(int(v) + 1 for v in rc.max(axis=0))
+    for c, r in enumerate(rings):
+        if r <= 0 or not mask[:, c].any():
+            continue
+        raster = np.zeros(shape, bool)
+        raster[rc[:, 0], rc[:, 1]] = mask[:, c]
+        grown = ndimage.binary_dilation(raster, structure=np.ones((2 * r + 1,) * 2, bool))
+        out[:, c] = grown[rc[:, 0], rc[:, 1]]
+    return out
 
 
 @contextlib.contextmanager

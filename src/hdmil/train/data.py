@@ -322,6 +322,13 @@ class BagDataset:
             raise HDMILError("LR patches (LIPN) exist for patch instances only, not regions")
         return self._get("lr", slide_id, load)
 
+    def grid_index(self, slide_id: str) -> np.ndarray:
+        """int64 [N, 2]: each patch's (row, col) on its slide's patch grid (LIPN's dilation)."""
+        from hdmil.models.lipn import grid_index
+
+        bag = self[slide_id]
+        return grid_index(bag.coords, bag.attrs.get("patch_size_level0"), self.path(slide_id))
+
     def first_attrs(self) -> dict[str, Any]:
         """The attributes of the first feature file (encoder, dim, patch geometry)."""
         if not self.files:

@@ -98,8 +98,12 @@ class TrainConfig:
     # σ(s / τ) and LIPN's probability, the same boundary (σ(s/τ) > 0.5 ⟺ s > 0) with DMIN's margin
     lipn_targets: str = "mask"
     # ours, instead of lipn_recall: one threshold per class, the highest whose kept set holds this
-    # share of DMIN's attention (pooling weight) for the class on the validation slides
-    lipn_attention: float | None = None
+    # share of DMIN's attention (pooling weight) for the class on the validation slides; one share
+    # for every class, or one per class (in class order)
+    lipn_attention: float | tuple[float, ...] | None = None
+    # ours: per class, rings of neighbouring patches that join each patch LIPN keeps for the class
+    # (LIPNConfig.dilation; None: none, the paper)
+    lipn_dilation: tuple[int, ...] | None = None
     # ours: a random stain change per training slide (hdmil.augment.StainJitter strength; 0 = off,
     # the paper), so LIPN's 16 px view does not learn the training slides' stains
     lipn_stain_jitter: float = 0.0

@@ -141,7 +141,8 @@ def evaluate_model(
         x = bags[sid].features
         mask = None
         if use_lipn:
-            mask = torch.as_tensor(lipn.keep_mask(bags.lr_patches(sid))).bool()
+            index = bags.grid_index(sid) if lipn.dilates else None
+            mask = torch.as_tensor(lipn.keep_mask(bags.lr_patches(sid), index=index)).bool()
         pred = dmin.predict(x, mask)
         probs.append(pred.probabilities.float().cpu().numpy())
         kept.append(float(pred.kept_ratio))

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from hdmil.errors import CheckpointError, HDMILError
+from hdmil.models.lipn import dilate_mask
 from hdmil.train.data import Cohort
 from hdmil.train.dmin_trainer import (
     CSVLog,
@@ -177,6 +178,15 @@ def _agreement(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, floa
     }
 
 
+def _kept(lipn: torch.nn.Module, probs: list[torch.Tensor], bags: Any, slide_ids: Sequence[str]) -> torch.Tensor:
+    """LIPN's kept sets at its current thresholds, dilation included: bool [sum N, C]."""
+    kept = [p > lipn.cfg.thresholds() for p in probs]  # bool [N, C] per slide
+    if lipn.dilates:
+        kept = [torch.from_numpy(dilate_mask(k.numpy(), bags.grid_index(sid), lipn.cfg.dilation))
+                for k, sid in zip(kept, slide_ids)]
+    return torch.cat(kept) if kept else torch.zeros(0, lipn.cfg.n_classes, dtype=torch.bool)
+
+
 @torch.no_grad()
 def calibrate_threshold(
     lipn: torch.nn.Module,
@@ -211,7 +221,7 @@ def calibrate_threshold(
     else:
         threshold = default
     lipn.cfg.threshold = threshold
-    kept = p > threshold
+    kept = _kept(lipn, probs, bags, slide_ids)
     return {
         "threshold": threshold,
         "recall": float((kept & m).sum() / m.sum()) if m.any() else math.nan,
@@ -226,22 +236,28 @@ def calibrate_attention(
     dmin: torch.nn.Module,
     cohort: Cohort,
     slide_ids: Sequence[str],
-    share: float,
+    share: float | Sequence[float],
     cancel: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Set one LIPN threshold per class (``lipn.cfg.class_thresholds``): the highest with which
     LIPN's kept set holds ``share`` of DMIN's attention for that class, on average over
-    ``slide_ids``.
+    ``slide_ids``. ``share``: one for every class, or one per class.
 
     DMIN's attention for class c is its evaluation pooling weight: softmax of s[:, c] over the
     instances it keeps (s > 0). Pooling is a weighted mean, so instances with little weight change
     the prediction little whether LIPN keeps them or not; a class whose attention is spread thin
     over every patch (say, "normal" on any slide) then no longer keeps every patch it marks, while a
     class whose attention sits on a few patches (tumour) keeps those. Thresholds may lie above the
-    paper's 0.5. Returns per class the threshold, the attention share held, and the kept ratio.
+    paper's 0.5. The thresholds are set before LIPN's dilation (which only adds patches); the kept
+    ratios returned count it. Returns per class the threshold, the attention share held, and the
+    kept ratios.
     """
-    if not 0.0 < share <= 1.0:
-        raise HDMILError(f"lipn_attention must be in (0, 1], got {share}")
+    n_classes = lipn.cfg.n_classes
+    shares = [float(share)] * n_classes if np.isscalar(share) else [float(v) for v in share]
+    if len(shares) != n_classes or not all(0.0 < v <= 1.0 for v in shares):
+        raise HDMILError(
+            f"lipn_attention must be one share in (0, 1] or {n_classes} of them, got {share}"
+        )
     bags = cohort.require_bags()
     probs, weights = [], []
     for sid in slide_ids:
@@ -249,7 +265,6 @@ def calibrate_attention(
         # DMIN's pooling weights [N, C], NaN outside each class's kept set: 0 there
         weights.append(torch.nan_to_num(dmin.predict(bags[sid].features, None).attention, nan=0.0))
         probs.append(lipn.probabilities(bags.lr_patches(sid)))  # [N, C]
-    n_classes = lipn.cfg.n_classes
     thresholds, held = [], []
     for c in range(n_classes):
         # each slide that keeps anything for c counts once: its weights sum to 1 over its instances
@@ -262,21 +277,21 @@ def calibrate_attention(
         w = torch.cat([weights[i][:, c] for i in slides]).numpy() / len(slides)
         order = np.argsort(-p, kind="stable")
         covered = np.cumsum(w[order])  # attention held when the threshold is just below p[order[i]]
-        i = int(np.searchsorted(covered, share * (1 - 1e-9)))
+        i = int(np.searchsorted(covered, shares[c] * (1 - 1e-9)))
         i = min(i, len(order) - 1)
         # just under that patch's P (float32, as P > threshold compares): it and its ties are kept
         t = float(np.nextafter(p[order[i]], np.float32(-np.inf)))
         thresholds.append(t)
         held.append(float(w[p > t].sum()))
     lipn.cfg.class_thresholds = tuple(thresholds)
-    p_all = torch.cat(probs) if probs else torch.zeros(0, n_classes)
-    kept = p_all > lipn.cfg.thresholds()
+    k_all = _kept(lipn, probs, bags, slide_ids)
     return {
-        "share": share,
+        "share": shares if not np.isscalar(share) else float(share),
         "class_thresholds": thresholds,
         "attention_held": held,
-        "kept_ratio": float(kept.any(dim=1).float().mean()) if len(p_all) else math.nan,
-        "class_kept_ratio": [float(v) for v in kept.float().mean(dim=0)] if len(p_all) else [],
+        "dilation": list(lipn.cfg.dilation) if lipn.cfg.dilation is not None else None,
+        "kept_ratio": float(k_all.any(dim=1).float().mean()) if len(k_all) else math.nan,
+        "class_kept_ratio": [float(v) for v in k_all.float().mean(dim=0)] if len(k_all) else [],
     }
 
 
@@ -337,9 +352,17 @@ def train_lipn(
     dmin.to(device).eval()
     for p in dmin.parameters():
         p.requires_grad_(False)
+    n_classes = cohort.n_classes
+    shares = cfg.lipn_attention
+    if shares is not None and not np.isscalar(shares) and len(shares) != n_classes:
+        raise HDMILError(f"lipn_attention has {len(shares)} shares for {n_classes} classes "
+                         f"({', '.join(cohort.classes)})")
+    if cfg.lipn_dilation is not None and len(cfg.lipn_dilation) != n_classes:
+        raise HDMILError(f"lipn_dilation has {len(cfg.lipn_dilation)} ring counts for {n_classes} "
+                         f"classes ({', '.join(cohort.classes)})")
     seed_everything(cfg.seed)
-    lipn = LIPN(LIPNConfig(n_classes=cohort.n_classes, tau=cfg.lipn_tau,
-                           views=cfg.lipn_views)).to(device)
+    lipn = LIPN(LIPNConfig(n_classes=n_classes, tau=cfg.lipn_tau, views=cfg.lipn_views,
+                           dilation=cfg.lipn_dilation)).to(device)
     optimizer = torch.optim.Adam(
         lipn.parameters(), lr=cfg.lipn_lr, weight_decay=cfg.lipn_weight_decay
     )
@@ -447,6 +470,7 @@ def train_lipn(
         "targets": cfg.lipn_targets,
         "stain_jitter": cfg.lipn_stain_jitter,
         "match": cfg.lipn_match,
+        "dilation": cfg.lipn_dilation,
         "threshold_calibration": calibration,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
