@@ -130,9 +130,14 @@ def test_killed_worker_loses_nothing(slide_folder, batch_model, tmp_path):
     _assert_complete(out, good)
     assert not list(out.rglob("*.tmp*")) and not list(out.rglob(".*tmp*"))
 
-    # A re-run does no work: every slide is skipped before any task is submitted.
+    # A re-run does no work: every slide is skipped before any task is submitted; it clears what a
+    # worker killed mid-write left behind (the killing above leaves such a file only sometimes).
+    stale = out / good[0] / ".report.json.abc123.tmp"
+    stale.write_text("{")
     again = run_batch(slides, out, model_path=batch_model, workers=1)
     assert again.n_skipped == len(good) and again.n_ok == 0
+    assert not stale.exists()
+    _assert_complete(out, good)
 
 
 def test_features_on_dask_workers(slide_folder, tmp_path, capsys):

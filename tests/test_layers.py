@@ -147,8 +147,18 @@ def test_lipn_decision_values_and_layer():
     cmap = layer.colormap.map(np.array([0, 1, 2]))
     assert cmap[0, 3] == 0 and cmap[1, 3] > 0 and cmap[2, 3] > 0  # no tissue is transparent
     assert not np.allclose(cmap[1], cmap[2])  # kept and discarded differ
-    assert list(layer.features["decision"]) == [_layers.LIPN_LEGEND[v] for v in (0, 1, 2)]
+    assert list(layer.features["decision"]) == [_layers.LIPN_LEGEND[v] for v in (0, 1, 2, 3)]
     assert kwargs["metadata"]["kept_per_class"] == {"normal": 4, "tumor": 3}
+    assert kwargs["metadata"]["kept_as_neighbour"] == 0
+    # patches kept only through LIPN's dilation get their own value and colour
+    r.neighbour = r.kept & (np.arange(len(r.kept)) % 2 == 0)
+    assert r.neighbour.any() and not r.neighbour.all()
+    grown, kwargs, _ = _layers.lipn_layer(r)
+    expect[r.grid_index[:, 0], r.grid_index[:, 1]] = np.where(r.neighbour, 3, np.where(r.kept, 2, 1))
+    np.testing.assert_array_equal(grown, expect)
+    assert kwargs["metadata"]["kept_as_neighbour"] == int(r.neighbour.sum())
+    cmap = _layer((grown, kwargs, "labels")).colormap.map(np.array([2, 3]))
+    assert cmap[1, 3] > 0 and not np.allclose(cmap[0], cmap[1])
 
 
 @pytest.mark.parametrize("mode", ["raw", "percentile"])

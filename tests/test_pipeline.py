@@ -313,7 +313,7 @@ def test_prescreen_then_classify_reuses_the_grid_and_mask(synthetic_slide, model
     assert again.timings["tissue"] == ps.timings["tissue"]
 
 
-def test_dilating_lipn_keeps_the_neighbours_of_its_kept_patches(synthetic_slide, model, encoder):
+def test_dilating_lipn_keeps_the_neighbours_of_its_kept_patches(synthetic_slide, model, encoder, tmp_path):
     """A LIPN with dilation (0, 1) keeps, for class 1, its thresholded patches plus their 8
     neighbours on the slide's patch grid; class 0 keeps what it kept without dilation."""
     import copy
@@ -333,8 +333,19 @@ def test_dilating_lipn_keeps_the_neighbours_of_its_kept_patches(synthetic_slide,
     np.testing.assert_array_equal(ps.lipn_mask, dilate_mask(plain, grid.index, (0, 1)))
     assert ps.lipn_mask[:, 1].sum() > plain[:, 1].sum()
     np.testing.assert_array_equal(ps.lipn_mask[:, 0], plain[:, 0])
+    # the patches only the dilation kept are marked, in the pre-screen, the result and its files
+    only_grown = ps.kept & ~plain.any(axis=1)
+    assert only_grown.any()
+    np.testing.assert_array_equal(ps.neighbour, only_grown)
+    assert ps.to_report()["n_kept_as_neighbour"] == int(only_grown.sum())
     result = run_slide(synthetic_slide, grown, encoder=encoder, batch_size=8, prescreened=ps)
     np.testing.assert_array_equal(result.lipn_mask, ps.lipn_mask)
+    np.testing.assert_array_equal(result.neighbour, only_grown)
+    out = result.save(tmp_path / "grown")
+    with h5py.File(out / "patches.h5") as f:
+        np.testing.assert_array_equal(f["kept_as_neighbour"][:], only_grown)
+    assert json.loads((out / "report.json").read_text())["n_kept_as_neighbour"] == int(only_grown.sum())
+    assert not prescreen(synthetic_slide, model).neighbour.any()  # no dilation, no neighbours
 
 
 def test_prescreen_from_another_setting_is_refused(synthetic_slide, model, encoder):

@@ -318,10 +318,22 @@ def run_batch(
             todo, process_slide, (str(out_dir), str(model_path) if model_path else None, use_lipn, mpp),
             scheduler=scheduler, workers=workers, retries=retries, client=client, on_result=record,
         )
+        if not summary.cancelled:  # every task has ended: no writer is left to race
+            _remove_partial_writes(out_dir, slides)
     finally:
         summary.wall_seconds = time.perf_counter() - t0
         write_summary(out_dir, summary.rows)
     return summary
+
+
+def _remove_partial_writes(out_dir: Path, slides: list[Path]) -> None:
+    """Delete the temporary files (``.<name>.*.tmp``) that a worker killed mid-write left in a
+    slide's results folder; the task's retry wrote the complete files beside them."""
+    for s in slides:
+        d = slide_out_dir(out_dir, s)
+        if d.is_dir():
+            for tmp in d.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- features over many slides

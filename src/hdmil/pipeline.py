@@ -67,6 +67,7 @@ class Result:
     coords int64 [N, 2] level-0 (x, y) top-left; grid_index int64 [N, 2] (row, col);
     lipn_mask bool [N, C] which patches each class keeps (all True for HDMIL†);
     kept bool [N] patches read at 20x (the union of lipn_mask; all for HDMIL†);
+    neighbour bool [N] kept only as a neighbour of a kept patch (LIPN's dilation; else all False);
     attention float32 [N, C] DMIN's per-class attention within the pooled set, NaN elsewhere;
     scores float32 [N, C] DMIN's raw attention logits s, NaN where not read;
     features float32 [K, D] of the patches read, rows ``feature_index`` int64 [K] of coords;
@@ -108,6 +109,7 @@ class Result:
     patch_region: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     region_size_level0: int = 0
     slpd_name: str = ""
+    neighbour: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
     @property
     def prediction(self) -> str:
@@ -148,6 +150,7 @@ class Result:
             "method": self.method,
             "n_patches": self.n_patches,
             "n_kept": self.n_kept,
+            "n_kept_as_neighbour": int(np.asarray(self.neighbour, bool).sum()),
             "n_read": self.n_read,
             "n_failed": int(len(self.failed)),
             "kept_ratio": round(float(self.kept_ratio), 6),
@@ -189,7 +192,8 @@ class PreScreen:
     """The first two stages of a run: the tissue grid and LIPN's decision, no HR pixel read.
 
     lipn_mask bool [N, C] which patches each class keeps (all True when ``use_lipn`` is off);
-    kept bool [N] their union, the patches a run reads at 20x; timings {tissue, lipn} seconds.
+    kept bool [N] their union, the patches a run reads at 20x; neighbour bool [N] those kept only
+    as a neighbour of a kept patch (LIPN's dilation); timings {tissue, lipn} seconds.
     """
 
     grid: Any
@@ -202,6 +206,7 @@ class PreScreen:
     model_name: str = ""
     model_sha256: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    neighbour: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
     @property
     def coords(self) -> np.ndarray:
@@ -232,6 +237,7 @@ class PreScreen:
             "use_lipn": self.use_lipn,
             "n_patches": self.n_patches,
             "n_kept": self.n_kept,
+            "n_kept_as_neighbour": int(np.asarray(self.neighbour, bool).sum()),
             "kept_ratio": self.kept_ratio,
             "kept_ratio_per_class": {
                 c: float(self.lipn_mask[:, i].mean()) if self.n_patches else 0.0
@@ -286,14 +292,17 @@ def _prescreen_open(
 
     report("lipn", 0, n)
     t0 = time.perf_counter()
+    neighbour = np.zeros(n, dtype=bool)
     if use_lipn:
-        lipn_mask = np.asarray(model.lipn.keep_mask(grid.lr_patches(), index=grid.index), dtype=bool).reshape(n, len(classes))
+        plain, grown = model.lipn.keep_masks(grid.lr_patches(), index=grid.index)
+        lipn_mask = np.asarray(grown, dtype=bool).reshape(n, len(classes))
+        neighbour = lipn_mask.any(axis=1) & ~np.asarray(plain, dtype=bool).reshape(n, -1).any(axis=1)
     else:
         lipn_mask = np.ones((n, len(classes)), dtype=bool)
     t_lipn = time.perf_counter() - t0
     report("lipn", n, n)
     return PreScreen(
-        grid=grid, classes=classes, lipn_mask=lipn_mask, kept=lipn_mask.any(axis=1),
+        grid=grid, classes=classes, lipn_mask=lipn_mask, kept=lipn_mask.any(axis=1), neighbour=neighbour,
         slide_path=str(slide.path), mpp=float(grid.mpp), use_lipn=use_lipn,
         model_name=Path(str(getattr(model, "path", "") or "")).name,
         model_sha256=str(getattr(model, "sha256", "") or ""),
@@ -509,6 +518,7 @@ def run_slide(
             grid_index=np.asarray(grid.index, dtype=np.int64).reshape(-1, 2),
             lipn_mask=lipn_mask,
             kept=kept,
+            neighbour=np.asarray(ps.neighbour, bool) if len(ps.neighbour) == n else np.zeros(n, bool),
             attention=attention,
             scores=scores,
             features=feats,
@@ -702,6 +712,7 @@ def _write_patches_h5(path: Path, r: Result) -> None:
             f.create_dataset("grid_index", data=r.grid_index.astype(np.int64))
             f.create_dataset("lipn_mask", data=r.lipn_mask.astype(bool))
             f.create_dataset("kept", data=r.kept.astype(bool))
+            f.create_dataset("kept_as_neighbour", data=np.asarray(r.neighbour, bool))
             f.create_dataset("attention", data=r.attention.astype(np.float32))
             f.create_dataset("scores", data=r.scores.astype(np.float32))
             f.create_dataset("features", data=r.features.astype(np.float32))

@@ -46,12 +46,18 @@ LayerData = tuple[Any, dict[str, Any], str]
 
 NORMALISATIONS = ("percentile", "raw")
 # LIPN decision values of the Labels layer; 0 is background, so "no tissue" stays transparent.
-NO_TISSUE, DISCARDED, KEPT = 0, 1, 2
-LIPN_LEGEND = {NO_TISSUE: "no tissue", DISCARDED: "discarded (not read at 20x)", KEPT: "kept (read at 20x)"}
+NO_TISSUE, DISCARDED, KEPT, NEIGHBOUR = 0, 1, 2, 3
+LIPN_LEGEND = {
+    NO_TISSUE: "no tissue",
+    DISCARDED: "discarded (not read at 20x)",
+    KEPT: "kept (read at 20x)",
+    NEIGHBOUR: "kept as a neighbour (read at 20x)",  # LIPN's dilation: next to a kept patch
+}
 LIPN_COLORS = {
     NO_TISSUE: (0.0, 0.0, 0.0, 0.0),
     DISCARDED: (0.55, 0.55, 0.6, 1.0),
     KEPT: (0.1, 0.8, 0.35, 1.0),
+    NEIGHBOUR: (0.65, 0.95, 0.3, 1.0),
     None: (0.0, 0.0, 0.0, 0.0),  # any other value: transparent
 }
 TOPK_COLOR = "#ff3030"
@@ -116,8 +122,13 @@ def _class_index(result: Any, cls: int | str) -> int:
 
 
 def lipn_decision(result: Any) -> np.ndarray:
-    """uint8 (rows, cols): 0 = no tissue, 1 = tissue LIPN discarded, 2 = kept (read at 20x)."""
-    values = np.where(np.asarray(result.kept, bool), KEPT, DISCARDED).astype(np.uint8)
+    """uint8 (rows, cols): 0 = no tissue, 1 = tissue LIPN discarded, 2 = kept (read at 20x),
+    3 = kept only as a neighbour of a kept patch (LIPN's dilation; read at 20x too)."""
+    kept = np.asarray(result.kept, bool)
+    values = np.where(kept, KEPT, DISCARDED).astype(np.uint8)
+    neighbour = np.asarray(getattr(result, "neighbour", np.zeros(0, bool)), bool)
+    if neighbour.shape == kept.shape:
+        values[neighbour & kept] = NEIGHBOUR
     return result.grid.to_raster(values, fill=NO_TISSUE).astype(np.uint8)
 
 
@@ -129,6 +140,7 @@ def lipn_layer(result: Any, name: str = "LIPN decision") -> LayerData:
     meta["kept_per_class"] = {
         c: int(n) for c, n in zip(result.classes, np.asarray(result.lipn_mask).sum(axis=0))
     }
+    meta["kept_as_neighbour"] = int(np.asarray(getattr(result, "neighbour", np.zeros(0)), bool).sum())
     values = sorted(LIPN_LEGEND)
     kwargs = {
         "name": name,

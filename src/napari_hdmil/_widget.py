@@ -202,7 +202,7 @@ class HDMILWidget(QWidget):
         v.addWidget(self.warnings_label)
         legend = " · ".join(
             f'<span style="color: rgb({int(r * 255)},{int(g * 255)},{int(b * 255)})">■</span> {_layers.LIPN_LEGEND[k]}'
-            for k, (r, g, b, _) in ((k, _layers.LIPN_COLORS[k]) for k in (_layers.KEPT, _layers.DISCARDED))
+            for k, (r, g, b, _) in ((k, _layers.LIPN_COLORS[k]) for k in (_layers.KEPT, _layers.NEIGHBOUR, _layers.DISCARDED))
         )
         self.legend_label = QLabel(f"LIPN decision: {legend}")
         self.legend_label.setTextFormat(Qt.RichText)
@@ -538,6 +538,7 @@ class HDMILWidget(QWidget):
         self.counts_label.setText(
             f"tissue patches {ps.n_patches} · kept {ps.n_kept} ({ps.kept_ratio:.0%}) · per class "
             + ", ".join(f"{c} {int(n)}" for c, n in zip(ps.classes, ps.lipn_mask.sum(axis=0)))
+            + (f" · {int(ps.neighbour.sum())} as neighbours" if ps.neighbour.any() else "")
         )
         t = ps.timings or {}
         self.timings_label.setText(_timings_html(t))
@@ -711,6 +712,8 @@ class HDMILWidget(QWidget):
         for c, name in enumerate(r.classes):
             cols[f"lipn_keep_{name}"] = r.lipn_mask[:, c].astype(np.int64)
         cols["kept"] = r.kept.astype(np.int64)
+        if len(r.neighbour) == len(r.kept):
+            cols["kept_as_neighbour"] = r.neighbour.astype(np.int64)
         for c, name in enumerate(r.classes):
             cols[f"attention_{name}"] = r.attention[:, c]
         for c, name in enumerate(r.classes):

@@ -223,15 +223,25 @@ class LIPN(nn.Module):
         index: int [N, 2] each patch's (row, col) on the slide's patch grid (``PatchGrid.index``,
         ``grid_index``); needed when the config dilates.
         """
+        return self.keep_masks(lr_uint8, batch_size, index)[1]
+
+    def keep_masks(
+        self,
+        lr_uint8: torch.Tensor | np.ndarray,
+        batch_size: int = 4096,
+        index: np.ndarray | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like ``keep_mask``, also before the dilation: (bool [N, C] P > threshold, bool [N, C]
+        grown); the two are the same tensor when the config does not dilate."""
         keep = self.probabilities(lr_uint8, batch_size) > self.cfg.thresholds()
         if not self.dilates:
-            return keep
+            return keep, keep
         if index is None:
             raise ValueError(
                 f"this LIPN grows its kept sets by {list(self.cfg.dilation)} rings of patches: "
                 "keep_mask needs each patch's grid index"
             )
-        return torch.from_numpy(dilate_mask(keep.numpy(), index, self.cfg.dilation))
+        return keep, torch.from_numpy(dilate_mask(keep.numpy(), index, self.cfg.dilation))
 
     def probabilities(self, lr_uint8: torch.Tensor | np.ndarray, batch_size: int = 4096) -> torch.Tensor:
         """Eval: LR patches uint8 [N, 16, 16, 3] -> P = sigmoid(logit / τ), float [N, C] on the CPU
