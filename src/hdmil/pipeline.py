@@ -109,7 +109,10 @@ class Result:
     patch_region: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     region_size_level0: int = 0
     slpd_name: str = ""
-    neighbour: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    neighbour: np.ndarray | None = None  # None: no patch was kept only as a neighbour
+
+    def __post_init__(self) -> None:
+        self.neighbour = _neighbour_flags(self.neighbour, self.kept)
 
     @property
     def prediction(self) -> str:
@@ -150,7 +153,7 @@ class Result:
             "method": self.method,
             "n_patches": self.n_patches,
             "n_kept": self.n_kept,
-            "n_kept_as_neighbour": int(np.asarray(self.neighbour, bool).sum()),
+            "n_kept_as_neighbour": int(self.neighbour.sum()),
             "n_read": self.n_read,
             "n_failed": int(len(self.failed)),
             "kept_ratio": round(float(self.kept_ratio), 6),
@@ -183,6 +186,16 @@ class Result:
         return out
 
 
+def _neighbour_flags(neighbour: np.ndarray | None, kept: np.ndarray) -> np.ndarray:
+    """bool [N] like ``kept``: the patches kept only as a neighbour (all False when None)."""
+    if neighbour is None:
+        return np.zeros(np.shape(kept), bool)
+    neighbour = np.asarray(neighbour, bool)
+    if neighbour.shape != np.shape(kept):
+        raise ValueError(f"neighbour must be bool {np.shape(kept)} like kept, got {neighbour.shape}")
+    return neighbour
+
+
 # ---------------------------------------------------------------------------------------------
 # pre-screening: tissue + LIPN, nothing read at 20x
 
@@ -206,7 +219,10 @@ class PreScreen:
     model_name: str = ""
     model_sha256: str = ""
     timings: dict[str, float] = field(default_factory=dict)
-    neighbour: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    neighbour: np.ndarray | None = None  # None: no patch was kept only as a neighbour
+
+    def __post_init__(self) -> None:
+        self.neighbour = _neighbour_flags(self.neighbour, self.kept)
 
     @property
     def coords(self) -> np.ndarray:
@@ -237,7 +253,7 @@ class PreScreen:
             "use_lipn": self.use_lipn,
             "n_patches": self.n_patches,
             "n_kept": self.n_kept,
-            "n_kept_as_neighbour": int(np.asarray(self.neighbour, bool).sum()),
+            "n_kept_as_neighbour": int(self.neighbour.sum()),
             "kept_ratio": self.kept_ratio,
             "kept_ratio_per_class": {
                 c: float(self.lipn_mask[:, i].mean()) if self.n_patches else 0.0
@@ -518,7 +534,7 @@ def run_slide(
             grid_index=np.asarray(grid.index, dtype=np.int64).reshape(-1, 2),
             lipn_mask=lipn_mask,
             kept=kept,
-            neighbour=np.asarray(ps.neighbour, bool) if len(ps.neighbour) == n else np.zeros(n, bool),
+            neighbour=ps.neighbour,
             attention=attention,
             scores=scores,
             features=feats,
@@ -712,7 +728,7 @@ def _write_patches_h5(path: Path, r: Result) -> None:
             f.create_dataset("grid_index", data=r.grid_index.astype(np.int64))
             f.create_dataset("lipn_mask", data=r.lipn_mask.astype(bool))
             f.create_dataset("kept", data=r.kept.astype(bool))
-            f.create_dataset("kept_as_neighbour", data=np.asarray(r.neighbour, bool))
+            f.create_dataset("kept_as_neighbour", data=r.neighbour)
             f.create_dataset("attention", data=r.attention.astype(np.float32))
             f.create_dataset("scores", data=r.scores.astype(np.float32))
             f.create_dataset("features", data=r.features.astype(np.float32))

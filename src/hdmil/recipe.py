@@ -324,6 +324,15 @@ def _hard_negatives(
     return pixels, targets
 
 
+def patch_head(encoder: Any, seed: int = 0) -> Any:
+    """A seeded ``Linear(encoder.dim, 1)``: the tumour-share head ``train_patch_encoder`` trains."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return torch.nn.Linear(encoder.dim, 1).to(encoder.device)
+
+
 def train_patch_encoder(
     encoder: Any,
     pixels: np.ndarray,
@@ -353,10 +362,7 @@ def train_patch_encoder(
     gen = torch.Generator().manual_seed(int(seed))
     jitter = StainJitter(float(stain_jitter))
     stain_rng = np.random.default_rng([int(seed), 0x57A1])
-    if head is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            head = nn.Linear(encoder.dim, 1).to(encoder.device)
+    head = patch_head(encoder, seed) if head is None else head
     for p in encoder.model.parameters():
         p.requires_grad_(True)
     params = list(encoder.model.parameters()) + list(head.parameters())
@@ -679,9 +685,7 @@ def run_recipe(
         encoder = create_encoder(cfg.encoder, device="cpu")
         pixels, targets = _sample_patches(out / "cohort", split.train, cfg.encoder_patches,
                                           cfg.seed, cancel)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(cfg.seed))
-            head = torch.nn.Linear(encoder.dim, 1)
+        head = patch_head(encoder, cfg.seed)  # kept for the hard-negative round
         enc_fit = train_patch_encoder(encoder, pixels, targets, cfg.encoder_epochs,
                                       cfg.encoder_lr, seed=cfg.seed, progress=stage("encoder"),
                                       cancel=cancel, head=head,

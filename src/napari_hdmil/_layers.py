@@ -124,11 +124,8 @@ def _class_index(result: Any, cls: int | str) -> int:
 def lipn_decision(result: Any) -> np.ndarray:
     """uint8 (rows, cols): 0 = no tissue, 1 = tissue LIPN discarded, 2 = kept (read at 20x),
     3 = kept only as a neighbour of a kept patch (LIPN's dilation; read at 20x too)."""
-    kept = np.asarray(result.kept, bool)
-    values = np.where(kept, KEPT, DISCARDED).astype(np.uint8)
-    neighbour = np.asarray(getattr(result, "neighbour", np.zeros(0, bool)), bool)
-    if neighbour.shape == kept.shape:
-        values[neighbour & kept] = NEIGHBOUR
+    values = np.where(np.asarray(result.kept, bool), KEPT, DISCARDED).astype(np.uint8)
+    values[result.neighbour] = NEIGHBOUR
     return result.grid.to_raster(values, fill=NO_TISSUE).astype(np.uint8)
 
 
@@ -140,7 +137,7 @@ def lipn_layer(result: Any, name: str = "LIPN decision") -> LayerData:
     meta["kept_per_class"] = {
         c: int(n) for c, n in zip(result.classes, np.asarray(result.lipn_mask).sum(axis=0))
     }
-    meta["kept_as_neighbour"] = int(np.asarray(getattr(result, "neighbour", np.zeros(0)), bool).sum())
+    meta["kept_as_neighbour"] = int(result.neighbour.sum())
     values = sorted(LIPN_LEGEND)
     kwargs = {
         "name": name,

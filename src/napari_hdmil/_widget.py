@@ -712,8 +712,7 @@ class HDMILWidget(QWidget):
         for c, name in enumerate(r.classes):
             cols[f"lipn_keep_{name}"] = r.lipn_mask[:, c].astype(np.int64)
         cols["kept"] = r.kept.astype(np.int64)
-        if len(r.neighbour) == len(r.kept):
-            cols["kept_as_neighbour"] = r.neighbour.astype(np.int64)
+        cols["kept_as_neighbour"] = r.neighbour.astype(np.int64)
         for c, name in enumerate(r.classes):
             cols[f"attention_{name}"] = r.attention[:, c]
         for c, name in enumerate(r.classes):

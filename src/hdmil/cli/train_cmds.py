@@ -6,6 +6,7 @@ import argparse
 import math
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -252,21 +253,25 @@ def _dmin_checkpoints(path: Path) -> list[Path]:
     return find_fold_checkpoints(path)
 
 
+def _per_class(cast: Callable[[str], Any], what: str) -> Callable[[str], tuple]:
+    """An argparse type: "a,b,..." -> (cast(a), cast(b), ...), one value per class."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(cast(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+
+    return parse
+
+
+_rings = _per_class(int, "comma-separated ring counts")  # "0,1" -> (0, 1)
+
+
 def _shares(text: str) -> float | tuple[float, ...]:
     """"0.95" -> 0.95 (every class); "0.85,0.98" -> one share per class."""
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a share or comma-separated shares: {text!r}") from None
+    values = _per_class(float, "a share or comma-separated shares")(text)
     return values[0] if len(values) == 1 else values
-
-
-def _rings(text: str) -> tuple[int, ...]:
-    """"0,1" -> (0, 1): ring counts, one per class."""
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not comma-separated ring counts: {text!r}") from None
 
 
 def cmd_train_lipn(args: argparse.Namespace) -> int:

@@ -233,7 +233,13 @@ class LIPN(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Like ``keep_mask``, also before the dilation: (bool [N, C] P > threshold, bool [N, C]
         grown); the two are the same tensor when the config does not dilate."""
-        keep = self.probabilities(lr_uint8, batch_size) > self.cfg.thresholds()
+        return self.keep_from(self.probabilities(lr_uint8, batch_size), index)
+
+    def keep_from(
+        self, probs: torch.Tensor, index: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``keep_masks`` from probabilities already computed (float [N, C], ``probabilities``)."""
+        keep = probs > self.cfg.thresholds()
         if not self.dilates:
             return keep, keep
         if index is None:

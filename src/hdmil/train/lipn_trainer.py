@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from hdmil.errors import CheckpointError, HDMILError
-from hdmil.models.lipn import dilate_mask
 from hdmil.train.data import Cohort
 from hdmil.train.dmin_trainer import (
     CSVLog,
@@ -180,11 +179,21 @@ def _agreement(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, floa
 
 def _kept(lipn: torch.nn.Module, probs: list[torch.Tensor], bags: Any, slide_ids: Sequence[str]) -> torch.Tensor:
     """LIPN's kept sets at its current thresholds, dilation included: bool [sum N, C]."""
-    kept = [p > lipn.cfg.thresholds() for p in probs]  # bool [N, C] per slide
-    if lipn.dilates:
-        kept = [torch.from_numpy(dilate_mask(k.numpy(), bags.grid_index(sid), lipn.cfg.dilation))
-                for k, sid in zip(kept, slide_ids)]
+    kept = [lipn.keep_from(p, bags.grid_index(sid) if lipn.dilates else None)[1]
+            for p, sid in zip(probs, slide_ids)]
     return torch.cat(kept) if kept else torch.zeros(0, lipn.cfg.n_classes, dtype=torch.bool)
+
+
+def attention_shares(share: float | Sequence[float], classes: Sequence[str]) -> list[float]:
+    """``lipn_attention`` as one share per class: a single share applies to every class."""
+    n = len(classes)
+    shares = [float(share)] * n if np.isscalar(share) else [float(v) for v in share]
+    if len(shares) != n:
+        raise HDMILError(f"lipn_attention has {len(shares)} shares for {n} classes "
+                         f"({', '.join(classes)}): give one share, or one per class")
+    if not all(0.0 < v <= 1.0 for v in shares):
+        raise HDMILError(f"lipn_attention must be in (0, 1], got {share}")
+    return shares
 
 
 @torch.no_grad()
@@ -253,11 +262,7 @@ def calibrate_attention(
     kept ratios.
     """
     n_classes = lipn.cfg.n_classes
-    shares = [float(share)] * n_classes if np.isscalar(share) else [float(v) for v in share]
-    if len(shares) != n_classes or not all(0.0 < v <= 1.0 for v in shares):
-        raise HDMILError(
-            f"lipn_attention must be one share in (0, 1] or {n_classes} of them, got {share}"
-        )
+    shares = attention_shares(share, cohort.classes)
     bags = cohort.require_bags()
     probs, weights = [], []
     for sid in slide_ids:
@@ -353,10 +358,8 @@ def train_lipn(
     for p in dmin.parameters():
         p.requires_grad_(False)
     n_classes = cohort.n_classes
-    shares = cfg.lipn_attention
-    if shares is not None and not np.isscalar(shares) and len(shares) != n_classes:
-        raise HDMILError(f"lipn_attention has {len(shares)} shares for {n_classes} classes "
-                         f"({', '.join(cohort.classes)})")
+    if cfg.lipn_attention is not None:  # checked before training, used after it
+        attention_shares(cfg.lipn_attention, cohort.classes)
     if cfg.lipn_dilation is not None and len(cfg.lipn_dilation) != n_classes:
         raise HDMILError(f"lipn_dilation has {len(cfg.lipn_dilation)} ring counts for {n_classes} "
                          f"classes ({', '.join(cohort.classes)})")
