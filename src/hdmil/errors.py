@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class HDMILError(Exception):
     """A problem with the input (a file, an argument, a checkpoint), not a bug.
@@ -28,3 +30,13 @@ class FeatureFileError(HDMILError):
 
 class Cancelled(HDMILError):
     """Long work stopped because the user asked."""
+
+
+def check_cancelled(cancel: Any, what: str = "work") -> None:
+    """Raise ``Cancelled("<what> cancelled")`` once ``cancel`` (a ``threading.Event``) is set.
+
+    The one cancellation check: long work calls it between batches, epochs and slides, so
+    Cancel stops within one step. ``None`` means the work cannot be cancelled.
+    """
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"{what} cancelled")

@@ -1,111 +1,57 @@
 """Results to files: QuPath GeoJSON, per-patch CSV, JSON reports, all written atomically.
 
-Every result file goes through ``atomic_write``: a temporary file in the same directory, fsync,
-then ``os.replace``, so a crash or a cancelled run never leaves a half-written file behind.
+Every result file goes through ``hdmil.files.atomic_write`` (re-exported here with
+``write_json_atomic`` and ``to_jsonable``), so a crash or a cancelled run never leaves a
+half-written file behind.
 
 >>> write_geojson("slide.geojson", grid, {"attention_tumor": att[:, 1]}, top_k={"attention_tumor": 10})
 >>> write_csv("slide.csv", grid, {"attention_tumor": att[:, 1], "kept": kept})
 >>> write_json_atomic("slide.json", {"prediction": "tumor", "probabilities": [0.1, 0.9]})
+
+A pipeline ``Result`` has one CSV and one GeoJSON layout, written alike by the widget's Export
+buttons and by ``hdmil predict --csv / --geojson``:
+
+>>> write_result_csv("slide.csv", result)
+>>> write_result_geojson("slide.geojson", result, top_k=8)
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import os
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from hdmil.files import atomic_write, to_jsonable, write_json_atomic
+
 __all__ = [
+    "DEFAULT_TOP_K",
     "atomic_write",
+    "check_result_paths",
+    "result_csv_columns",
+    "result_patch_values",
+    "slide_path_template",
     "to_jsonable",
     "tissue_outlines",
     "tissue_polygons",
     "write_csv",
     "write_geojson",
     "write_json_atomic",
+    "write_result_csv",
+    "write_result_files",
+    "write_result_geojson",
 ]
 
 TISSUE_COLOR = (80, 160, 80)  # QuPath annotation colours are [r, g, b]
 TOP_K_COLOR = (220, 40, 40)
+DEFAULT_TOP_K = 8  # top-k patches per class in a result's GeoJSON (the widget's default k too)
 
-
-# ---------------------------------------------------------------------------------------------
-# atomic writes
-
-
-@contextlib.contextmanager
-def atomic_write(
-    path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None
-) -> Iterator[IO[Any]]:
-    """Open ``path`` for writing so that it appears complete or not at all.
-
-    Yields a file object on a temporary file beside ``path``; on a clean exit it is flushed,
-    fsynced and renamed over ``path``; on an exception it is removed and ``path`` is untouched.
-    ``mode`` is "w" (text) or "wb" (binary).
-    """
-    if mode not in ("w", "wt", "wb"):
-        raise ValueError(f"atomic_write mode must be 'w', 'wt' or 'wb', not {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    binary = "b" in mode
-    try:
-        with os.fdopen(
-            fd, "wb" if binary else "w", encoding=None if binary else encoding, newline=newline
-        ) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
-    """``obj`` as JSON (numpy values and paths converted, NaN/inf as null), written atomically."""
-    path = Path(path)
-    text = json.dumps(to_jsonable(obj), indent=indent, allow_nan=False)
-    with atomic_write(path, "w") as fh:
-        fh.write(text)
-        fh.write("\n")
-    return path
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Plain JSON types from numpy scalars / arrays, paths, tuples and sets; NaN and inf -> None."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if obj is None or isinstance(obj, str):
-        return obj
-    if hasattr(obj, "item") and callable(obj.item):  # 0-d tensors and the like
-        return to_jsonable(obj.item())
-    raise TypeError(f"cannot write a {type(obj).__name__} to JSON")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +138,7 @@ def tissue_outlines(grid, tolerance: float = 0.5) -> list[list[np.ndarray]]:
 
     mask = np.asarray(grid.mask, bool)
     scale = grid.patch_size_level0 / grid.lr_patch_px
-    ox, oy = getattr(grid, "origin", (0, 0))
+    ox, oy = grid.origin
 
     def ring(region: np.ndarray, y0: int, x0: int, connect: str) -> np.ndarray | None:
         padded = np.pad(region, 1).astype(np.float32)
@@ -261,77 +207,173 @@ def write_geojson(
         top_k: name -> k (the k highest of ``patch_values[name]``) or -> indices into the N
             patches, best first.
     """
-    patch_values = dict(patch_values or {})
-    n = int(grid.coords.shape[0])
-    values = {}
-    for name, v in patch_values.items():
-        v = np.asarray(v)
-        if v.shape != (n,):
-            raise ValueError(f"patch value {name!r} must have shape ({n},), got {v.shape}")
-        values[name] = v
-    size = int(grid.patch_size_level0)
+    values = _patch_values(grid, patch_values)
     features: list[dict[str, Any]] = []
-
     if include_tissue:
-        for rings in tissue_outlines(grid):
-            features.append(
-                {
-                    "type": "Feature",
-                    "geometry": {"type": "Polygon", "coordinates": [_round(r) for r in rings]},
-                    "properties": {
-                        "objectType": "annotation",
-                        "name": "Tissue",
-                        "classification": {"name": "Tissue", "color": list(TISSUE_COLOR)},
-                        "isLocked": True,
-                    },
-                }
-            )
-
+        features += _tissue_features(grid)
     if include_patches:
-        cols = {name: v.tolist() for name, v in values.items()}
-        frac = np.asarray(grid.tissue_fraction).tolist()
-        for i, ((x, y), (r, c)) in enumerate(zip(grid.coords.tolist(), grid.index.tolist())):
-            meas = {"tissue_fraction": frac[i]}
-            for name, col in cols.items():
-                v = _number(col[i])
-                if v is not None:
-                    meas[name] = v
-            features.append(
-                {
-                    "type": "Feature",
-                    "geometry": {"type": "Polygon", "coordinates": [_square(x, y, size)]},
-                    "properties": {"objectType": "tile", "row": r, "col": c, "measurements": meas},
-                }
-            )
-
+        features += _tile_features(grid, values)
     for name, spec in (top_k or {}).items():
-        idx = _top_indices(name, spec, values, n)
-        for rank, i in enumerate(idx.tolist(), start=1):
-            x, y = grid.coords[i].tolist()
-            r, c = grid.index[i].tolist()
-            props: dict[str, Any] = {
-                "objectType": "annotation",
-                "name": f"Top {rank}: {name}",
-                "classification": {"name": f"Top {name}", "color": list(TOP_K_COLOR)},
-                "row": r,
-                "col": c,
-                "rank": rank,
-            }
-            if name in values:
-                v = _number(values[name][i].item())
-                props["measurements"] = {name: v} if v is not None else {}
-            features.append(
-                {
-                    "type": "Feature",
-                    "geometry": {"type": "Polygon", "coordinates": [_square(x, y, size)]},
-                    "properties": props,
-                }
-            )
-
+        features += _top_k_features(grid, name, _top_indices(name, spec, values, grid.coords.shape[0]), values)
     collection = {"type": "FeatureCollection", "features": features}
     with atomic_write(path, "w") as fh:
         json.dump(collection, fh, allow_nan=False, separators=(",", ":"))
     return Path(path)
+
+
+def _patch_values(grid, patch_values: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
+    n = int(grid.coords.shape[0])
+    values = {}
+    for name, v in (patch_values or {}).items():
+        v = np.asarray(v)
+        if v.shape != (n,):
+            raise ValueError(f"patch value {name!r} must have shape ({n},), got {v.shape}")
+        values[name] = v
+    return values
+
+
+def _tissue_features(grid) -> list[dict[str, Any]]:
+    """One locked "Tissue" annotation per piece of tissue: exterior ring, then its holes."""
+    return [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [_round(r) for r in rings]},
+            "properties": {
+                "objectType": "annotation",
+                "name": "Tissue",
+                "classification": {"name": "Tissue", "color": list(TISSUE_COLOR)},
+                "isLocked": True,
+            },
+        }
+        for rings in tissue_outlines(grid)
+    ]
+
+
+def _tile_features(grid, values: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """One square "tile" per tissue patch; its measurements leave out NaN (not pooled, unknown)."""
+    size = int(grid.patch_size_level0)
+    cols = {name: v.tolist() for name, v in values.items()}
+    frac = np.asarray(grid.tissue_fraction).tolist()
+    features = []
+    for i, ((x, y), (r, c)) in enumerate(zip(grid.coords.tolist(), grid.index.tolist())):
+        meas = {}
+        for name, col in (("tissue_fraction", frac), *cols.items()):
+            v = _number(col[i])
+            if v is not None:
+                meas[name] = v
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [_square(x, y, size)]},
+                "properties": {"objectType": "tile", "row": r, "col": c, "measurements": meas},
+            }
+        )
+    return features
+
+
+def _top_k_features(grid, name: str, rows: np.ndarray, values: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Annotations "Top <rank>: <name>" on patches ``rows``, best first."""
+    size = int(grid.patch_size_level0)
+    features = []
+    for rank, i in enumerate(rows.tolist(), start=1):
+        x, y = grid.coords[i].tolist()
+        r, c = grid.index[i].tolist()
+        props: dict[str, Any] = {
+            "objectType": "annotation",
+            "name": f"Top {rank}: {name}",
+            "classification": {"name": f"Top {name}", "color": list(TOP_K_COLOR)},
+            "row": r,
+            "col": c,
+            "rank": rank,
+        }
+        if name in values:
+            v = _number(values[name][i].item())
+            props["measurements"] = {name: v} if v is not None else {}
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [_square(x, y, size)]},
+                "properties": props,
+            }
+        )
+    return features
+
+
+# ---------------------------------------------------------------------------------------------
+# a pipeline Result: its CSV columns and GeoJSON measurements
+
+
+def result_csv_columns(result: Any) -> dict[str, np.ndarray]:
+    """The per-patch columns of a ``Result``'s CSV after x, y, row, col, tissue_fraction:
+    ``lipn_keep_<class>``, ``kept``, ``kept_as_neighbour``, ``attention_<class>`` and
+    ``score_<class>`` (NaN, an empty cell, where a class did not pool / a patch was not read)."""
+    cols: dict[str, np.ndarray] = {}
+    for c, name in enumerate(result.classes):
+        cols[f"lipn_keep_{name}"] = result.lipn_mask[:, c].astype(np.int64)
+    cols["kept"] = result.kept.astype(np.int64)
+    cols["kept_as_neighbour"] = result.neighbour.astype(np.int64)
+    for c, name in enumerate(result.classes):
+        cols[f"attention_{name}"] = result.attention[:, c]
+    for c, name in enumerate(result.classes):
+        cols[f"score_{name}"] = result.scores[:, c]
+    return cols
+
+
+def result_patch_values(result: Any) -> dict[str, np.ndarray]:
+    """The measurements of a ``Result``'s GeoJSON tiles: ``kept`` and ``attention_<class>``."""
+    values: dict[str, np.ndarray] = {"kept": result.kept.astype(np.int64)}
+    for c, name in enumerate(result.classes):
+        values[f"attention_{name}"] = result.attention[:, c]
+    return values
+
+
+def write_result_csv(path: str | os.PathLike, result: Any) -> Path:
+    """One row per tissue patch of ``result`` (``write_csv`` of ``result_csv_columns``)."""
+    return write_csv(path, result.grid, result_csv_columns(result))
+
+
+def write_result_geojson(path: str | os.PathLike, result: Any, top_k: int = DEFAULT_TOP_K) -> Path:
+    """QuPath GeoJSON of ``result``: tissue outline, every tissue patch with ``kept`` and its
+    attention per class as measurements, and the ``top_k`` highest attention of each class as
+    annotations (level-0 pixel coordinates)."""
+    values = result_patch_values(result)
+    top = {f"attention_{name}": int(top_k) for name in result.classes}
+    return write_geojson(path, result.grid, values, top_k=top)
+
+
+def write_result_files(
+    result: Any,
+    slide: str,
+    geojson_path: str | os.PathLike | None = None,
+    csv_path: str | os.PathLike | None = None,
+    top_k: int = DEFAULT_TOP_K,
+) -> list[Path]:
+    """``result``'s GeoJSON and / or CSV (those given), as the widget's Export buttons write
+    them; ``{slide}`` in a path becomes ``slide``. Returns the paths written."""
+    out = []
+    if geojson_path is not None:
+        out.append(write_result_geojson(slide_path_template(geojson_path, slide), result, top_k=top_k))
+    if csv_path is not None:
+        out.append(write_result_csv(slide_path_template(csv_path, slide), result))
+    return out
+
+
+def slide_path_template(path: str | os.PathLike, slide: str) -> Path:
+    """``path`` with ``{slide}`` replaced by the slide's name (no other braces are touched)."""
+    return Path(os.fspath(path).replace("{slide}", slide))
+
+
+def check_result_paths(n_slides: int, **paths: str | os.PathLike | None) -> None:
+    """HDMILError when several slides would overwrite one file: with more than one slide every
+    given path needs ``{slide}``. ``paths``: option name -> path (None: not asked for)."""
+    from hdmil.errors import HDMILError
+
+    for option, path in paths.items():
+        if path is not None and n_slides > 1 and "{slide}" not in os.fspath(path):
+            raise HDMILError(
+                f"--{option} {path}: {n_slides} slides would write the same file; put {{slide}} in the "
+                f"path (e.g. --{option} out/{{slide}}.{option})"
+            )
 
 
 def _top_indices(name: str, spec: Any, values: Mapping[str, np.ndarray], n: int) -> np.ndarray:
@@ -367,28 +409,3 @@ def _number(v: Any) -> float | int | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-
-
-def _umask() -> int:
-    try:  # Linux: read it without changing it (os.umask would race with other threads)
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
