@@ -208,6 +208,29 @@ def test_h5_round_trip_with_attrs(tmp_path):
     assert read_features(tmp_path / "b.h5", lr_patches=False).attrs["encoder"] == "x"
 
 
+def test_feature_file_has_normal_permissions_and_a_full_folder_leaves_the_old_one(
+    tmp_path, monkeypatch
+):
+    import os
+
+    from hdmil.files import WriteError
+
+    umask = os.umask(0)
+    os.umask(umask)
+    path = write_features(tmp_path / "s.h5", _bag(3))
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not a temp file's 0600
+    before = path.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(WriteError, match=r"s\.h5.*No space left"):
+        write_features(path, _bag(5))
+    assert path.read_bytes() == before  # the old file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["s.h5"]  # and no temp file is left
+
+
 def test_write_rejects_misaligned_arrays(tmp_path):
     bag = _bag()
     with pytest.raises(ValueError, match="coords"):
@@ -363,7 +386,7 @@ def test_extract_features_stops_when_cancelled():
         cancel.set()
         yield _Batch(np.array([2, 3]), patches[2:])
 
-    with pytest.raises(Cancelled):
+    with pytest.raises(Cancelled, match="feature extraction cancelled"):
         extract_features(enc, batches(), 4, cancel=cancel)
 
 

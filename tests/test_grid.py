@@ -261,7 +261,7 @@ def test_progress_and_cancel():
     assert ("lr_image", 1, 1) in calls and ("tissue", 1, 1) in calls
     stop = threading.Event()
     stop.set()
-    with pytest.raises(Cancelled):
+    with pytest.raises(Cancelled, match=r"fake\.svs: reading the low-resolution image cancelled"):
         build_grid(FakeSlide([img]), cancel=stop)
 
 

@@ -229,7 +229,7 @@ def test_cancel_stops_within_one_batch(pyramid_tiff):
     got = 0
     with open_slide(pyramid_tiff) as slide:
         reader = PatchReader(slide, coords, 256, batch_size=4, prefetch=1, workers=1)
-        with pytest.raises(Cancelled):
+        with pytest.raises(Cancelled, match=r"\.tiff?: reading patches cancelled"):
             for batch in reader.batches(cancel=cancel):
                 got += 1
                 cancel.set()

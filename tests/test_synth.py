@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import threading
 
 import numpy as np
@@ -238,9 +239,10 @@ def test_progress_cancel_and_bad_arguments(tmp_path):
             ev.set()
 
     out = tmp_path / "x.tiff"
-    with pytest.raises(Cancelled):
+    with pytest.raises(Cancelled, match=r"x\.tiff: synthetic slide cancelled"):
         synth_slide(out, size=(2048, 2048), progress=stop_halfway, cancel=ev)
     assert not out.exists() and list(tmp_path.glob("x.tiff*")) == []
+    assert list(tmp_path.glob(".x.tiff*")) == []  # nor its hidden temporary file
     assert list(tmp_path.glob("hdmil-synth-*")) == []  # scratch removed
     with pytest.raises(HDMILError, match="size"):
         synth_slide(tmp_path / "b.tiff", size=(0, 10))
@@ -283,6 +285,29 @@ def test_cohort_labels_truth_and_burdens(tmp_path):
     assert [m["slide_id"] for m in manifest["slides"]] == [s.slide_id for s in info.slides]
     # stain differs between slides
     assert len({m["stain"]["h_scale"] for m in manifest["slides"]}) == 4
+
+
+def test_slide_and_cohort_files_are_whole_with_normal_permissions(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    normal = 0o666 & ~umask  # what a plain open() gives, not a temp file's 0600
+    slide = synth_slide(tmp_path / "s.tiff", size=(512, 512), seed=2)
+    info = synth_cohort(tmp_path / "c", n_slides=1, seed=2, size=(512, 512), workers=1)
+    written = [slide.path, info.labels_csv, tmp_path / "c" / "cohort.json"]
+    written += [p for s in info.slides for p in (s.path, s.truth_geojson, s.truth_npz)]
+    for path in written:
+        assert path.stat().st_mode & 0o777 == normal, path
+    names = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert names == sorted(p.name for p in written)  # no temporary file left behind
+    np.load(info.slides[0].truth_npz)["tumor_fraction"]  # the npz is complete
+
+
+def test_cohort_stops_when_cancelled(tmp_path):
+    ev = threading.Event()
+    ev.set()
+    with pytest.raises(Cancelled, match=r"c: synthetic cohort cancelled"):
+        synth_cohort(tmp_path / "c", n_slides=2, size=(512, 512), workers=1, cancel=ev)
+    assert list((tmp_path / "c").iterdir()) == []
 
 
 def test_cohort_cli(tmp_path):

@@ -3,7 +3,7 @@
 One grid cell is one HR patch (``patch_size_level0`` level-0 px, 128 µm at the defaults) and one LR
 patch (16 × 16 px of ``lr_image``, the whole slide at 1.25x laid out exactly on the grid). The grid
 starts at level-0 (0, 0) and covers full patches only. A patch is kept when at least
-``tissue_threshold`` of its LR cell is tissue (METHOD.md §1).
+``tissue_threshold`` of its LR cell is tissue (docs/method.md §1).
 
 >>> grid = build_grid(slide)                 # slide: hdmil.slide.Slide
 >>> grid.coords[:2], grid.shape, grid.patch_size_level0
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from hdmil.errors import Cancelled, SlideError
+from hdmil.errors import SlideError, check_cancelled
 from hdmil.tissue import TissueParams, tissue_mask
 
 __all__ = ["PatchGrid", "build_grid", "patch_size_level0", "read_lr_image", "target_mpp"]
@@ -197,6 +197,65 @@ def build_grid(
         A ``PatchGrid``; N = 0 (with ``message`` saying why) for a slide smaller than one patch
         or without tissue.
     """
+    mpp = _grid_mpp(slide, mpp)
+    if not 0.0 <= tissue_threshold <= 1.0:
+        raise ValueError(f"tissue_threshold must be within [0, 1], got {tissue_threshold}")
+    lr_px = _lr_patch_px(patch_px, magnification, lr_magnification)
+
+    ps0 = patch_size_level0(mpp, patch_px, magnification, snap)
+    w, h = (int(v) for v in slide.dimensions)
+    rows, cols = h // ps0, w // ps0
+    name = str(getattr(slide, "name", "") or "")
+    common = dict(  # the fields an empty grid has too
+        shape=(rows, cols), patch_size_level0=ps0, mpp=mpp, patch_px=int(patch_px),
+        magnification=float(magnification), lr_magnification=float(lr_magnification),
+        lr_patch_px=lr_px, tissue_threshold=float(tissue_threshold), dimensions=(w, h),
+        slide_name=name,
+    )
+    if rows == 0 or cols == 0:
+        message = (
+            f"{_where(slide)}: the slide ({w} x {h} px) is smaller than one patch "
+            f"({ps0} px = {ps0 * mpp:.0f} µm at {mpp:g} µm/px); no patches"
+        )
+        return _empty_grid(message=message, **common)
+
+    scale = ps0 / lr_px  # level-0 px per LR px
+    level = int(slide.best_level_for_downsample(scale))
+    lr_image = read_lr_image(
+        slide, (rows * lr_px, cols * lr_px), scale, level=level, progress=progress, cancel=cancel
+    )
+    mask = _tissue(lr_image, tissue_params or TissueParams(), mpp * scale, progress)
+    cell = mask.reshape(rows, lr_px, cols, lr_px).mean(axis=(1, 3), dtype=np.float32)
+    # Strictly positive: a threshold of 0 must not keep empty background cells.
+    keep = (cell >= tissue_threshold) & (cell > 0)
+    index = np.argwhere(keep).astype(np.int64)  # row-major order
+    coords = index[:, ::-1] * ps0
+    return PatchGrid(
+        coords=coords.astype(np.int64),
+        index=index,
+        tissue_fraction=cell[keep].astype(np.float32),
+        mask=mask,
+        lr_image=lr_image,
+        message=_grid_message(slide, len(index), (rows, cols), mask, tissue_threshold, ps0, mpp),
+        level=level,
+        cell_fraction=cell,
+        **common,
+    )
+
+
+def _tissue(lr_image: np.ndarray, params: TissueParams, lr_mpp: float,
+            progress: Progress | None) -> np.ndarray:
+    """The tissue mask of the LR image, as one "tissue" progress step."""
+    if progress is not None:
+        progress("tissue", 0, 1)
+    mask = tissue_mask(lr_image, params, mpp=lr_mpp)
+    if progress is not None:
+        progress("tissue", 1, 1)
+    return mask
+
+
+def _grid_mpp(slide, mpp: float | None) -> float:
+    """The level-0 µm/px to build the grid with: the one given, else the slide's own."""
     if mpp is None:
         mpp = slide.require_mpp()
     mpp = float(mpp)
@@ -204,8 +263,11 @@ def build_grid(
         raise SlideError(
             f"{_where(slide)}: mpp must be a positive number of µm per pixel, not {mpp}"
         )
-    if not 0.0 <= tissue_threshold <= 1.0:
-        raise ValueError(f"tissue_threshold must be within [0, 1], got {tissue_threshold}")
+    return mpp
+
+
+def _lr_patch_px(patch_px: int, magnification: float, lr_magnification: float) -> int:
+    """Side of an LR patch in px: 256 px at 20x is 16 px at 1.25x; it must be whole."""
     lr_exact = patch_px * lr_magnification / magnification
     lr_px = int(round(lr_exact))
     if lr_px < 1 or abs(lr_px - lr_exact) > 1e-6:
@@ -213,68 +275,21 @@ def build_grid(
             f"patch_px * lr_magnification / magnification must be a whole number of LR pixels, "
             f"got {patch_px} * {lr_magnification} / {magnification} = {lr_exact:g}"
         )
+    return lr_px
 
-    ps0 = patch_size_level0(mpp, patch_px, magnification, snap)
-    w, h = (int(v) for v in slide.dimensions)
-    rows, cols = h // ps0, w // ps0
-    name = str(getattr(slide, "name", "") or "")
-    common = dict(
-        shape=(rows, cols),
-        patch_size_level0=ps0,
-        mpp=mpp,
-        patch_px=int(patch_px),
-        magnification=float(magnification),
-        lr_magnification=float(lr_magnification),
-        lr_patch_px=lr_px,
-        tissue_threshold=float(tissue_threshold),
-        dimensions=(w, h),
-        slide_name=name,
-    )
-    if rows == 0 or cols == 0:
-        return _empty_grid(
-            message=(
-                f"{_where(slide)}: the slide ({w} x {h} px) is smaller than one patch "
-                f"({ps0} px = {ps0 * mpp:.0f} µm at {mpp:g} µm/px); no patches"
-            ),
-            **common,
-        )
 
-    scale = ps0 / lr_px  # level-0 px per LR px
-    level = int(slide.best_level_for_downsample(scale))
-    lr_image = read_lr_image(
-        slide, (rows * lr_px, cols * lr_px), scale, level=level, progress=progress, cancel=cancel
-    )
-    if progress is not None:
-        progress("tissue", 0, 1)
-    mask = tissue_mask(lr_image, tissue_params or TissueParams(), mpp=mpp * scale)
-    if progress is not None:
-        progress("tissue", 1, 1)
-    cell = mask.reshape(rows, lr_px, cols, lr_px).mean(axis=(1, 3), dtype=np.float32)
-    # Strictly positive: a threshold of 0 must not keep empty background cells.
-    keep = (cell >= tissue_threshold) & (cell > 0)
-    index = np.argwhere(keep).astype(np.int64)  # row-major order
-    coords = index[:, ::-1] * ps0
-    n = len(index)
+def _grid_message(slide, n: int, shape: tuple[int, int], mask: np.ndarray,
+                  tissue_threshold: float, ps0: int, mpp: float) -> str:
+    """What a grid of ``n`` tissue patches holds, or why it holds none."""
+    rows, cols = shape
     if n == 0:
-        message = (
+        return (
             f"{_where(slide)}: no tissue found: no patch of the {rows} x {cols} grid is "
             f"{tissue_threshold:.0%} tissue or more (tissue covers {mask.mean():.1%} of the slide)"
         )
-    else:
-        message = (
-            f"{n} tissue patches of {rows * cols} ({rows} x {cols} grid, "
-            f"{ps0} px = {ps0 * mpp:.0f} µm)"
-        )
-    return PatchGrid(
-        coords=coords.astype(np.int64),
-        index=index,
-        tissue_fraction=cell[keep].astype(np.float32),
-        mask=mask,
-        lr_image=lr_image,
-        message=message,
-        level=level,
-        cell_fraction=cell,
-        **common,
+    return (
+        f"{n} tissue patches of {rows * cols} ({rows} x {cols} grid, "
+        f"{ps0} px = {ps0 * mpp:.0f} µm)"
     )
 
 
@@ -305,8 +320,7 @@ def read_lr_image(
     band_rows = max(1, int(_BAND_PIXELS // max(1, src_w * max(s, 1.0))))
     starts = list(range(0, out_h, band_rows))
     for b, i0 in enumerate(starts):
-        if cancel is not None and cancel.is_set():
-            raise Cancelled(f"{_where(slide)}: cancelled while reading the low-resolution image")
+        check_cancelled(cancel, f"{_where(slide)}: reading the low-resolution image")
         if progress is not None:
             progress("lr_image", b, len(starts))
         i1 = min(out_h, i0 + band_rows)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from hdmil.errors import Cancelled
+from hdmil.errors import check_cancelled
 
 __all__ = ["PatchBatch", "PatchReader", "area_resize", "choose_level", "iter_patches"]
 
@@ -409,6 +409,9 @@ class PatchReader:
 
     def _run(self, progress: ProgressFn | None, cancel: threading.Event | None) -> Iterator[PatchBatch]:
         total = len(self.coords)
+        # slides of other backends may lack a path (or a name)
+        name = getattr(self.slide, "path", None) or getattr(self.slide, "name", "the slide")
+        what = f"{name}: reading patches"
         stop = threading.Event()
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         thread: threading.Thread | None = None
@@ -424,14 +427,14 @@ class PatchReader:
             thread.start()
             done = 0
             while True:
-                _check_cancel(cancel, self.slide)
+                check_cancelled(cancel, what)
                 t0 = time.perf_counter()
                 item = None
                 while item is None:
                     try:
                         item = q.get(timeout=0.05)
                     except queue.Empty:
-                        _check_cancel(cancel, self.slide)
+                        check_cancelled(cancel, what)
                         if not thread.is_alive() and q.empty():
                             raise RuntimeError("the patch reader thread stopped unexpectedly")
                 self.wait_seconds += time.perf_counter() - t0
@@ -439,7 +442,7 @@ class PatchReader:
                     return
                 if isinstance(item, _Failure):
                     raise item.exc
-                _check_cancel(cancel, self.slide)
+                check_cancelled(cancel, what)
                 done += len(item.indices) + len(item.failed)
                 if progress is not None:
                     progress("crop", done, total)
@@ -491,18 +494,7 @@ class PatchReader:
             bs = self.batch_size
             starts = list(range(0, n, bs))
             slots: dict[int, _Slot] = {}
-            patch_tiles: list[list[tuple[int, int, int]]] = []
-            evict_after: list[list[int]] = [[] for _ in starts]
-            if tl is not None:
-                last_use: dict[int, int] = {}
-                for pos, row in enumerate(order):
-                    tiles = self._patch_tiles(tl, int(row))
-                    patch_tiles.append(tiles)
-                    for tid, _, _ in tiles:
-                        last_use[tid] = pos
-                for tid, pos in last_use.items():
-                    evict_after[pos // bs].append(tid)
-
+            patch_tiles, evict_after = self._tile_use(tl, order, len(starts))
             pending: list[tuple[int, np.ndarray, list[Future]]] = []
             for b, start in enumerate(starts):
                 if halted():
@@ -535,6 +527,25 @@ class PatchReader:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             self.seconds = time.perf_counter() - t_start - blocked
+
+    def _tile_use(
+        self, tl: _TiledLevel | None, order: np.ndarray, n_batches: int
+    ) -> tuple[list[list[tuple[int, int, int]]], list[list[int]]]:
+        """The tiles of each patch (in reading order), and per batch the tiles no later batch
+        needs: the cache drops them once that batch is done."""
+        patch_tiles: list[list[tuple[int, int, int]]] = []
+        evict_after: list[list[int]] = [[] for _ in range(n_batches)]
+        if tl is None:
+            return patch_tiles, evict_after
+        last_use: dict[int, int] = {}
+        for pos, row in enumerate(order):
+            tiles = self._patch_tiles(tl, int(row))
+            patch_tiles.append(tiles)
+            for tid, _, _ in tiles:
+                last_use[tid] = pos
+        for tid, pos in last_use.items():
+            evict_after[pos // self.batch_size].append(tid)
+        return patch_tiles, evict_after
 
     def _finish(self, item, starts, order, slots, evict_after, put) -> bool:
         b, out, futures = item
@@ -624,12 +635,6 @@ class _Failure:
 
 
 _END = object()
-
-
-def _check_cancel(cancel: threading.Event | None, slide: Any) -> None:
-    if cancel is not None and cancel.is_set():
-        name = getattr(slide, "path", None) or getattr(slide, "name", "the slide")
-        raise Cancelled(f"{name}: reading patches cancelled")
 
 
 def iter_patches(

@@ -1,4 +1,4 @@
-"""Tissue mask of a low-resolution slide image (METHOD.md §1.1, as CLAM does it).
+"""Tissue mask of a low-resolution slide image (docs/method.md §1.1, as CLAM does it).
 
 RGB → HSV saturation → median blur → threshold (Otsu, kept within a floor and a ceiling, or a
 fixed value) → morphological closing → fill small holes, drop small pieces. Pen ink (green / blue,

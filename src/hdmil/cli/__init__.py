@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hdmil", description="Hierarchical distillation MIL for whole-slide images."
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.set_defaults(func=None)  # each command sets its own
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
+    if args.func is None:
         parser.print_help()
         return 2
     try:

@@ -73,7 +73,7 @@ def features(args: argparse.Namespace) -> int:
             named = path.name in str(exc)  # our errors name the file already
             print(f"hdmil features: error: {'' if named else f'{path}: '}{exc}", file=sys.stderr)
         except Exception as exc:  # a decoder crash on one slide must not stop the rest
-            if getattr(args, "debug", False):
+            if args.debug:
                 raise
             outcome = "failed"
             print(f"hdmil features: error: {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
@@ -97,7 +97,7 @@ def _one_slide(path: Path, encoder, args: argparse.Namespace) -> str:
             return "skipped"
         grid = build_grid(slide, mpp=args.mpp)
         if len(grid.coords) == 0:
-            why = getattr(grid, "message", "") or "no tissue found"
+            why = grid.message or "no tissue found"
             print(f"{slide.name}: no tissue patches ({why}); nothing written", file=sys.stderr)
             return "empty"
         with tqdm(total=len(grid.coords), desc=slide.name, unit="patch", file=sys.stderr) as bar:

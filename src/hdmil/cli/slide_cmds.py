@@ -111,9 +111,8 @@ def _tissue_count(slide) -> dict[str, Any]:
         "grid_shape": [int(v) for v in grid.shape],
         "patch_size_level0": int(grid.patch_size_level0),
     }
-    message = getattr(grid, "message", None)
-    if message and len(grid.coords) == 0:  # says why there are none
-        out["message"] = str(message)
+    if grid.message and len(grid.coords) == 0:  # says why there are none
+        out["message"] = grid.message
     return out
 
 
@@ -180,7 +179,7 @@ def tissue(args: argparse.Namespace) -> int:
 
         grid = build_grid(slide, mpp=slide.mpp, tissue_threshold=args.threshold)
         if len(grid.coords) == 0:
-            why = str(getattr(grid, "message", None) or "no tissue found")
+            why = grid.message or "no tissue found"
             raise SlideError(why if str(slide.path) in why else f"{slide.path}: {why}")
         write_geojson(args.out, grid)
     print(f"{len(grid.coords)} tissue patches of {slide.name} → {args.out}", file=sys.stdout)

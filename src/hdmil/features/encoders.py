@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hdmil.errors import HDMILError
+from hdmil.files import atomic_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -332,7 +333,8 @@ def save_encoder(encoder: Encoder, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.model.state_dict().items()}
-    save_file(state, str(path), metadata={"arch": encoder.name, "dim": str(encoder.dim)})
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"arch": encoder.name, "dim": str(encoder.dim)})
     return path
 
 

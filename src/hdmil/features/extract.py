@@ -5,13 +5,16 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from hdmil.errors import Cancelled
+from hdmil.errors import check_cancelled
 from hdmil.features.encoders import Encoder
 from hdmil.features.io import FeatureBag
+
+if TYPE_CHECKING:
+    from hdmil.grid import PatchGrid
 
 Progress = Callable[[str, int, int], None]
 
@@ -19,6 +22,7 @@ Progress = Callable[[str, int, int], None]
 class PatchBatchLike(Protocol):
     indices: np.ndarray  # int64 [B]: rows of the coords
     pixels: np.ndarray  # uint8 [B, H, W, 3]
+    failed: list[tuple[int, str]]  # (row, why) of the patches that could not be decoded
 
 
 def extract_features(
@@ -40,8 +44,7 @@ def extract_features(
     if progress:
         progress("features", 0, n_total)
     for batch in batches:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("feature extraction cancelled")
+        check_cancelled(cancel, "feature extraction")
         idx = np.asarray(batch.indices, dtype=np.int64)
         if idx.size:
             if idx.min() < 0 or idx.max() >= n_total:
@@ -50,17 +53,16 @@ def extract_features(
                 raise ValueError(f"batch has {idx.size} indices but {len(batch.pixels)} patches")
             features[idx] = encoder.embed(batch.pixels).cpu().numpy()
             ok[idx] = True
-        done += idx.size + len(getattr(batch, "failed", ()) or ())
+        done += idx.size + len(batch.failed)
         if progress:
             progress("features", min(done, n_total), n_total)
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("feature extraction cancelled")
+    check_cancelled(cancel, "feature extraction")
     return features, ok
 
 
 def extract_slide_features(
     slide: Any,
-    grid: Any,
+    grid: PatchGrid,
     encoder: Encoder,
     batch_size: int = 64,
     progress: Progress | None = None,
@@ -75,7 +77,7 @@ def extract_slide_features(
 
     coords = np.asarray(grid.coords, dtype=np.int64)
     n = len(coords)
-    patch_px = int(getattr(grid, "patch_px", 256))
+    patch_px = int(grid.patch_px)
     batches = iter_patches(
         slide, coords, grid.patch_size_level0, out_px=patch_px, batch_size=batch_size, cancel=cancel
     )
@@ -86,8 +88,8 @@ def extract_slide_features(
         "dim": encoder.dim,
         "patch_size_level0": int(grid.patch_size_level0),
         "patch_px": patch_px,
-        "magnification": float(getattr(grid, "magnification", 20.0)),
-        "mpp": float(grid.mpp) if getattr(grid, "mpp", None) is not None else None,
+        "magnification": float(grid.magnification),
+        "mpp": float(grid.mpp),
         "slide": slide.name,
         # lets the viewer open a slide found by SLPD similarity from its feature file
         "slide_path": str(Path(slide.path).resolve()) if getattr(slide, "path", None) else None,

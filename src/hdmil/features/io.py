@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from hdmil.errors import FeatureFileError
+from hdmil.files import atomic_path
 
 H5_SUFFIXES = (".h5", ".hdf5")
 PT_SUFFIXES = (".pt", ".pth")
@@ -65,7 +66,7 @@ def write_features(
     attrs: dict[str, Any] | None = None,
     lr_patches: np.ndarray | None = None,
 ) -> Path:
-    """Write ``<slide>.h5`` atomically (temp file in the same folder, then ``os.replace``).
+    """Write ``<slide>.h5`` atomically (``hdmil.files.atomic_path``: a hidden temp file beside it).
 
     Pass a ``FeatureBag`` or the arrays. Attributes given here override the bag's; ``None`` values
     are left out. Returns the path written.
@@ -129,24 +130,17 @@ def _write_atomic(
 ) -> None:
     import h5py
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Hidden temp name: directory scans (``*.h5``) never pick up a half-written file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            for name, data in datasets.items():
-                f.create_dataset(name, data=data)
-            for key, value in attrs.items():
-                f.attrs[key] = _h5_attr(value)
-            if carry is not None:
-                src_name, names = carry
-                with h5py.File(src_name, "r") as src:
-                    for name in names:
-                        src.copy(src[name], f, name=name)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # atomic_path's temp name is hidden: directory scans (``*.h5``) never see a half-written file.
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for name, data in datasets.items():
+            f.create_dataset(name, data=data)
+        for key, value in attrs.items():
+            f.attrs[key] = _h5_attr(value)
+        if carry is not None:
+            src_name, names = carry
+            with h5py.File(src_name, "r") as src:
+                for name in names:
+                    src.copy(src[name], f, name=name)
 
 
 def _carry_over(path: Path, coords: np.ndarray | None, encoder: str | None) -> tuple[str, list[str]] | None:

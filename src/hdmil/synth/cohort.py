@@ -13,17 +13,19 @@ normal and tumour slides alike, so that pre-screening is a real task and not a l
 from __future__ import annotations
 
 import csv
-import json
+import functools
 import multiprocessing
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from hdmil.errors import Cancelled
+from hdmil.errors import check_cancelled
+from hdmil.files import atomic_write, dumps
 from hdmil.synth.slide import ARTEFACTS, Progress, Stain, SynthError, SynthSlide, synth_slide
 
 CLASSES = ("normal", "tumor")
@@ -102,17 +104,13 @@ def _make_one(out_dir: str, plan: _Plan, size: tuple[int, int], mpp: float,
         out / f"{plan.slide_id}.tiff", size=size, seed=plan.seed, tumor_fraction=plan.burden,
         mpp=mpp, stain=plan.stain, artefacts=plan.artefacts, workers=workers,
     )
-    geo = out / f"{plan.slide_id}.truth.geojson"
-    npz = out / f"{plan.slide_id}.truth.npz"
-    tmp = geo.with_name(geo.name + ".part")
-    tmp.write_text(json.dumps(slide.truth_geojson()))
-    os.replace(tmp, geo)
+    with atomic_write(out / f"{plan.slide_id}.truth.geojson") as fh:
+        fh.write(dumps(slide.truth_geojson()))
     truth = slide.patch_truth()
-    tmp = npz.with_name(npz.stem + ".part.npz")
-    np.savez_compressed(tmp, **truth, tumor_mask=slide.tumor_mask,
-                        tissue_mask=slide.tissue_mask,
-                        mask_downsample=np.int64(slide.mask_downsample))
-    os.replace(tmp, npz)
+    with atomic_write(out / f"{plan.slide_id}.truth.npz", "wb") as fh:
+        np.savez_compressed(fh, **truth, tumor_mask=slide.tumor_mask,
+                            tissue_mask=slide.tissue_mask,
+                            mask_downsample=np.int64(slide.mask_downsample))
     return {"tumor_burden": slide.tumor_fraction}
 
 
@@ -146,53 +144,18 @@ def synth_cohort(
     """
     out = Path(out_dir)
     n_slides = int(n_slides)
-    if n_slides < 1:
-        raise SynthError(f"{out}: a cohort needs at least one slide, got {n_slides}")
-    if not 0.0 <= positive_fraction <= 1.0:
-        raise SynthError(f"{out}: positive_fraction must be in [0, 1], got {positive_fraction}")
-    burdens = tuple(float(b) for b in tumor_burdens)
-    if not burdens or any(not 0.0 < b <= 1.0 for b in burdens):
-        raise SynthError(f"{out}: tumor_burdens must lie in (0, 1], got {tumor_burdens}")
-    if out.exists() and not out.is_dir():
-        raise SynthError(f"{out}: exists and is not a directory")
+    burdens = _check_cohort_args(out, n_slides, positive_fraction, tumor_burdens)
     out.mkdir(parents=True, exist_ok=True)
     size = (int(size[0]), int(size[1]))
     plans = _plan(n_slides, int(seed), burdens, float(positive_fraction), float(artefact_rate))
     workers = max(1, min(2, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
     workers = min(workers, n_slides)
-
-    results: dict[str, dict] = {}
-
-    def report() -> None:
-        if progress is not None:
-            progress("cohort", len(results), n_slides)
-
-    report()
+    make = functools.partial(_make_one, str(out), size=size, mpp=mpp, workers=1)
+    what = f"{out}: synthetic cohort"
     if workers == 1:
-        for plan in plans:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(f"{out}: synthetic cohort cancelled")
-            results[plan.slide_id] = _make_one(str(out), plan, size, mpp, 1)
-            report()
+        results = _make_here(plans, make, what, progress, cancel)
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-            pending: dict[Future, _Plan] = {
-                ex.submit(_make_one, str(out), p, size, mpp, 1): p for p in plans
-            }
-            try:
-                while pending:
-                    done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    if cancel is not None and cancel.is_set():
-                        raise Cancelled(f"{out}: synthetic cohort cancelled")
-                    for fut in done:
-                        plan = pending.pop(fut)
-                        results[plan.slide_id] = fut.result()
-                        report()
-            except BaseException:
-                for fut in pending:
-                    fut.cancel()
-                raise
+        results = _make_in_pool(plans, make, workers, what, progress, cancel)
 
     slides = [
         CohortSlide(
@@ -205,21 +168,83 @@ def synth_cohort(
         )
         for p in plans
     ]
-    labels_csv = out / "labels.csv"
-    tmp = labels_csv.with_name("labels.csv.part")
-    with open(tmp, "w", newline="") as fh:
+    labels_csv = _write_labels(out / "labels.csv", slides)
+    _write_manifest(out / "cohort.json", slides, int(seed), size, mpp)
+    return CohortInfo(out_dir=out, labels_csv=labels_csv, slides=slides)
+
+
+def _check_cohort_args(out: Path, n_slides: int, positive_fraction: float,
+                       tumor_burdens: tuple[float, ...]) -> tuple[float, ...]:
+    """The burdens as floats, or a ``SynthError`` naming the bad argument."""
+    if n_slides < 1:
+        raise SynthError(f"{out}: a cohort needs at least one slide, got {n_slides}")
+    if not 0.0 <= positive_fraction <= 1.0:
+        raise SynthError(f"{out}: positive_fraction must be in [0, 1], got {positive_fraction}")
+    burdens = tuple(float(b) for b in tumor_burdens)
+    if not burdens or any(not 0.0 < b <= 1.0 for b in burdens):
+        raise SynthError(f"{out}: tumor_burdens must lie in (0, 1], got {tumor_burdens}")
+    if out.exists() and not out.is_dir():
+        raise SynthError(f"{out}: exists and is not a directory")
+    return burdens
+
+
+def _make_here(plans: list[_Plan], make: Callable[[_Plan], dict], what: str,
+               progress: Progress | None, cancel: threading.Event | None) -> dict[str, dict]:
+    """Make the slides one after the other in this process."""
+    results: dict[str, dict] = {}
+    if progress is not None:
+        progress("cohort", 0, len(plans))
+    for plan in plans:
+        check_cancelled(cancel, what)
+        results[plan.slide_id] = make(plan)
+        if progress is not None:
+            progress("cohort", len(results), len(plans))
+    return results
+
+
+def _make_in_pool(plans: list[_Plan], make: Callable[[_Plan], dict], workers: int, what: str,
+                  progress: Progress | None, cancel: threading.Event | None) -> dict[str, dict]:
+    """Make the slides in ``workers`` spawned processes; cancel drops the slides not started."""
+    results: dict[str, dict] = {}
+    if progress is not None:
+        progress("cohort", 0, len(plans))
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
+        pending: dict[Future, _Plan] = {ex.submit(make, p): p for p in plans}
+        try:
+            while pending:
+                done, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                check_cancelled(cancel, what)
+                for fut in done:
+                    plan = pending.pop(fut)
+                    results[plan.slide_id] = fut.result()
+                    if progress is not None:
+                        progress("cohort", len(results), len(plans))
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+    return results
+
+
+def _write_labels(path: Path, slides: list[CohortSlide]) -> Path:
+    """``labels.csv``: slide_id,label,case_id."""
+    with atomic_write(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["slide_id", "label", "case_id"])
         for s in slides:
             w.writerow([s.slide_id, s.label, s.case_id])
-    os.replace(tmp, labels_csv)
+    return path
+
+
+def _write_manifest(path: Path, slides: list[CohortSlide], seed: int, size: tuple[int, int],
+                    mpp: float) -> None:
+    """``cohort.json``: the cohort's settings and what each slide holds (file names relative)."""
     manifest = {
-        "seed": int(seed), "size": list(size), "mpp": mpp, "classes": list(CLASSES),
+        "seed": seed, "size": list(size), "mpp": mpp, "classes": list(CLASSES),
         "slides": [{**asdict(s), "path": s.path.name, "truth_geojson": s.truth_geojson.name,
                     "truth_npz": s.truth_npz.name, "artefacts": list(s.artefacts)}
                    for s in slides],
     }
-    tmp = out / "cohort.json.part"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / "cohort.json")
-    return CohortInfo(out_dir=out, labels_csv=labels_csv, slides=slides)
+    with atomic_write(path) as fh:
+        fh.write(dumps(manifest, indent=1))

@@ -16,7 +16,7 @@ from the one above through a band of rows on disk, never a whole level in memory
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import multiprocessing
 import os
@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hdmil.errors import Cancelled, HDMILError
+from hdmil.errors import HDMILError, check_cancelled
+from hdmil.files import WriteError, atomic_path, atomic_write, dumps
 
 Progress = Callable[[str, int, int], None]
 
@@ -63,7 +64,7 @@ class Stain:
     e: tuple[float, float, float] = REFERENCE_E
     h_scale: float = 1.0
     e_scale: float = 1.0
-    background: float = 243.0  # RGB of the glass (I0): ECOSYSTEM.md's empty patches read 242
+    background: float = 243.0  # RGB of the glass (I0): empty patches of real scans read about 242
 
     @classmethod
     def random(cls, seed: int, strength: float = 1.0) -> Stain:
@@ -421,92 +422,22 @@ def _make_layout(size: tuple[int, int], seed: int, tumor_fraction: float, mpp: f
                  n_regions: int | None = None) -> _Layout:
     w, h = size
     ds = 16 if max(w, h) <= 16384 else 32
-    hc, wc = h // ds + 1, w // ds + 1
+    shape = (h // ds + 1, w // ds + 1)
     rng = np.random.default_rng([seed, 0x1A70])
     um = 1.0 / (mpp * ds)  # coarse px per µm
-
-    # tissue: a few smooth blobs, a target share of the slide, away from its border
-    yy, xx = np.indices((hc, wc), dtype=np.float32)
-    n_blobs = int(rng.integers(1, 4))
-    field_ = np.full((hc, wc), -np.inf, np.float32)
-    for _ in range(n_blobs):
-        cy, cx = rng.uniform(0.3, 0.7) * hc, rng.uniform(0.3, 0.7) * wc
-        ry = rng.uniform(0.2, 0.4) * hc
-        rx = rng.uniform(0.2, 0.4) * wc
-        a = rng.uniform(0, np.pi)
-        u = ((xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)) / rx
-        v = (-(xx - cx) * math.sin(a) + (yy - cy) * math.cos(a)) / ry
-        theta = np.arctan2(v, u)
-        edge = np.ones_like(theta)
-        for k in range(2, 7):
-            edge += rng.normal(0, 0.12) / k * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-        field_ = np.maximum(field_, edge - np.hypot(u, v))
-    field_ += 0.12 * _coarse_noise(rng, (hc, wc), max(hc, wc) / 12)
-    border = np.minimum(np.minimum(yy, hc - 1 - yy) / hc, np.minimum(xx, wc - 1 - xx) / wc)
-    field_ -= 4.0 * np.clip(0.04 - border, 0, None) / 0.04
-    cover = rng.uniform(0.35, 0.55)
-    tissue_b = field_ > np.quantile(field_, 1 - cover)
-    tissue = _soften(tissue_b, 1.0)
-    tissue_b = tissue > 0.5
-
-    # normal compartments: fat lobules, glands, lymphoid aggregates
-    fat_n = _coarse_noise(rng, (hc, wc), 500 * um)
-    fat = _soften(fat_n > np.quantile(fat_n[tissue_b], 1 - rng.uniform(0.05, 0.3)), 1.0)
-    gl_n = _coarse_noise(rng, (hc, wc), 400 * um)
-    gland = _soften((gl_n > np.quantile(gl_n[tissue_b], 1 - rng.uniform(0.15, 0.35)))
-                    & (fat < 0.5), 1.0)
-    lymph = np.zeros((hc, wc), np.float32)
-    area_mm2 = tissue_b.sum() * (ds * mpp / 1000) ** 2
-    cand = np.flatnonzero(tissue_b & (fat < 0.5))
-    for _ in range(int(rng.poisson(0.5 * area_mm2)) + 1 if len(cand) else 0):
-        cy, cx = divmod(int(cand[rng.integers(len(cand))]), wc)
-        r = rng.uniform(50, 130) * um
-        lymph += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-    lymph = np.clip(lymph * 1.2, 0, 1)
-
-    # tumour regions: exactly a share of the tissue, as one or several blobs
-    tumor_b = np.zeros((hc, wc), bool)
-    if tumor_fraction > 0:
-        n_tissue = int(tissue_b.sum())
-        if n_regions is None:
-            n_regions = 1 if tumor_fraction < 0.06 else int(rng.integers(1, 4))
-        target = int(math.ceil(tumor_fraction * n_tissue))
-        for _ in range(6):  # softening shaves a little off the borders: top it up
-            tumor_b = _grow_regions(rng, tissue_b, target, n_regions, 60 * um)
-            tumor = _soften(tumor_b, 0.7)
-            got = int(((tumor > 0.5) & tissue_b).sum())
-            if got >= tumor_fraction * n_tissue:
-                break
-            target += int(math.ceil(tumor_fraction * n_tissue)) - got + 1
-    tumor = _soften(tumor_b, 0.7) if tumor_b.any() else np.zeros((hc, wc), np.float32)
-
-    orient = np.clip(0.5 + 0.6 * _coarse_noise(rng, (hc, wc), 300 * um), 0, 1)
-    stain_h = 1 + 0.07 * _coarse_noise(rng, (hc, wc), 1500 * um)
-    stain_e = 1 + 0.07 * _coarse_noise(rng, (hc, wc), 1500 * um)
+    # One generator, drawn from in this fixed order: the same seed gives the same slide.
+    tissue, tissue_b = _tissue_field(rng, shape)
+    fat, gland, lymph = _normal_compartments(rng, tissue_b, um, ds * mpp)
+    tumor = _tumour_field(rng, tissue_b, tumor_fraction, n_regions, um)
+    orient = np.clip(0.5 + 0.6 * _coarse_noise(rng, shape, 300 * um), 0, 1)
+    stain_h = 1 + 0.07 * _coarse_noise(rng, shape, 1500 * um)
+    stain_e = 1 + 0.07 * _coarse_noise(rng, shape, 1500 * um)
 
     # drawn before the artefacts so that adding artefacts leaves the tissue as it was
     a1 = float(rng.uniform(0, np.pi))
     fibre_angles = (a1, a1 + float(rng.uniform(0.6, 1.4)))
     blur_sigma = float(rng.uniform(2.0, 3.5)) * 0.5 / mpp
-    fold = np.zeros((hc, wc), np.float32)
-    pen = np.zeros((hc, wc), np.float32)
-    blur = np.zeros((hc, wc), np.float32)
-    ink = _INKS["green"]
-    if "fold" in artefacts:
-        d = _stroke(rng, (hc, wc), 6, 0.6 * max(hc, wc))
-        fold = np.clip((rng.uniform(40, 120) * um - d) / 1.5 + 0.5, 0, 1)
-    if "pen" in artefacts:
-        for _ in range(int(rng.integers(1, 3))):
-            d = _stroke(rng, (hc, wc), 8, rng.uniform(0.3, 0.8) * max(hc, wc))
-            pen = np.maximum(pen, np.clip((rng.uniform(50, 150) * um - d) / 1.5 + 0.5, 0, 1))
-        ink = _INKS[str(rng.choice(list(_INKS)))]
-    if "blur" in artefacts:
-        cand = np.flatnonzero(tissue_b)
-        for _ in range(int(rng.integers(1, 4))):
-            cy, cx = divmod(int(cand[rng.integers(len(cand))]), wc)
-            r = rng.uniform(250, 700) * um
-            blur = np.maximum(blur, np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
-        blur = np.clip((blur - 0.3) * 2, 0, 1)
+    fold, pen, blur, ink = _artefact_fields(rng, tissue_b, artefacts, um)
 
     stack = np.stack([tissue, tumor, fat, gland, lymph, orient, stain_h, stain_e, fold, pen,
                       blur]).astype(np.float16)
@@ -515,6 +446,111 @@ def _make_layout(size: tuple[int, int], seed: int, tumor_fraction: float, mpp: f
         artefacts=artefacts, banks=_make_banks(seed, mpp), fibre_angles=fibre_angles, ink=ink,
         blur_sigma=blur_sigma, tile=tile,
     )
+
+
+def _tissue_field(rng: np.random.Generator,
+                  shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue as a few smooth blobs covering a drawn share of the slide, away from its border:
+    the soft field (float32) and its mask."""
+    hc, wc = shape
+    yy, xx = np.indices(shape, dtype=np.float32)
+    n_blobs = int(rng.integers(1, 4))
+    field_ = np.full(shape, -np.inf, np.float32)
+    for _ in range(n_blobs):
+        field_ = np.maximum(field_, _blob(rng, yy, xx))
+    field_ += 0.12 * _coarse_noise(rng, shape, max(hc, wc) / 12)
+    border = np.minimum(np.minimum(yy, hc - 1 - yy) / hc, np.minimum(xx, wc - 1 - xx) / wc)
+    field_ -= 4.0 * np.clip(0.04 - border, 0, None) / 0.04
+    cover = rng.uniform(0.35, 0.55)
+    tissue_b = field_ > np.quantile(field_, 1 - cover)
+    tissue = _soften(tissue_b, 1.0)
+    return tissue, tissue > 0.5
+
+
+def _blob(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Signed inside-ness of one rotated ellipse with a wavy border (> 0 inside)."""
+    hc, wc = yy.shape
+    cy, cx = rng.uniform(0.3, 0.7) * hc, rng.uniform(0.3, 0.7) * wc
+    ry = rng.uniform(0.2, 0.4) * hc
+    rx = rng.uniform(0.2, 0.4) * wc
+    a = rng.uniform(0, np.pi)
+    u = ((xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)) / rx
+    v = (-(xx - cx) * math.sin(a) + (yy - cy) * math.cos(a)) / ry
+    theta = np.arctan2(v, u)
+    edge = np.ones_like(theta)
+    for k in range(2, 7):
+        edge += rng.normal(0, 0.12) / k * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    return edge - np.hypot(u, v)
+
+
+def _normal_compartments(rng: np.random.Generator, tissue_b: np.ndarray, um: float,
+                         coarse_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fat lobules, glands and lymphoid aggregates (soft fields) inside the tissue mask;
+    ``um`` coarse px per µm, ``coarse_um`` µm per coarse px."""
+    shape = tissue_b.shape
+    wc = shape[1]
+    fat_n = _coarse_noise(rng, shape, 500 * um)
+    fat = _soften(fat_n > np.quantile(fat_n[tissue_b], 1 - rng.uniform(0.05, 0.3)), 1.0)
+    gl_n = _coarse_noise(rng, shape, 400 * um)
+    gland = _soften((gl_n > np.quantile(gl_n[tissue_b], 1 - rng.uniform(0.15, 0.35)))
+                    & (fat < 0.5), 1.0)
+    yy, xx = np.indices(shape, dtype=np.float32)
+    lymph = np.zeros(shape, np.float32)
+    area_mm2 = tissue_b.sum() * (coarse_um / 1000) ** 2
+    cand = np.flatnonzero(tissue_b & (fat < 0.5))
+    for _ in range(int(rng.poisson(0.5 * area_mm2)) + 1 if len(cand) else 0):
+        cy, cx = divmod(int(cand[rng.integers(len(cand))]), wc)
+        r = rng.uniform(50, 130) * um
+        lymph += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+    return fat, gland, np.clip(lymph * 1.2, 0, 1)
+
+
+def _tumour_field(rng: np.random.Generator, tissue_b: np.ndarray, tumor_fraction: float,
+                  n_regions: int | None, um: float) -> np.ndarray:
+    """Tumour regions: exactly ``tumor_fraction`` of the tissue, as one or several blobs."""
+    shape = tissue_b.shape
+    tumor_b = np.zeros(shape, bool)
+    if tumor_fraction > 0:
+        n_tissue = int(tissue_b.sum())
+        if n_regions is None:
+            n_regions = 1 if tumor_fraction < 0.06 else int(rng.integers(1, 4))
+        target = int(math.ceil(tumor_fraction * n_tissue))
+        for _ in range(6):  # softening shaves a little off the borders: top it up
+            tumor_b = _grow_regions(rng, tissue_b, target, n_regions, 60 * um)
+            got = int(((_soften(tumor_b, 0.7) > 0.5) & tissue_b).sum())
+            if got >= tumor_fraction * n_tissue:
+                break
+            target += int(math.ceil(tumor_fraction * n_tissue)) - got + 1
+    return _soften(tumor_b, 0.7) if tumor_b.any() else np.zeros(shape, np.float32)
+
+
+def _artefact_fields(rng: np.random.Generator, tissue_b: np.ndarray, artefacts: tuple[str, ...],
+                     um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                         tuple[float, float, float]]:
+    """Fold, pen and blur fields (zero unless asked for) and the pen's ink."""
+    shape = tissue_b.shape
+    hc, wc = shape
+    fold = np.zeros(shape, np.float32)
+    pen = np.zeros(shape, np.float32)
+    blur = np.zeros(shape, np.float32)
+    ink = _INKS["green"]
+    if "fold" in artefacts:
+        d = _stroke(rng, shape, 6, 0.6 * max(hc, wc))
+        fold = np.clip((rng.uniform(40, 120) * um - d) / 1.5 + 0.5, 0, 1)
+    if "pen" in artefacts:
+        for _ in range(int(rng.integers(1, 3))):
+            d = _stroke(rng, shape, 8, rng.uniform(0.3, 0.8) * max(hc, wc))
+            pen = np.maximum(pen, np.clip((rng.uniform(50, 150) * um - d) / 1.5 + 0.5, 0, 1))
+        ink = _INKS[str(rng.choice(list(_INKS)))]
+    if "blur" in artefacts:
+        yy, xx = np.indices(shape, dtype=np.float32)
+        cand = np.flatnonzero(tissue_b)
+        for _ in range(int(rng.integers(1, 4))):
+            cy, cx = divmod(int(cand[rng.integers(len(cand))]), wc)
+            r = rng.uniform(250, 700) * um
+            blur = np.maximum(blur, np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)))
+        blur = np.clip((blur - 0.3) * 2, 0, 1)
+    return fold, pen, blur, ink
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +584,17 @@ def _voronoi(c: _Grid | _Points, cell: float, key: int) -> tuple[np.ndarray, np.
             np.copyto(r1, sr.take(idx), where=d < d1)
             np.minimum(d1, d, out=d1)
     return np.sqrt(d1), np.sqrt(d2), r1
+
+
+@dataclass(frozen=True)
+class _TilePlan:
+    """What one tile needs, from the peaks of the coarse fields around it."""
+
+    peak: np.ndarray  # float32 [C]: max of each channel of _CHANNELS over the window
+    on: dict[str, bool]  # compartment / nucleus kind -> present
+    has_tissue: bool
+    blur_on: bool
+    margin: int  # px rendered beyond the tile on each side when blurring
 
 
 class _Renderer:
@@ -680,9 +727,41 @@ class _Renderer:
     def render(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 (h, w, 3) of level-0 pixels [y0, y0+h) x [x0, x0+w)."""
         lay = self.lay
+        plan = self.plan(x0, y0, w, h)
+        m = plan.margin if plan.blur_on else 0
+        g = _Grid(x0 - m, y0 - m, w + 2 * m, h + 2 * m)
+        hh, ww = g.shape
+        f = g.coarse(lay.stack, lay.ds)
+        if plan.has_tissue:
+            od, deb = self.tissue_od(g, f, plan)
+        else:
+            od = np.zeros((hh, ww, 3), np.float32)
+            deb = self.nuclei(g.x0, g.y0, ww, hh, plan.on)[1] if plan.on["debris"] else None
+        od += 0.004  # the glass
+        if deb is not None:
+            od += np.minimum(deb, 3)[..., None] * self.debris_vec
+        if self.has["pen"] and plan.peak[_ch("pen")] > 0.01:
+            ink = f[_ch("pen")] * (0.75 + 0.3 * g.noise(90 * self.px, self.k(11)))
+            od += ink[..., None] * self.ink
+        rgb = np.exp(-od)
+        rgb *= lay.stain.background
+        if plan.blur_on:
+            from scipy import ndimage
+
+            soft = ndimage.gaussian_filter(rgb, (lay.blur_sigma, lay.blur_sigma, 0))
+            b = f[_ch("blur")][..., None]
+            rgb = (rgb + (soft - rgb) * b)[m: m + h, m: m + w]
+        # sensor noise: a periodic function of position, so overlapping renders agree
+        rgb += self.grain[np.ix_(np.arange(y0, y0 + h) % _GRAIN,
+                                 np.arange(x0, x0 + w) % _GRAIN)][..., None]
+        rgb += 0.5
+        np.clip(rgb, 0, 255, out=rgb)
+        return rgb.astype(np.uint8)
+
+    def plan(self, x0: int, y0: int, w: int, h: int) -> _TilePlan:
+        """A cheap look at the coarse window: which parts of the machinery this tile needs."""
+        lay = self.lay
         ds = lay.ds
-        px = self.px
-        # a cheap look at the coarse window: which parts of the machinery does this tile need?
         margin = int(math.ceil(3 * lay.blur_sigma)) + 2
         reach = margin + self.pad  # blur margin plus the largest sprite
         j0, j1 = max((y0 - reach) // ds - 1, 0), (y0 + h + reach) // ds + 3
@@ -701,76 +780,65 @@ class _Renderer:
             "debris": self.has["debris"],
         }
         on["epith"] = on["gland"]
-        blur_on = self.has["blur"] and peak[_ch("blur")] > 0.01
-        m = margin if blur_on else 0
-        g = _Grid(x0 - m, y0 - m, w + 2 * m, h + 2 * m)
+        blur_on = bool(self.has["blur"] and peak[_ch("blur")] > 0.01)
+        return _TilePlan(peak=peak, on=on, has_tissue=has_tissue, blur_on=blur_on, margin=margin)
+
+    def tissue_od(self, g: _Grid, f: np.ndarray,
+                  plan: _TilePlan) -> tuple[np.ndarray, np.ndarray | None]:
+        """Optical density (H, W, 3) of the stained tissue on grid ``g``; debris density."""
+        lay = self.lay
         hh, ww = g.shape
-        f = g.coarse(lay.stack, ds)
+        cm = self.compartments(g, f, plan.on, full=True)
+        t = cm["t"]
+        E, H = self.stroma(g, f)
+        self.paint_compartments(E, H, g, cm, plan.on)
+        nuc, deb = self.nuclei(g.x0, g.y0, ww, hh, plan.on)
+        np.clip(nuc, 0, 4.0, out=nuc)
+        E *= 1 - 0.75 * np.minimum(nuc, 1)
+        H += nuc
+        H *= t * f[_ch("stain_h")] * lay.stain.h_scale
+        E *= t * f[_ch("stain_e")] * lay.stain.e_scale
+        if self.has["fold"] and plan.peak[_ch("fold")] > 0.01:  # a double layer: twice the stain
+            fold = 1 + 0.9 * f[_ch("fold")] * t
+            H *= fold
+            E *= fold
+        return H[..., None] * self.h_vec + E[..., None] * self.e_vec, deb
 
-        if has_tissue:
-            cm = self.compartments(g, f, on, full=True)
-            t = cm["t"]
-            # stroma: wavy collagen fibres in two families of directions, in bundles
-            a1, a2 = lay.fibre_angles
-            warp = 8.0 * g.noise(45 * px, self.k(5)) + 3.0 * g.noise(11 * px, self.k(13))
-            lam = 2 * np.pi / (7.0 * px)
-            s1 = np.sin((g.Y * math.cos(a1) - g.X * math.sin(a1)) * lam + warp)
-            s2 = np.sin((g.Y * math.cos(a2) - g.X * math.sin(a2)) * lam + warp)
-            fib = 0.5 + 0.5 * (s1 + (s2 - s1) * f[_ch("orient")])
-            bundle = _ramp(g.noise(16 * px, self.k(6)), 0.15, 0.85)
-            fib = fib * fib * (0.15 + 0.85 * bundle) + 0.3 * g.noise(4 * px, self.k(7))
-            E = 0.6 + 1.2 * fib
-            H = 0.16 + 0.06 * g.noise(8 * px, self.k(8))
-            if on["gland"]:
-                ring, lumen = cm["ring"], cm["lumen"]
-                E += (0.85 - E) * ring + (0.12 - E) * lumen
-                H += (0.35 - H) * ring + (0.03 - H) * lumen
-            ly = cm["ly"]
-            E += (0.55 - E) * ly
-            H += (0.45 - H) * ly
-            if on["fat"]:
-                fa = cm["fa"]
-                E += (0.03 + 1.1 * cm["fat_border"] - E) * fa
-                H += (0.04 - H) * fa
-            if on["tumor"]:
-                tn = cm["tn"]
-                mott = 0.8 + 0.4 * g.noise(6 * px, self.k(9))
-                E += (1.05 * mott - E) * tn
-                H += (0.62 * mott - H) * tn
-            nuc, deb = self.nuclei(g.x0, g.y0, ww, hh, on)
-            np.clip(nuc, 0, 4.0, out=nuc)
-            E *= 1 - 0.75 * np.minimum(nuc, 1)
-            H += nuc
-            H *= t * f[_ch("stain_h")] * lay.stain.h_scale
-            E *= t * f[_ch("stain_e")] * lay.stain.e_scale
-            if self.has["fold"] and peak[_ch("fold")] > 0.01:  # a double layer: twice the stain
-                fold = 1 + 0.9 * f[_ch("fold")] * t
-                H *= fold
-                E *= fold
-            od = H[..., None] * self.h_vec + E[..., None] * self.e_vec
-        else:
-            od = np.zeros((hh, ww, 3), np.float32)
-            deb = self.nuclei(g.x0, g.y0, ww, hh, on)[1] if on["debris"] else None
-        od += 0.004  # the glass
-        if deb is not None:
-            od += np.minimum(deb, 3)[..., None] * self.debris_vec
-        if self.has["pen"] and peak[_ch("pen")] > 0.01:
-            ink = f[_ch("pen")] * (0.75 + 0.3 * g.noise(90 * px, self.k(11)))
-            od += ink[..., None] * self.ink
-        rgb = np.exp(-od)
-        rgb *= lay.stain.background
-        if blur_on:
-            from scipy import ndimage
+    def stroma(self, g: _Grid, f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Eosin and haematoxylin of the stroma: wavy collagen fibres in two families of
+        directions, in bundles."""
+        px = self.px
+        a1, a2 = self.lay.fibre_angles
+        warp = 8.0 * g.noise(45 * px, self.k(5)) + 3.0 * g.noise(11 * px, self.k(13))
+        lam = 2 * np.pi / (7.0 * px)
+        s1 = np.sin((g.Y * math.cos(a1) - g.X * math.sin(a1)) * lam + warp)
+        s2 = np.sin((g.Y * math.cos(a2) - g.X * math.sin(a2)) * lam + warp)
+        fib = 0.5 + 0.5 * (s1 + (s2 - s1) * f[_ch("orient")])
+        bundle = _ramp(g.noise(16 * px, self.k(6)), 0.15, 0.85)
+        fib = fib * fib * (0.15 + 0.85 * bundle) + 0.3 * g.noise(4 * px, self.k(7))
+        E = 0.6 + 1.2 * fib
+        H = 0.16 + 0.06 * g.noise(8 * px, self.k(8))
+        return E, H
 
-            soft = ndimage.gaussian_filter(rgb, (lay.blur_sigma, lay.blur_sigma, 0))
-            b = f[_ch("blur")][..., None]
-            rgb = (rgb + (soft - rgb) * b)[m: m + h, m: m + w]
-        # sensor noise: a periodic function of position, so overlapping renders agree
-        rgb += self.grain[np.ix_(np.arange(y0, y0 + h) % _GRAIN,
-                                 np.arange(x0, x0 + w) % _GRAIN)][..., None]
-        rgb += 0.5
-        np.clip(rgb, 0, 255, out=rgb)
-        return rgb.astype(np.uint8)
+    def paint_compartments(self, E: np.ndarray, H: np.ndarray, g: _Grid,
+                           cm: dict[str, np.ndarray], on: dict[str, bool]) -> None:
+        """Blend glands, lymphoid tissue, fat and tumour nests into ``E`` and ``H`` (in place)."""
+        if on["gland"]:
+            ring, lumen = cm["ring"], cm["lumen"]
+            E += (0.85 - E) * ring + (0.12 - E) * lumen
+            H += (0.35 - H) * ring + (0.03 - H) * lumen
+        ly = cm["ly"]
+        E += (0.55 - E) * ly
+        H += (0.45 - H) * ly
+        if on["fat"]:
+            fa = cm["fa"]
+            E += (0.03 + 1.1 * cm["fat_border"] - E) * fa
+            H += (0.04 - H) * fa
+        if on["tumor"]:
+            tn = cm["tn"]
+            mott = 0.8 + 0.4 * g.noise(6 * self.px, self.k(9))
+            E += (1.05 * mott - E) * tn
+            H += (0.62 * mott - H) * tn
 
 
 _GRAIN = 509  # period of the sensor noise (a prime, so it never lines up with tiles)
@@ -816,8 +884,6 @@ def _one_blas_thread():
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        import contextlib
-
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
 
@@ -1045,8 +1111,8 @@ def synth_slide(
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         _write_pyramid(out_path, lay, dims, workers, progress, cancel)
-    except OSError as exc:  # unwritable folder, full disk: the user's to fix
-        raise SynthError(f"{out_path}: cannot write the slide: {exc.strerror or exc}") from exc
+    except (OSError, WriteError) as exc:  # unwritable folder, full disk: the user's to fix
+        raise SynthError(f"{out_path}: cannot write the slide: {_os_reason(exc)}") from exc
 
     st = lay.stack.astype(np.float32)
     tissue = st[_ch("tissue")] > 0.5
@@ -1063,6 +1129,15 @@ def synth_slide(
                       artefacts=names, artefact_masks=amasks, level_dimensions=tuple(dims))
 
 
+def _os_reason(exc: BaseException) -> str:
+    """The system's words for a failed write (a ``WriteError`` carries its ``OSError``)."""
+    if isinstance(exc, WriteError) and isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__
+    if isinstance(exc, OSError):
+        return str(exc.strerror or exc)
+    return str(exc)
+
+
 def _default_workers(n_tiles: int) -> int:
     if n_tiles < 1024:  # starting processes costs more than it saves
         return 1
@@ -1071,111 +1146,125 @@ def _default_workers(n_tiles: int) -> int:
 
 def _write_pyramid(path: Path, lay: _Layout, dims: list[tuple[int, int]], workers: int | None,
                    progress: Progress | None, cancel: threading.Event | None) -> None:
+    """Render, encode and write every level into ``path`` (atomically: all of it or nothing)."""
     import tifffile
 
     t = lay.tile
     w, h = dims[0]
     ntx, nty = -(-w // t), -(-h // t)
-    tiles_per_level = [(-(-lw // t)) * (-(-lh // t)) for lw, lh in dims]
-    total = sum(tiles_per_level)
-    done = 0
+    total = sum((-(-lw // t)) * (-(-lh // t)) for lw, lh in dims)
     workers = _default_workers(ntx * nty) if workers is None else max(1, int(workers))
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        if cancel is not None and cancel.is_set():
-            raise Cancelled(f"{path}: synthetic slide cancelled")
-        if progress is not None and (done % 16 == 0 or done == total):
-            progress("synth", done, total)
-
+    tick = _Ticker(f"{path}: synthetic slide", total, progress, cancel)
     resolution = (1e4 / lay.mpp, 1e4 / lay.mpp)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    os.close(fd)
-    scratch = tempfile.TemporaryDirectory(prefix="hdmil-synth-", dir=path.parent)
-    pool = None
-    try:
-        band_files = [Path(scratch.name) / f"level{k}.raw" for k in range(len(dims))]
-        q = t // 4
-
-        def level0() -> Iterator[bytes]:
-            nonlocal pool
-            jobs = ((ty, tx) for ty in range(nty) for tx in range(ntx))
-            if workers > 1:
-                ctx = multiprocessing.get_context("spawn")
-                pool = ctx.Pool(workers, initializer=_worker_init, initargs=(lay,))
-                results: Iterator = pool.imap(_worker_tile, jobs, chunksize=4)
-            else:
-                r = _Renderer(lay)
-                results = (_tile_job(r, ty, tx) for ty, tx in jobs)
-            sink = open(band_files[1], "wb") if len(dims) > 1 else None
-            try:
-                band = np.zeros((q, ntx * q, 3), np.uint8)
-                for i, (data, small) in enumerate(results):
-                    tx = i % ntx
-                    band[:, tx * q: (tx + 1) * q] = small
-                    if sink is not None and tx == ntx - 1:
-                        sink.write(band.tobytes())
-                    tick()
-                    yield data
-            finally:
-                if sink is not None:
-                    sink.close()
-
-        def reduced(k: int) -> Iterator[np.ndarray]:
-            """Tiles of level k read band by band from level k-1's reduction on disk; each band
-            is reduced again for level k+1."""
-            lw, lh = dims[k]
-            src_w = (-(-dims[k - 1][0] // t)) * q  # width of the reduction written by level k-1
-            src_h = (-(-dims[k - 1][1] // t)) * q
-            kx, ky = -(-lw // t), -(-lh // t)
-            sink = open(band_files[k + 1], "wb") if k + 1 < len(dims) else None
-            try:
-                with open(band_files[k], "rb") as src:
-                    for ty in range(ky):
-                        rows = min(t, src_h - ty * t)
-                        band = np.zeros((t, kx * t, 3), np.uint8)
-                        if rows > 0:
-                            src.seek(ty * t * src_w * 3)
-                            raw = np.frombuffer(src.read(rows * src_w * 3), np.uint8)
-                            raw = raw.reshape(rows, src_w, 3)
-                            cw = min(src_w, kx * t)
-                            band[:rows, :cw] = raw[:, :cw]
-                        if sink is not None:
-                            sink.write(_reduce4(band).tobytes())
-                        for tx in range(kx):
-                            tick()
-                            yield band[:, tx * t: (tx + 1) * t]
-            finally:
-                if sink is not None:
-                    sink.close()
-
-        common = dict(
-            dtype=np.uint8, tile=(t, t), compression="jpeg",
-            compressionargs={"level": _JPEG_QUALITY}, photometric="rgb",
-            resolution=resolution, resolutionunit="CENTIMETER", metadata=None,
-            buffersize=8 << 20, maxworkers=1,
-        )
-        big = w * h * 3 > 2**31  # JPEG is small, but stay safe for huge slides
+    common = dict(
+        dtype=np.uint8, tile=(t, t), compression="jpeg",
+        compressionargs={"level": _JPEG_QUALITY}, photometric="rgb",
+        resolution=resolution, resolutionunit="CENTIMETER", metadata=None,
+        buffersize=8 << 20, maxworkers=1,
+    )
+    big = w * h * 3 > 2**31  # JPEG is small, but stay safe for huge slides
+    with tempfile.TemporaryDirectory(prefix="hdmil-synth-", dir=path.parent) as scratch, \
+            atomic_path(path) as tmp:
+        # each level's 4x reduction, on disk band by band, is the source of the next level
+        bands = [Path(scratch) / f"level{k}.raw" for k in range(len(dims))] + [None]
         with _one_blas_thread(), tifffile.TiffWriter(tmp, bigtiff=big) as tw:
-            tw.write(level0(), shape=(h, w, 3), subfiletype=0,
-                     description=f"hdmil synthetic H&E slide seed={lay.seed} mpp={lay.mpp}",
-                     software="hdmil.synth", **common)
-            if pool is not None:
-                pool.close()
+            with _level0_results(lay, ntx, nty, workers) as results:
+                tw.write(_level0_tiles(results, ntx, t // 4, bands[1], tick),
+                         shape=(h, w, 3), subfiletype=0,
+                         description=f"hdmil synthetic H&E slide seed={lay.seed} mpp={lay.mpp}",
+                         software="hdmil.synth", **common)
             for k in range(1, len(dims)):
                 lw, lh = dims[k]
-                tw.write(reduced(k), shape=(lh, lw, 3), subfiletype=1, **common)
-        os.replace(tmp, path)
+                tw.write(_reduced_tiles(dims, k, t, bands[k], bands[k + 1], tick),
+                         shape=(lh, lw, 3), subfiletype=1, **common)
+
+
+class _Ticker:
+    """Counts the tiles written over all levels: cancellation is checked at each, progress
+    reported every 16."""
+
+    def __init__(self, what: str, total: int, progress: Progress | None,
+                 cancel: threading.Event | None):
+        self.what, self.total, self.progress, self.cancel = what, total, progress, cancel
+        self.done = 0
+
+    def __call__(self) -> None:
+        self.done += 1
+        check_cancelled(self.cancel, self.what)
+        if self.progress is not None and (self.done % 16 == 0 or self.done == self.total):
+            self.progress("synth", self.done, self.total)
+
+
+@contextlib.contextmanager
+def _level0_results(lay: _Layout, ntx: int, nty: int,
+                    workers: int) -> Iterator[Iterator[tuple[bytes, np.ndarray]]]:
+    """(JPEG bytes, 4x reduction) of every level-0 tile in row-major order, rendered in
+    ``workers`` spawned processes (or in this one for 1); the pool ends with the block."""
+    jobs = ((ty, tx) for ty in range(nty) for tx in range(ntx))
+    if workers <= 1:
+        r = _Renderer(lay)
+        yield (_tile_job(r, ty, tx) for ty, tx in jobs)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    pool = ctx.Pool(workers, initializer=_worker_init, initargs=(lay,))
+    try:
+        yield pool.imap(_worker_tile, jobs, chunksize=4)
+        pool.close()
     except BaseException:
-        if pool is not None:
-            pool.terminate()
-        Path(tmp).unlink(missing_ok=True)
+        pool.terminate()
         raise
     finally:
-        if pool is not None:
-            pool.join()
-        scratch.cleanup()
+        pool.join()
+
+
+def _level0_tiles(results: Iterator[tuple[bytes, np.ndarray]], ntx: int, q: int,
+                  band_file: Path | None, tick: _Ticker) -> Iterator[bytes]:
+    """The encoded level-0 tiles for tifffile; each row of their reductions goes to
+    ``band_file`` (the source of level 1)."""
+    sink = open(band_file, "wb") if band_file is not None else None
+    try:
+        band = np.zeros((q, ntx * q, 3), np.uint8)
+        for i, (data, small) in enumerate(results):
+            tx = i % ntx
+            band[:, tx * q: (tx + 1) * q] = small
+            if sink is not None and tx == ntx - 1:
+                sink.write(band.tobytes())
+            tick()
+            yield data
+    finally:
+        if sink is not None:
+            sink.close()
+
+
+def _reduced_tiles(dims: list[tuple[int, int]], k: int, t: int, src_file: Path,
+                   band_file: Path | None, tick: _Ticker) -> Iterator[np.ndarray]:
+    """Tiles of level k read band by band from level k-1's reduction in ``src_file``; each band
+    is reduced again into ``band_file`` for level k+1."""
+    q = t // 4
+    lw, lh = dims[k]
+    src_w = (-(-dims[k - 1][0] // t)) * q  # width of the reduction written by level k-1
+    src_h = (-(-dims[k - 1][1] // t)) * q
+    kx, ky = -(-lw // t), -(-lh // t)
+    sink = open(band_file, "wb") if band_file is not None else None
+    try:
+        with open(src_file, "rb") as src:
+            for ty in range(ky):
+                rows = min(t, src_h - ty * t)
+                band = np.zeros((t, kx * t, 3), np.uint8)
+                if rows > 0:
+                    src.seek(ty * t * src_w * 3)
+                    raw = np.frombuffer(src.read(rows * src_w * 3), np.uint8)
+                    raw = raw.reshape(rows, src_w, 3)
+                    cw = min(src_w, kx * t)
+                    band[:rows, :cw] = raw[:, :cw]
+                if sink is not None:
+                    sink.write(_reduce4(band).tobytes())
+                for tx in range(kx):
+                    tick()
+                    yield band[:, tx * t: (tx + 1) * t]
+    finally:
+        if sink is not None:
+            sink.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1206,8 +1295,6 @@ def demo_slide_path(create: bool = True, directory: str | os.PathLike | None = N
     if path.exists() or not create:
         return path
     s = synth_slide(path, progress=progress, cancel=cancel, **DEMO)
-    truth = path.with_name(path.stem + ".truth.geojson")
-    tmp = truth.with_suffix(".part")
-    tmp.write_text(json.dumps(s.truth_geojson()))
-    os.replace(tmp, truth)
+    with atomic_write(path.with_name(path.stem + ".truth.geojson")) as fh:
+        fh.write(dumps(s.truth_geojson()))
     return path
