@@ -271,3 +271,99 @@ def test_default_model_path_honours_env(monkeypatch, tmp_path: Path) -> None:
     bundled = default_model_path()
     assert bundled.name == "hdmil-demo.safetensors" and bundled.parent.name == "assets"
     assert bundled.parent.parent == Path(__import__("hdmil").__file__).parent
+
+
+# ----------------------------------------------------------------------- SLPD
+def _slpd(seed: int = 0):
+    from hdmil.models import create_model, slpd_config
+
+    torch.manual_seed(seed)
+    model = create_model("slpd", **slpd_config("tiny").to_dict())
+    with torch.no_grad():
+        model.center.normal_()  # a center that is not the zeros of a fresh model
+        for p in model.teacher.parameters():
+            p.add_(0.01)  # teacher != student, as after training
+    return model
+
+
+def test_slpd_round_trip_through_checkpoint(tmp_path: Path) -> None:
+    from hdmil.checkpoint import load_slpd, read_slpd_metadata, save_slpd
+    from hdmil.models import SLPD
+
+    model = _slpd()
+    path = save_slpd(tmp_path / "slpd.safetensors", model, {"epoch": 3, "complete": True})
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~_umask()  # a normal file, not 0600
+    meta = read_slpd_metadata(path)
+    assert meta["model_type"] == "slpd" and meta["epoch"] == 3 and meta["complete"] is True
+    assert meta["config"] == model.cfg.to_dict()
+    loaded = load_slpd(path)
+    assert isinstance(loaded, SLPD) and not loaded.training and loaded.cfg == model.cfg
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
+    x, mask = torch.randn(5, 4, 4, 8), torch.rand(5, 4, 4) > 0.3
+    model.eval()
+    for a, b in zip(model.teacher(x, mask), loaded.teacher(x, mask), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_slpd_optimizer_state_round_trip(tmp_path: Path) -> None:
+    from hdmil.checkpoint import restore_slpd, save_slpd
+
+    model = _slpd()
+    opt = torch.optim.AdamW(model.student.parameters(), lr=1e-3)
+    model.losses([(torch.randn(4, 3, 3, 8), torch.ones(4, 3, 3, dtype=torch.bool))] * 2).total.backward()
+    opt.step()
+    path = save_slpd(tmp_path / "s.safetensors", model, {"epoch": 1}, optimizer=opt)
+    other = _slpd(seed=1)
+    other_opt = torch.optim.AdamW(other.student.parameters(), lr=1e-3)
+    assert restore_slpd(path, other, other_opt)["epoch"] == 1
+    for (ka, va), (kb, vb) in zip(model.state_dict().items(), other.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb), ka
+    sa, sb = opt.state_dict()["state"], other_opt.state_dict()["state"]
+    assert sa.keys() == sb.keys() and len(sa) > 0
+    for pid in sa:
+        for k in sa[pid]:
+            assert torch.equal(torch.as_tensor(sa[pid][k]), torch.as_tensor(sb[pid][k])), (pid, k)
+
+
+def test_slpd_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
+    from hdmil.checkpoint import load_slpd, read_slpd_metadata, save_slpd
+
+    with pytest.raises(CheckpointError, match="not found"):
+        load_slpd(tmp_path / "missing.safetensors")
+    dmin, lipn = _models()
+    hdmil = save_checkpoint(tmp_path / "hdmil.safetensors", {"dmin": dmin, "lipn": lipn}, CONFIG)
+    with pytest.raises(CheckpointError, match="not an SLPD checkpoint") as info:
+        read_slpd_metadata(hdmil)
+    assert str(hdmil) in str(info.value)
+    path = save_slpd(tmp_path / "slpd.safetensors", _slpd(), {})
+    config, tensors = _raw(path)
+    bad = dict(tensors)
+    bad["student.encoder.pos_embed"] = torch.zeros(1, 16, 5, 5)
+    with pytest.raises(CheckpointError, match="wrong shape.*student.encoder.pos_embed"):
+        load_slpd(_rewrite(tmp_path / "shape.safetensors", config, bad))
+    bad = {k: v for k, v in tensors.items() if not k.startswith("teacher.head")}
+    with pytest.raises(CheckpointError, match="missing: teacher.head"):
+        load_slpd(_rewrite(tmp_path / "missing.safetensors", config, bad))
+    with pytest.raises(CheckpointError, match="newer than this hdmil"):
+        load_slpd(_rewrite(tmp_path / "new.safetensors", {**config, "format_version": 99}, tensors))
+    with pytest.raises(CheckpointError, match="bad SLPD config"):
+        load_slpd(_rewrite(tmp_path / "cfg.safetensors", {**config, "config": {"encoder": {"depth": "x"}}}, tensors))
+
+
+def test_slpd_is_a_registered_model_with_its_own_checkpoint(tmp_path: Path) -> None:
+    from hdmil.models import SLPD, create_model, list_models, slpd_config
+
+    assert "slpd" in list_models()
+    cfg = slpd_config("tiny", depth=2)
+    model = create_model("slpd", **cfg.to_dict())
+    assert isinstance(model, SLPD) and model.cfg == cfg and len(model.student.encoder.blocks) == 2
+    with pytest.raises(ValueError, match="save_slpd"):
+        save_checkpoint(tmp_path / "x.safetensors", {"slpd": model}, {})
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

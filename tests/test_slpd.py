@@ -14,8 +14,11 @@ import torch
 
 from hdmil.errors import Cancelled, CheckpointError, FeatureFileError
 from hdmil.features.io import write_features
+from hdmil.checkpoint import load_slpd, read_slpd_metadata
 from hdmil.models.slpd import (
     SLPD,
+    build_regions,
+    embed_slide,
     kmeans,
     prototype_loss,
     prototype_matching,
@@ -31,14 +34,7 @@ from hdmil.slpd_index import (
     prototype_map,
     similar_slides,
 )
-from hdmil.train.slpd_trainer import (
-    build_regions,
-    embed_slide,
-    load_slpd,
-    make_views,
-    pretrain_slpd,
-    read_slpd_metadata,
-)
+from hdmil.train.slpd_trainer import make_views, pretrain_slpd
 
 PS = 64  # level-0 px per patch in the toy cohort
 DIM = 8
@@ -413,14 +409,15 @@ def test_region_dmin_checkpoint_names_its_slpd(trained, tmp_path):
     from hdmil.checkpoint import load_model
     from hdmil.pipeline import slpd_for
     from hdmil.train.data import load_cohort
-    from hdmil.train.dmin_trainer import TrainConfig, train_dmin
+    from hdmil.train.config import DMINTrainConfig
+    from hdmil.train.dmin_trainer import train_dmin
     from hdmil.train.splits import Split
 
     folder, ckpt, _ = trained
     labels = tmp_path / "labels.csv"
     labels.write_text("slide_id,label\n" + "".join(f"slide{i},{'ab'[i % 2]}\n" for i in range(4)))
     cohort = load_cohort(labels, folder, instances="region")
-    cfg = TrainConfig(hidden=16, attn_dim=8, k_sample=2, max_epochs=1, min_epochs=0, device="cpu")
+    cfg = DMINTrainConfig(hidden=16, attn_dim=8, k_sample=2, max_epochs=1, min_epochs=0, device="cpu")
     res = train_dmin(cohort, Split(("slide0", "slide1"), ("slide2", "slide3"), (), fold=0), cfg, tmp_path)
     model = load_model(res.checkpoint)
     assert model.config["instances"] == "region"
@@ -447,3 +444,108 @@ def test_feature_file_for_a_slide(trained, tmp_path):
     (renamed / "broken.h5").write_bytes(b"not hdf5")  # skipped, not an error
     assert feature_file_for("slide2.tiff", renamed) == renamed / "case-17.h5"
     assert feature_file_for("slide9.tiff", renamed) is None
+
+
+# ------------------------------------------------------------------- files of the old code
+# tests/data/legacy/slpd: written by the code before SLPD moved into models/ and checkpoint.py
+# (make_slpd_legacy.py, run against that checkout): a 2-epoch tiny run on a 4-slide cohort.
+
+LEGACY = Path(__file__).parent / "data" / "legacy" / "slpd"
+
+
+def _legacy_cohort(tmp_path: Path) -> Path:
+    cohort = tmp_path / "cohort"
+    shutil.copytree(LEGACY / "cohort", cohort)
+    return cohort
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_legacy_checkpoint_gives_the_old_embeddings():
+    model = load_slpd(LEGACY / "slpd_v1.safetensors")
+    expected = np.load(LEGACY / "expected.npz")
+    with h5py.File(LEGACY / "cohort" / "slide0.h5") as f:
+        feats, coords = f["features"][()], f["coords"][()]
+        written = {k: f[k][()] for k in ("region_embeddings", "prototypes", "region_prototype")}
+    out = embed_slide(model, feats, coords, PS, slide_id="slide0")
+    for name in ("region_embeddings", "region_coords", "region_prototype", "prototypes", "patch_region"):
+        np.testing.assert_allclose(getattr(out, name), expected[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    assert out.region_size_level0 == int(expected["region_size_level0"])
+    # and what the old training wrote into the feature file
+    np.testing.assert_allclose(out.region_embeddings, written["region_embeddings"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out.prototypes, written["prototypes"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out.region_prototype, written["region_prototype"])
+
+
+def test_legacy_feature_files_are_read():
+    """Feature files with the old code's SLPD outputs: prototype map and similar-slide search."""
+    cohort = LEGACY / "cohort"
+    labels, size = prototype_map(cohort / "slide1.h5")
+    assert size == 4 * PS and labels.shape == (2, 2)
+    with h5py.File(cohort / "slide1.h5") as f:
+        expected = f["region_prototype"][()] + 1
+    assert sorted(labels.ravel().tolist()) == sorted(expected.tolist())
+    rows = similar_slides(cohort / "slide0.h5", cohort, top=5)
+    assert sorted(r[0] for r in rows) == ["slide1", "slide2"]  # small.h5 has no prototypes
+
+
+def test_legacy_partial_checkpoint_loads_and_resumes(tmp_path):
+    """A run of the old code cancelled after epoch 1 resumes to the old code's finished weights."""
+    partial = tmp_path / "slpd.safetensors"
+    shutil.copy(LEGACY / "slpd_v1_partial.safetensors", partial)
+    meta = read_slpd_metadata(partial)
+    assert meta["epoch"] == 1 and not meta["complete"]
+    assert load_slpd(partial).cfg.encoder.in_dim == DIM
+    result = pretrain_slpd(_legacy_cohort(tmp_path), _tiny(epochs=2), partial, resume=True)
+    assert result.epochs_run == 1 and len(result.history) == 2
+    want, got = _tensors(LEGACY / "slpd_v1.safetensors"), _tensors(partial)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_training_gives_the_old_codes_weights(tmp_path):
+    """Same seed, same cohort: the weights and history of the old code's 2-epoch run."""
+    ckpt = tmp_path / "new.safetensors"
+    result = pretrain_slpd(_legacy_cohort(tmp_path), _tiny(epochs=2), ckpt, resume=False)
+    want, got = _tensors(LEGACY / "slpd_v1.safetensors"), _tensors(ckpt)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    old = read_slpd_metadata(LEGACY / "slpd_v1.safetensors")
+    assert [h["epoch"] for h in result.history] == [h["epoch"] for h in old["history"]]
+    for new_h, old_h in zip(result.history, old["history"], strict=True):
+        assert new_h == pytest.approx(old_h, rel=1e-5, abs=1e-6)
+    new_meta = read_slpd_metadata(ckpt)
+    for key in ("config", "slides", "n_regions", "feature_dim", "epoch", "complete"):
+        assert new_meta[key] == old[key], key
+
+
+def test_cancelled_run_resumes_through_the_loop_to_the_same_weights(tmp_path):
+    """Cancelled in epoch 2: the loop's run files are left; resuming gives the uninterrupted run's
+    weights (the old code's), and a finished run leaves only its checkpoint and its log."""
+    from hdmil.train.slpd_trainer import run_files
+
+    cohort, ckpt = _legacy_cohort(tmp_path), tmp_path / "slpd.safetensors"
+    files = run_files(ckpt)
+    stop = threading.Event()
+
+    def progress(stage, done, total):
+        if stage == "train" and done == total // 2 + 1:  # first step of the last epoch
+            stop.set()
+
+    with pytest.raises(Cancelled, match="SLPD pre-training cancelled"):
+        pretrain_slpd(cohort, _tiny(epochs=2), ckpt, progress=progress, cancel=stop, resume=False)
+    assert files.state.is_file() and files.last.is_file()
+    assert read_slpd_metadata(ckpt)["epoch"] == 1
+    result = pretrain_slpd(cohort, _tiny(epochs=2), ckpt, resume=True)
+    assert result.epochs_run == 1 and [h["epoch"] for h in result.history] == [1, 2]
+    want, got = _tensors(LEGACY / "slpd_v1.safetensors"), _tensors(ckpt)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert not files.state.exists() and not files.last.exists()
+    assert result.log == files.log and len(files.log.read_text().splitlines()) == 3  # header + 2

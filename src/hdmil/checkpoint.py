@@ -16,17 +16,22 @@ Layout: tensors are the modules' state dicts prefixed by module name (``dmin.pro
 
 ``torch.load`` is only used for ``.pt`` / ``.pth`` files, with ``weights_only=True``; such a file must
 hold ``{"hdmil": config dict or JSON, "state_dict": {name: tensor}}``.
+
+SLPD checkpoints (``save_slpd`` / ``load_slpd``) keep the layout ``hdmil pretrain-slpd`` has always
+written: the tensors are the ``SLPD`` module's own state dict (``student.*``, ``teacher.*``,
+``center``) plus ``optim.<param>.<name>`` while a run is unfinished; the metadata ``{"hdmil": json}``
+holds ``model_type: "slpd"``, ``format_version``, ``config`` (the ``SLPDConfig`` dict), ``epoch``,
+``complete``, the per-epoch loss ``history`` and the cohort it was trained on. The model is rebuilt
+through the registry (``create_model("slpd", **config)``), like DMIN and LIPN.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,16 +41,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from hdmil.errors import CheckpointError
-from hdmil.models import DMIN, LIPN, create_model, list_models
+from hdmil.errors import CheckpointError, HDMILError
+from hdmil.files import atomic_path
+from hdmil.models import DMIN, LIPN, SLPD, create_model, list_models
 
 __all__ = [
     "FORMAT_VERSION",
     "HDMILModel",
+    "SLPD_FORMAT_VERSION",
     "default_model_path",
     "load_model",
+    "load_slpd",
     "read_checkpoint_config",
+    "read_slpd_metadata",
     "save_checkpoint",
+    "save_slpd",
 ]
 
 FORMAT_VERSION = 1
@@ -120,7 +130,7 @@ def _full_config(modules: dict[str, nn.Module], config: dict[str, Any]) -> dict[
 
 def save_checkpoint(path: str | os.PathLike, modules: dict[str, nn.Module], config: dict[str, Any]) -> Path:
     """Write ``modules`` (name -> module, names from the model registry) and ``config`` to one
-    ``.safetensors`` file, atomically (temp file + ``os.replace``). Returns the path.
+    ``.safetensors`` file, atomically (``hdmil.files.atomic_path``). Returns the path.
 
     ``config`` holds what the modules don't know: ``classes``, ``encoder``, ``feature_dim``, patch
     geometry, ``provenance`` (seed, data, dates, metrics...). Format version, model type and every
@@ -132,6 +142,8 @@ def save_checkpoint(path: str | os.PathLike, modules: dict[str, nn.Module], conf
     unknown = sorted(set(modules) - set(list_models()))
     if unknown:
         raise ValueError(f"modules {unknown} are not registered models ({', '.join(list_models())})")
+    if "slpd" in modules:
+        raise ValueError("SLPD has a checkpoint of its own: write it with save_slpd")
     full = _full_config(modules, config)
     tensors: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
@@ -139,16 +151,8 @@ def save_checkpoint(path: str | os.PathLike, modules: dict[str, nn.Module], conf
             # clone: safetensors refuses tensors that share storage
             tensors[f"{name}.{key}"] = t.detach().to("cpu").contiguous().clone()
     metadata = {METADATA_KEY: json.dumps(full, sort_keys=True), "format": "pt"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
@@ -194,6 +198,30 @@ class HDMILModel:
     @property
     def target_keep_rate(self) -> float | None:
         return self.config.get("target_keep_rate")
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's file name (what reports show)."""
+        return Path(str(self.path)).name
+
+    @property
+    def instances(self) -> str:
+        """What the DMIN was trained to pool: ``"patch"`` or ``"region"`` (SLPD region embeddings)."""
+        return str(self.config.get("instances") or "patch")
+
+    @property
+    def slpd_checkpoint(self) -> str | None:
+        """For a region DMIN: the SLPD checkpoint that embeds its regions (relative to this file)."""
+        return self.config.get("slpd_checkpoint") or None
+
+    @property
+    def encoder_weights(self) -> str | None:
+        """The encoder's weights file (relative to this file), when the config names one."""
+        return self.config.get("encoder_weights") or None
+
+    @property
+    def encoder_pretrained(self) -> bool:
+        return bool(self.config.get("encoder_pretrained", False))
 
     def check_feature_dim(self, dim: int, source: str | os.PathLike = "features") -> None:
         """Raise CheckpointError when features of width ``dim`` (from ``source``) don't fit the DMIN."""
@@ -305,6 +333,14 @@ def _few(names: list[str], n: int = 5) -> str:
 def _load_module(path: Path, name: str, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     prefix = f"{name}."
     given = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    _load_strict(path, name, module, given, prefix)
+
+
+def _load_strict(
+    path: Path, name: str, module: nn.Module, given: dict[str, torch.Tensor], prefix: str = ""
+) -> None:
+    """Load ``given`` into ``module``; CheckpointError naming the file for any missing, unexpected
+    or misshapen tensor (``prefix``: how the file spells the names)."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
@@ -383,3 +419,113 @@ def load_model(
         sha256=_sha256(path),
         modules=modules,
     )
+
+
+# --------------------------------------------------------------------------- SLPD
+SLPD_FORMAT_VERSION = 1
+_OPTIM = "optim."
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """``optim.<param id>.<name>`` for every tensor of the optimizer's per-parameter state."""
+    out: dict[str, torch.Tensor] = {}
+    for pid, state in optimizer.state_dict()["state"].items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                out[f"{_OPTIM}{pid}.{k}"] = v.detach().cpu().reshape(v.shape).contiguous()
+    return out
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore the per-parameter state ``_optimizer_tensors`` wrote (the groups stay as built)."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith(_OPTIM):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    if not state:
+        return
+    sd = optimizer.state_dict()
+    sd["state"] = state
+    optimizer.load_state_dict(sd)
+
+
+def save_slpd(
+    path: str | os.PathLike,
+    model: SLPD,
+    meta: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
+    """Write an SLPD checkpoint atomically: student, teacher and center (+ the optimizer's state,
+    for resuming an unfinished run) and JSON metadata (``meta``: epoch, complete, history ...)."""
+    from safetensors.torch import save_file
+
+    from hdmil import __version__
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if optimizer is not None:
+        tensors.update(_optimizer_tensors(optimizer))
+    full = {
+        "model_type": "slpd",
+        "format_version": SLPD_FORMAT_VERSION,
+        "config": model.cfg.to_dict(),
+        "hdmil_version": __version__,
+        **(meta or {}),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(full)})
+    return Path(path)
+
+
+def read_slpd_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of an SLPD checkpoint; CheckpointError when it is not one."""
+    return _read_slpd(Path(path), tensors=False)[0]
+
+
+def _read_slpd(path: Path, *, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except HDMILError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("model_type") != "slpd":
+        kind = meta.get("model_type") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: not an SLPD checkpoint (model_type {kind!r})")
+    version = meta.get("format_version", SLPD_FORMAT_VERSION)
+    if not isinstance(version, int) or version > SLPD_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: SLPD checkpoint format {version!r} is newer than this hdmil reads "
+            f"({SLPD_FORMAT_VERSION}); update hdmil"
+        )
+    return meta, state
+
+
+def restore_slpd(
+    path: str | os.PathLike, model: SLPD, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Load an SLPD checkpoint's weights (and optimizer state, when given and saved) into
+    ``model``; returns its metadata. CheckpointError when the weights do not fit the config."""
+    path = Path(path)
+    meta, state = _read_slpd(path, tensors=True)
+    weights = {k: v for k, v in state.items() if not k.startswith(_OPTIM)}
+    _load_strict(path, "SLPD", model, weights)
+    if optimizer is not None:
+        _load_optimizer(optimizer, state)
+    return meta
+
+
+def load_slpd(path: str | os.PathLike, device: str | torch.device | None = None) -> SLPD:
+    """An SLPD model (student + teacher, eval mode) from a checkpoint; executes no code."""
+    path = Path(path)
+    meta = read_slpd_metadata(path)
+    try:
+        model = create_model("slpd", **meta["config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: bad SLPD config in checkpoint ({exc})") from exc
+    restore_slpd(path, model)
+    return model.to(device or "cpu").eval()

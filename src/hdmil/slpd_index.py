@@ -6,7 +6,7 @@ A cohort index is a folder of feature files (``<slide>.h5``) that ``pretrain-slp
 modification times) and otherwise re-reads the folder.
 
 Slide similarity is ``prototype_similarity``: the mean cosine similarity of the best one-to-one
-matching of two slides' prototypes (an assignment problem, METHOD.md §6).
+matching of two slides' prototypes (an assignment problem, docs/method.md §6).
 
 For the viewer: ``prototype_map(h5)`` gives a napari-ready label raster, one pixel per region
 (0 = no region / no prototype, k + 1 = prototype k), and the region side in level-0 pixels; scale
@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from hdmil.errors import FeatureFileError
+from hdmil.files import WriteError, atomic_write
 from hdmil.models.slpd import prototype_matching, prototype_similarity
 
 __all__ = [
@@ -129,23 +130,19 @@ def build_index(directory: str | os.PathLike, write: bool = True) -> SlideIndex:
 def _write_cache(directory: Path, files: list[Path], index: SlideIndex) -> None:
     zdim = index.prototypes[0].shape[1] if index.prototypes else 0
     stacked = np.concatenate(index.prototypes) if index.prototypes else np.zeros((0, zdim))
-    tmp = directory / f".{INDEX_NAME}.{os.getpid()}.tmp.npz"
+    arrays = dict(
+        files=np.array([p.name for p in files], dtype=str),
+        mtimes=_mtimes(files),
+        slide_ids=np.array(index.slide_ids, dtype=str),
+        paths=np.array([p.name for p in index.paths], dtype=str),
+        counts=np.array([len(p) for p in index.prototypes], dtype=np.int64),
+        prototypes=stacked.astype(np.float32),
+    )
     try:
-        np.savez(
-            tmp,
-            files=np.array([p.name for p in files], dtype=str),
-            mtimes=_mtimes(files),
-            slide_ids=np.array(index.slide_ids, dtype=str),
-            paths=np.array([p.name for p in index.paths], dtype=str),
-            counts=np.array([len(p) for p in index.prototypes], dtype=np.int64),
-            prototypes=stacked.astype(np.float32),
-        )
-        os.replace(tmp, directory / INDEX_NAME)
-    except OSError:
+        with atomic_write(directory / INDEX_NAME, "wb") as fh:
+            np.savez(fh, **arrays)  # a file object: numpy adds no ".npz" to the name
+    except (OSError, WriteError):
         pass  # a read-only cohort folder still works, just without the cache
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def load_index(directory: str | os.PathLike) -> SlideIndex:

@@ -14,16 +14,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "pretrain-slpd",
         help="self-supervised SLPD pre-training on a folder of feature files",
         description="Regions = 16×16 blocks of each slide's patch features. Trains the SLPD region "
-        "encoder (DINO + intra- and inter-slide prototype losses), saves a resumable .safetensors "
-        "checkpoint after every epoch, then writes region_embeddings, region_coords, "
-        "region_prototype and prototypes into each slide's .h5. Slides with too few regions get no "
-        "prototypes (reported, not an error).",
+        "encoder (DINO + intra- and inter-slide prototype losses), saves the .safetensors checkpoint "
+        "after every epoch (with <stem>.log.csv beside it, and while unfinished the run's state for "
+        "--resume: <stem>.state.json, <stem>.last.safetensors), then writes region_embeddings, "
+        "region_coords, region_prototype and prototypes into each slide's .h5. Slides with too few "
+        "regions get no prototypes (reported, not an error).",
     )
     p.add_argument("--features", type=Path, required=True, help="folder of <slide>.h5 feature files")
     p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
     p.add_argument(
         "--preset", default="small", choices=("small", "reference"),
-        help="small: CPU-friendly (default); reference: METHOD.md §6 values",
+        help="small: CPU-friendly (default); reference: docs/method.md §6 values",
     )  # fmt: skip
     p.add_argument("--epochs", type=int, help="training epochs (small 30, reference 100)")
     p.add_argument("--warmup", type=int, help="epochs of plain DINO before the prototype losses")

@@ -1,7 +1,8 @@
-"""HDMIL's networks: DMIN (with its CKA classifiers), LIPN, their losses, and a small registry.
+"""HDMIL's networks: DMIN (with its CKA classifiers), LIPN, SLPD, their losses, and a small registry.
 
     model = create_model("dmin", in_dim=1024, n_classes=2)
     model = create_model("lipn", n_classes=2)
+    model = create_model("slpd", **slpd_config("small", in_dim=1024).to_dict())
 
 A registered model keeps its config dataclass at ``model.cfg`` (with ``to_dict`` / ``from_dict``);
 checkpoints store that dict under the registry name and rebuild the model with ``create_model``.
@@ -18,6 +19,7 @@ from hdmil.models.cka import ChebyKANLayer
 from hdmil.models.dmin import DMIN, DMINConfig, DMINOutput, DMINPrediction
 from hdmil.models.lipn import LIPN, LIPNConfig
 from hdmil.models.losses import dmin_loss, keep_union, lipn_loss, smooth_top1_svm
+from hdmil.models.slpd import SLPD, SLPDConfig, slpd_config
 
 __all__ = [
     "DMIN",
@@ -27,6 +29,8 @@ __all__ = [
     "DMINOutput",
     "DMINPrediction",
     "LIPNConfig",
+    "SLPD",
+    "SLPDConfig",
     "create_model",
     "dmin_loss",
     "keep_union",
@@ -34,6 +38,7 @@ __all__ = [
     "list_models",
     "model_config_class",
     "register_model",
+    "slpd_config",
     "smooth_top1_svm",
 ]
 
@@ -77,3 +82,4 @@ def create_model(name: str, **cfg: Any) -> nn.Module:
 
 register_model("dmin", DMIN, DMINConfig)
 register_model("lipn", LIPN, LIPNConfig)
+register_model("slpd", SLPD, SLPDConfig)

@@ -1,4 +1,4 @@
-"""CKA: the Chebyshev Kolmogorov–Arnold layer DMIN uses as its classifier (METHOD §3).
+"""CKA: the Chebyshev Kolmogorov–Arnold layer DMIN uses as its classifier (docs/method.md §3).
 
     u = tanh(x)                              squashes inputs into [-1, 1], where T_k is defined
     T_0 = 1,  T_1 = u,  T_k = 2u·T_{k-1} − T_{k-2}

@@ -1,4 +1,4 @@
-"""DMIN: the dynamic multi-instance network, teacher and student in one network (METHOD §3).
+"""DMIN: the dynamic multi-instance network, teacher and student in one network (docs/method.md §3).
 
 Shapes: N instances, D input width (1024), H hidden (512), A attention width (256), C classes.
 
@@ -9,7 +9,7 @@ Shapes: N instances, D input width (1024), H hidden (512), A attention width (25
              w = exp(s − max) · M,        E_stu[c] = Σ_j w[j, c] h[j] / Σ_j w[j, c]   (per class)
     logits[c] = CKA_c(E[c])   (one Chebyshev-KAN classifier H → 1 per class)     [C]
 
-Our choices where the reference differs (METHOD §7): the student's weights are normalised per class
+Our choices where the reference differs (docs/method.md §7): the student's weights are normalised per class
 in training and in evaluation, the max is subtracted before exp, the kept ratio is the union over
 all C classes.
 """
@@ -35,7 +35,7 @@ __all__ = ["DMIN", "DMINConfig", "DMINOutput", "DMINPrediction", "GatedAttention
 
 @dataclass
 class DMINConfig:
-    """Hyper-parameters of DMIN and of its loss (reference values, METHOD §3)."""
+    """Hyper-parameters of DMIN and of its loss (reference values, docs/method.md §3)."""
 
     in_dim: int = 1024
     hidden: int = 512
@@ -47,9 +47,9 @@ class DMINConfig:
     gamma: float = 0.5  # binarisation threshold of the training mask
     k_sample: int = 32  # instances per side for the clustering loss (clamped to N // 2)
     inst_loss: str = "svm"  # "svm" (smooth top-1 SVM) or "ce"
-    # ours for binary tasks (CLAM's non-subtyping mode): the top-k of the other class's branch are
-    # negatives too, which fixes which branch's top attention is the positive evidence; METHOD §3
-    # does this for more than two classes only
+    # ours for binary tasks: the top-k of the other class's branch are negatives too, which fixes
+    # which branch's top attention is the positive evidence; the reference (docs/method.md §3) does
+    # this only for more than two classes (CLAM's subtyping mode)
     inst_out_of_class: bool = False
     w_ce: float = 0.7
     w_clu: float = 0.3

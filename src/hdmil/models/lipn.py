@@ -1,4 +1,4 @@
-"""LIPN: the low-resolution instance pre-screening network (METHOD §4).
+"""LIPN: the low-resolution instance pre-screening network (docs/method.md §4).
 
 A tiny MobileNetV4-style CNN over each 16×16 LR patch (the patch's 128 µm square at 1.25x) that
 predicts, per class, whether DMIN would keep the instance; only kept instances are read at 20x.
@@ -19,7 +19,8 @@ ceil(size / 2) and the 1×1 maps of the last stages still work):
     conv1×1                                  64     1×1
     Linear                                    C     -
 
-All convs are followed by BatchNorm + ReLU, as METHOD §4 specifies.
+Every conv here is followed by BatchNorm + ReLU. MobileNetV4's UIB (the reference, docs/method.md §4)
+has no activation after its starting depthwise and projection convs; issue 20 tracks matching it.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ __all__ = ["LIPN", "LIPNConfig", "ConvBNReLU", "UIBlock", "dilate_mask", "grid_i
 
 @dataclass
 class LIPNConfig:
-    """Hyper-parameters of LIPN (reference widths, METHOD §4)."""
+    """Hyper-parameters of LIPN (reference widths, docs/method.md §4)."""
 
     n_classes: int = 2
     tau: float = 0.7  # P = sigmoid(logit / τ)

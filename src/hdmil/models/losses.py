@@ -1,4 +1,4 @@
-"""Losses of DMIN and LIPN (METHOD §3, §4) and the pieces they share.
+"""Losses of DMIN and LIPN (docs/method.md §3, §4) and the pieces they share.
 
 DMIN's hybrid loss, with the weights and target keep rate r from ``DMINConfig``:
 
@@ -37,7 +37,7 @@ def binarize_st(soft: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
 
 
 def keep_union(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Instances kept by any class and the kept ratio (METHOD §3, all C classes, not just 0 and 1).
+    """Instances kept by any class and the kept ratio (docs/method.md §3, all C classes, not just 0 and 1).
 
     mask: [N, C] binary or straight-through mask -> (keep [N], ratio 0-d), straight-through on the
     sum: forward keep[j] = 1[Σ_c M[j, c] > 0], gradient of Σ_c M[j, c].

@@ -1,4 +1,4 @@
-"""SLPD: slide-level prototypical distillation (METHOD.md §6).
+"""SLPD: slide-level prototypical distillation (docs/method.md §6).
 
 Self-supervised region representations. A *region* is a 16 × 16 block of HR patches, given to the
 model as its grid of patch features ``[B, 16, 16, D]`` plus a validity mask for missing (background)
@@ -12,7 +12,7 @@ trained with DINO self-distillation on crops of the token grid, plus two prototy
 
 Presets (``slpd_config(name)``):
 
-- ``"reference"``: the values of METHOD.md §6 (depth 6, head 192 → 2048 → 2048 → 256 → 4096,
+- ``"reference"``: the values of docs/method.md §6 (depth 6, head 192 → 2048 → 2048 → 256 → 4096,
   2 global 14 × 14 + 8 local 6 × 6 crops, 100 epochs, 20 epochs of plain DINO before prototypes,
   32 regions needed for K = 4 prototypes). The reference uses 65,536 head outputs; we default to
   4096, plenty for thousands of regions.
@@ -25,6 +25,10 @@ Presets (``slpd_config(name)``):
 
 Shapes: B regions, h × w a (cropped) token grid, D patch-feature width, E = 192 embedding width,
 Z = 256 bottleneck (prototype) width, P head outputs, K prototypes per slide.
+
+This module is SLPD's one home: the model here, prototypes in ``slpd_prototypes``, a slide's regions
+and their embeddings (what inference needs) in ``slpd_regions``, all re-exported from here.
+Checkpoints are written and read by ``hdmil.checkpoint`` (``save_slpd`` / ``load_slpd``).
 """
 
 from __future__ import annotations
@@ -33,11 +37,31 @@ import copy
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+
+from hdmil.models.slpd_prototypes import (
+    cross_slide_targets,
+    derived_seed,
+    kmeans,
+    prototype_matching,
+    prototype_similarity,
+    similarity_matrix,
+    slide_kmeans_seed,
+    slide_neighbours,
+    slide_prototypes,
+)
+from hdmil.models.slpd_regions import (
+    Regions,
+    SlideSLPD,
+    build_regions,
+    center_index,
+    embed_regions,
+    embed_slide,
+    embed_slide_regions,
+    patch_size_of,
+)
 
 __all__ = [
     "RegionEncoderConfig",
@@ -58,6 +82,16 @@ __all__ = [
     "similarity_matrix",
     "slide_neighbours",
     "cross_slide_targets",
+    "derived_seed",
+    "slide_kmeans_seed",
+    "Regions",
+    "SlideSLPD",
+    "build_regions",
+    "center_index",
+    "embed_regions",
+    "embed_slide",
+    "embed_slide_regions",
+    "patch_size_of",
 ]
 
 
@@ -510,122 +544,3 @@ class SLPD(nn.Module):
             self.update_center(t_logits)
         total = l_dino + cfg.intra_weight * terms["intra"] + cfg.inter_weight * terms["inter"]
         return SLPDTerms(total=total, dino=l_dino, intra=terms["intra"], inter=terms["inter"])
-
-
-# --------------------------------------------------------------------------------------------
-# Prototypes: k-means inside a slide, matching across slides
-
-
-def kmeans(
-    x: np.ndarray, k: int, seed: int = 0, iters: int = 50, tol: float = 1e-6
-) -> tuple[np.ndarray, np.ndarray]:
-    """Lloyd's k-means with k-means++ init from ``np.random.default_rng(seed)``: deterministic.
-
-    x [n, d] (n >= k) -> (centroids [k, d] float64, labels [n] int64). An empty cluster is
-    re-seeded with the point farthest from its centroid.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    n = len(x)
-    if not 1 <= k <= n:
-        raise ValueError(f"k-means needs 1 <= k <= n, got k={k}, n={n}")
-    rng = np.random.default_rng(seed)
-    centers = np.empty((k, x.shape[1]))
-    centers[0] = x[rng.integers(n)]
-    d2 = ((x - centers[0]) ** 2).sum(1)
-    for c in range(1, k):
-        total = d2.sum()
-        i = rng.choice(n, p=d2 / total) if total > 0 else rng.integers(n)
-        centers[c] = x[i]
-        d2 = np.minimum(d2, ((x - centers[c]) ** 2).sum(1))
-    labels = np.zeros(n, dtype=np.int64)
-    for _ in range(iters):
-        dist = ((x[:, None, :] - centers[None]) ** 2).sum(-1)  # [n, k]
-        labels = dist.argmin(1)
-        new = centers.copy()
-        for c in range(k):
-            members = labels == c
-            if members.any():
-                new[c] = x[members].mean(0)
-            else:  # re-seed with the worst-fitting point
-                far = int(dist[np.arange(n), labels].argmax())
-                new[c] = x[far]
-                labels[far] = c
-        shift = ((new - centers) ** 2).sum()
-        centers = new
-        if shift <= tol:
-            break
-    labels = ((x[:, None, :] - centers[None]) ** 2).sum(-1).argmin(1)
-    return centers, labels.astype(np.int64)
-
-
-def slide_prototypes(
-    z: np.ndarray, k: int, min_regions: int, seed: int = 0, iters: int = 50
-) -> tuple[np.ndarray | None, np.ndarray]:
-    """Prototypes of one slide from its regions' L2-normalised embeddings z [R, Z].
-
-    Returns (prototypes [k, Z] L2-normalised, labels [R]) or (None, all -1) when R < min_regions.
-    """
-    r = len(z)
-    if r < max(min_regions, k):
-        return None, np.full(r, -1, dtype=np.int64)
-    centers, labels = kmeans(z, k, seed=seed, iters=iters)
-    norms = np.linalg.norm(centers, axis=1, keepdims=True)
-    return (centers / np.maximum(norms, 1e-12)).astype(np.float32), labels
-
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
-    return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-
-
-def prototype_matching(pa: np.ndarray, pb: np.ndarray) -> tuple[float, np.ndarray]:
-    """Best one-to-one matching of two prototype sets by cosine similarity.
-
-    pa [Ka, Z], pb [Kb, Z] -> (sum of matched cosines, pairs [min(Ka, Kb), 2] of (i, j)).
-    Solved as a linear assignment (Hungarian), not by enumerating K! permutations.
-    """
-    cos = _unit(pa) @ _unit(pb).T
-    rows, cols = linear_sum_assignment(cos, maximize=True)
-    return float(cos[rows, cols].sum()), np.stack([rows, cols], 1).astype(np.int64)
-
-
-def prototype_similarity(pa: np.ndarray, pb: np.ndarray) -> float:
-    """Slide similarity in [-1, 1]: the mean cosine over the best one-to-one prototype matching.
-
-    (METHOD.md §6 uses the sum; dividing by the number of pairs ranks the same and stays
-    comparable when slides have different K.)
-    """
-    total, pairs = prototype_matching(pa, pb)
-    return total / max(len(pairs), 1)
-
-
-def similarity_matrix(protos: list[np.ndarray | None]) -> np.ndarray:
-    """Pairwise slide similarity [S, S]; NaN where a slide has no prototypes."""
-    s = len(protos)
-    out = np.full((s, s), np.nan)
-    for i in range(s):
-        if protos[i] is None:
-            continue
-        for j in range(i, s):
-            if protos[j] is not None:
-                out[i, j] = out[j, i] = prototype_similarity(protos[i], protos[j])
-    return out
-
-
-def slide_neighbours(protos: list[np.ndarray | None]) -> np.ndarray:
-    """Each slide's most similar other slide (index), -1 for slides without prototypes or peers."""
-    sim = similarity_matrix(protos)
-    np.fill_diagonal(sim, np.nan)
-    out = np.full(len(protos), -1, dtype=np.int64)
-    for i in range(len(protos)):
-        row = sim[i]
-        if protos[i] is not None and np.isfinite(row).any():
-            out[i] = int(np.nanargmax(row))
-    return out
-
-
-def cross_slide_targets(own: np.ndarray, neighbour: np.ndarray) -> np.ndarray:
-    """For each own prototype [K, Z], the neighbour's most similar prototype -> [K, Z]."""
-    cos = _unit(own) @ _unit(neighbour).T
-    return np.asarray(neighbour)[cos.argmax(1)]
-
