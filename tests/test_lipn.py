@@ -1,4 +1,4 @@
-"""LIPN (METHOD §4): architecture, input scaling, masks and its loss."""
+"""LIPN (docs/method.md §4): architecture, input scaling, masks and its loss."""
 
 from __future__ import annotations
 

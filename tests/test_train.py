@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import math
 import threading
 from pathlib import Path
@@ -19,7 +20,8 @@ import torch
 
 from hdmil.errors import Cancelled, HDMILError
 from hdmil.train.data import load_cohort
-from hdmil.train.dmin_trainer import TrainConfig, train_dmin
+from hdmil.train.config import AttentionShare, DMINTrainConfig, LIPNTrainConfig, RecallShare
+from hdmil.train.dmin_trainer import train_dmin
 from hdmil.train.evaluate import evaluate_folds, evaluate_model
 from hdmil.train.lipn_trainer import train_lipn
 from hdmil.train.metrics import auc, classification_metrics, mean_std
@@ -102,10 +104,10 @@ def trained(synth):
     """DMIN then LIPN on fold 0 (the expensive part, shared by the tests below)."""
     root, _, _, _, cohort, splits = synth
     # larger learning rates than the paper's (3e-4 / 1e-4) so that 30 bags learn in ~10 epochs
-    cfg = TrainConfig(**SMALL, lr=1e-3, max_epochs=25, min_epochs=10, patience=5, lipn_lr=1e-3,
-                      lipn_max_epochs=20, lipn_batch_patches=512)
+    dcfg = DMINTrainConfig(**SMALL, lr=1e-3, max_epochs=25, min_epochs=10, patience=5)
+    cfg = LIPNTrainConfig(lr=1e-3, max_epochs=20, batch_patches=512, device="cpu")
     out = root / "run" / "fold_0"
-    dmin = train_dmin(cohort, splits[0], cfg, out)
+    dmin = train_dmin(cohort, splits[0], dcfg, out)
     lipn = train_lipn(cohort, splits[0], dmin.checkpoint, cfg, out)
     return cfg, dmin, lipn
 
@@ -252,11 +254,11 @@ def test_lipn_attention_calibration(trained, synth, tmp_path):
                        model.lipn.keep_mask(cohort.bags.lr_patches(ids[0])))
     with pytest.raises(HDMILError, match="lipn_attention"):
         calibrate_attention(model.lipn, model.dmin, cohort, ids, share=0.0)
+    # one calibration value: an old flat config that set both is refused when read
     with pytest.raises(HDMILError, match="set one"):
-        train_lipn(cohort, splits[0], res.checkpoint,
-                   TrainConfig(lipn_recall=0.9, lipn_attention=0.9), tmp_path / "both")
-    with pytest.raises(HDMILError, match="lipn_targets='soft'"):
-        train_lipn(cohort, splits[0], res.checkpoint, TrainConfig(lipn_match="bce"), tmp_path / "bce")
+        LIPNTrainConfig.from_dict({"lipn_recall": 0.9, "lipn_attention": 0.9})
+    with pytest.raises(HDMILError, match="targets='soft'"):
+        LIPNTrainConfig(match="bce")
 
 
 @pytest.mark.slow
@@ -288,10 +290,10 @@ def test_lipn_attention_shares_per_class_and_dilation(trained, synth, tmp_path):
     with pytest.raises(HDMILError, match="lipn_attention"):
         calibrate_attention(model.lipn, model.dmin, cohort, ids, share=(0.9, 0.9, 0.9))
     with pytest.raises(HDMILError, match="3 shares for 2 classes"):
-        train_lipn(cohort, splits[0], res.checkpoint, TrainConfig(lipn_attention=(0.9, 0.9, 0.9)),
-                   tmp_path / "shares")
+        train_lipn(cohort, splits[0], res.checkpoint,
+                   LIPNTrainConfig(calibration=AttentionShare((0.9, 0.9, 0.9))), tmp_path / "shares")
     with pytest.raises(HDMILError, match="1 ring counts for 2 classes"):
-        train_lipn(cohort, splits[0], res.checkpoint, TrainConfig(lipn_dilation=(1,)), tmp_path / "rings")
+        train_lipn(cohort, splits[0], res.checkpoint, LIPNTrainConfig(dilation=(1,)), tmp_path / "rings")
 
 
 def test_lipn_soft_targets_rank_like_dmin(trained, synth, tmp_path):
@@ -307,7 +309,7 @@ def test_lipn_soft_targets_rank_like_dmin(trained, synth, tmp_path):
     for sid in splits[0].test:  # the same boundary: σ(s/τ) > 0.5 exactly where s > 0
         assert soft[sid].dtype == torch.float32
         assert torch.equal(soft[sid] > 0.5, hard[sid])
-    scfg = TrainConfig(**{**cfg.to_dict(), "lipn_targets": "soft"})
+    scfg = dataclasses.replace(cfg, targets="soft")
     res = train_lipn(cohort, splits[0], dmin_res.checkpoint, scfg, tmp_path)
     model = load_model(res.checkpoint)
     assert model.config["provenance"]["lipn"]["targets"] == "soft"
@@ -317,9 +319,8 @@ def test_lipn_soft_targets_rank_like_dmin(trained, synth, tmp_path):
         hit += int((keep & tumour[sid]).sum())
         total += int(tumour[sid].sum())
     assert hit / total >= 0.9
-    with pytest.raises(HDMILError, match="lipn_targets"):
-        train_lipn(cohort, splits[0], dmin_res.checkpoint,
-                   TrainConfig(**{**cfg.to_dict(), "lipn_targets": "fuzzy"}), tmp_path / "x")
+    with pytest.raises(HDMILError, match="targets must be 'mask' or 'soft'"):
+        dataclasses.replace(cfg, targets="fuzzy")
 
 
 @pytest.mark.slow
@@ -362,7 +363,7 @@ def test_resume_continues_from_the_saved_epoch(synth, tmp_path):
     from hdmil.train.splits import Split
 
     split = Split(splits[0].train[:8], splits[0].val[:4], (), fold=0)
-    cfg = TrainConfig(**SMALL, max_epochs=3, min_epochs=100)
+    cfg = DMINTrainConfig(**SMALL, max_epochs=3, min_epochs=100)
     train_dmin(small, split, cfg, tmp_path / "a")
     cfg.max_epochs = 5
     res = train_dmin(small, split, cfg, tmp_path / "a", resume=True)
@@ -379,13 +380,92 @@ def test_resume_continues_from_the_saved_epoch(synth, tmp_path):
     assert res.best_metrics["val_loss"] == pytest.approx(straight.best_metrics["val_loss"])
 
 
+def test_lipn_resume_gives_the_weights_of_an_uninterrupted_run(synth, tmp_path):
+    """LIPN cancelled after its second epoch and resumed ends where an uninterrupted run ends:
+    the same LIPN weights, thresholds and log."""
+    from hdmil.checkpoint import load_model
+    from hdmil.train.splits import Split
+
+    _, _, _, _, cohort, splits = synth
+    split = Split(splits[0].train[:8], splits[0].val[:4], (), fold=0)
+    dmin = train_dmin(cohort, split, DMINTrainConfig(**SMALL, max_epochs=1, min_epochs=0),
+                      tmp_path / "dmin").checkpoint
+    cfg = LIPNTrainConfig(lr=1e-3, max_epochs=4, min_epochs=100, batch_patches=300, device="cpu",
+                          calibration=RecallShare(0.97), targets="soft", stain_jitter=0.5)
+    cancel = threading.Event()
+
+    def stop_after_second(row):
+        if row["epoch"] == 1:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        train_lipn(cohort, split, dmin, cfg, tmp_path / "a", cancel=cancel,
+                   on_epoch=stop_after_second)
+    assert not (tmp_path / "a" / "hdmil.safetensors").exists()
+    seen: list[int] = []
+    res = train_lipn(cohort, split, dmin, cfg, tmp_path / "a", resume=True,
+                     on_epoch=lambda row: seen.append(row["epoch"]))
+    assert seen == [2, 3]  # it went on from the saved epoch
+    straight = train_lipn(cohort, split, dmin, cfg, tmp_path / "b")
+    with open(res.log_path) as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1, 2, 3]
+    assert res.epochs_run == straight.epochs_run == 4 and res.best_epoch == straight.best_epoch
+    a, b = _weights(res.checkpoint), _weights(straight.checkpoint)
+    assert a.keys() == b.keys() and any(k.startswith("lipn.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert load_model(res.checkpoint).lipn.cfg.threshold == load_model(straight.checkpoint).lipn.cfg.threshold
+    # another split is refused, as for DMIN
+    other = Split(splits[0].train[1:9], splits[0].val[:4], (), fold=0)
+    with pytest.raises(HDMILError, match="another split"):
+        train_lipn(cohort, other, dmin, cfg, tmp_path / "a", resume=True)
+
+
+def test_a_run_of_the_previous_code_resumes(tmp_path):
+    """tests/data/legacy/train holds a 2-epoch DMIN run written by the code before the one loop
+    (tests/data/legacy/train/make_train_legacy.py): its checkpoint loads, its stored flat config
+    reads as today's two configs, and resuming it to 3 epochs gives the weights of a 3-epoch run."""
+    import json
+    import shutil
+
+    from hdmil.checkpoint import load_model
+    from hdmil.train.splits import Split
+
+    legacy = Path(__file__).parent / "data" / "legacy" / "train"
+    labels, feats, _ = make_cohort(tmp_path / "cohort", n_bags=12)
+    cohort = load_cohort(labels, feats)
+    state = json.loads((legacy / "state.json").read_text())
+    split = Split(tuple(state["train_ids"]), tuple(state["val_ids"]), (), fold=0)
+    model = load_model(legacy / "dmin.safetensors")
+    assert model.classes == list(cohort.classes) and model.dmin.cfg.hidden == 16
+    old = model.config["provenance"]["train"]
+    assert "lipn_recall" in old  # the old flat TrainConfig
+    cfg = DMINTrainConfig.from_dict(old)
+    assert cfg == DMINTrainConfig(hidden=16, attn_dim=8, k_sample=4, device="cpu", lr=1e-3,
+                                  min_epochs=0, max_epochs=2)
+    lipn = LIPNTrainConfig.from_dict(old)
+    assert lipn.calibration == RecallShare(0.97) and lipn.targets == "soft" and lipn.lr == 1e-4
+    run = tmp_path / "run"
+    shutil.copytree(legacy, run, ignore=shutil.ignore_patterns("*.py"))
+    cfg.max_epochs = 3
+    seen: list[int] = []
+    res = train_dmin(cohort, split, cfg, run, resume=True, on_epoch=lambda r: seen.append(r["epoch"]))
+    straight = train_dmin(cohort, split, cfg, tmp_path / "straight")
+    assert seen == [2] and res.epochs_run == 3
+    assert [int(r["epoch"]) for r in res.history] == [0, 1, 2]  # the old log's rows kept
+    a, b = _weights(run / "last.safetensors"), _weights(tmp_path / "straight" / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_resume_refuses_another_split(synth, tmp_path):
     _, _, _, _, cohort, splits = synth
     from hdmil.train.splits import Split
 
     a = Split(splits[0].train[:6], splits[0].val[:2], (), fold=0)
     b = Split(splits[0].train[1:7], splits[0].val[:2], (), fold=0)
-    cfg = TrainConfig(**SMALL, max_epochs=1)
+    cfg = DMINTrainConfig(**SMALL, max_epochs=1)
     train_dmin(cohort, a, cfg, tmp_path)
     with pytest.raises(HDMILError, match="another split"):
         train_dmin(cohort, b, cfg, tmp_path, resume=True)
@@ -396,7 +476,8 @@ def test_cancel_stops_training(synth, tmp_path):
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(Cancelled):
-        train_dmin(cohort, splits[0], TrainConfig(**SMALL, max_epochs=2), tmp_path, cancel=cancel)
+        train_dmin(cohort, splits[0], DMINTrainConfig(**SMALL, max_epochs=2), tmp_path,
+                   cancel=cancel)
 
 
 def test_region_instances_need_region_embeddings(synth):
@@ -544,9 +625,7 @@ def test_lipn_stain_jitter_restains_training_slides_only(synth, trained, tmp_pat
         return original(self, rgb, rng)
 
     monkeypatch.setattr(StainJitter, "__call__", spy)
-    import dataclasses
-
-    run = dataclasses.replace(cfg, lipn_max_epochs=2, lipn_min_epochs=2, lipn_stain_jitter=1.0)
+    run = dataclasses.replace(cfg, max_epochs=2, min_epochs=2, stain_jitter=1.0)
     res = train_lipn(cohort, splits[0], dmin_res.checkpoint, run, tmp_path / "jitter")
     train_sizes = sorted(cohort.bags.lr_patches(s).shape[0] for s in splits[0].train)
     assert res.epochs_run == 2

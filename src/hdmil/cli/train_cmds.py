@@ -6,16 +6,17 @@ import argparse
 import math
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hdmil.errors import HDMILError
+from hdmil.train.config import DMINTrainConfig, LIPNTrainConfig
+from hdmil.train.options import DMIN_OPTIONS, LIPN_OPTIONS, add_options, config_from_args
 
 DEFAULT_FOLDS = 10
 
 
-def _add_data_args(p: argparse.ArgumentParser, out: bool = True) -> None:
+def _add_data_args(p: argparse.ArgumentParser, out: bool = True, device: bool = True) -> None:
     p.add_argument("--features", required=True, type=Path, metavar="DIR",
                    help="feature files (<slide>.h5 / .pt; CLAM h5_files/ pt_files/ work too)")
     p.add_argument("--labels", required=True, type=Path, metavar="CSV",
@@ -26,13 +27,13 @@ def _add_data_args(p: argparse.ArgumentParser, out: bool = True) -> None:
                    help="CLAM split CSVs (splits_<i>.csv); default: from the checkpoint or new folds")
     p.add_argument("--skip-missing", action="store_true",
                    help="leave out labelled slides without a feature file (default: error)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    if device:
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
 
 
 def _add_fold_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=None, metavar="K",
                    help=f"make K folds by case, stratified (default {DEFAULT_FOLDS}); ignored with --splits")
-    p.add_argument("--seed", type=int, default=None, help="seed of the folds and of training (default 0)")
     p.add_argument("--fold", default="all", metavar="I|all", help="which fold(s) to train (default all)")
 
 
@@ -43,20 +44,9 @@ def register(subparsers: Any) -> None:
         description="Train DMIN (teacher + student MIL) per fold with early stopping on validation "
         "loss. Writes <out>/splits/ and <out>/fold_<i>/{dmin.safetensors, log.csv, last.safetensors}.",
     )
-    _add_data_args(p)
+    _add_data_args(p, device=False)
     _add_fold_args(p)
-    p.add_argument("--instances", choices=("patch", "region"), default="patch",
-                   help="MIL instances: patch features, or SLPD region embeddings")
-    p.add_argument("--epochs", type=int, help="maximum epochs (default 200)")
-    p.add_argument("--min-epochs", type=int, help="no early stop before this epoch (default 50)")
-    p.add_argument("--patience", type=int, help="epochs without a better validation loss (default 20)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 3e-4)")
-    p.add_argument("--weight-decay", type=float, help="Adam weight decay (default 1e-5)")
-    p.add_argument("--keep-rate", type=float, help="target kept ratio r (default 0.6)")
-    p.add_argument("--cheby-degree", type=int, help="CKA Chebyshev degree K (default 12)")
-    p.add_argument("--hidden", type=int, help="hidden width (default 512)")
-    p.add_argument("--attn-dim", type=int, help="attention width (default 256)")
-    p.add_argument("--k-sample", type=int, help="instances per side in the clustering loss (default 32)")
+    add_options(p, DMIN_OPTIONS, DMINTrainConfig)
     p.add_argument("--resume", action="store_true", help="continue from <out>/fold_<i>/last.safetensors")
     p.set_defaults(func=cmd_train_dmin)
 
@@ -66,39 +56,13 @@ def register(subparsers: Any) -> None:
         description="Train LIPN against a frozen DMIN (one checkpoint, or a train-dmin output "
         "directory of folds). Writes <out>/[fold_<i>/]hdmil.safetensors holding DMIN and LIPN.",
     )
-    _add_data_args(p)
+    _add_data_args(p, device=False)
     p.add_argument("--dmin", required=True, type=Path, metavar="CKPT|DIR",
                    help="dmin.safetensors, or the train-dmin output directory")
     p.add_argument("--fold", default="all", metavar="I|all", help="which fold(s) (default all)")
-    p.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
-    p.add_argument("--epochs", type=int, help="maximum epochs (default 100)")
-    p.add_argument("--min-epochs", type=int, help="no early stop before this epoch (default 0)")
-    p.add_argument("--patience", type=int, help="epochs without a better validation loss (default 5)")
-    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
-    p.add_argument("--weight-decay", type=float, help="Adam weight decay (default 1e-5)")
-    p.add_argument("--batch-patches", type=int, help="LR patches per step, whole slides (default 2048)")
-    p.add_argument("--recall", type=float, metavar="SHARE",
-                   help="lower LIPN's threshold (from 0.5) until it keeps this share of the validation "
-                   "patches DMIN keeps, e.g. 0.97 (default: the paper's fixed 0.5)")
-    p.add_argument("--attention", type=_shares, metavar="SHARE[,SHARE...]",
-                   help="instead of --recall: one threshold per class, the highest whose kept "
-                   "patches hold this share of DMIN's attention on the validation slides, e.g. 0.95, "
-                   "or one share per class in class order, e.g. 0.85,0.98")
-    p.add_argument("--dilation", type=_rings, metavar="R,R...",
-                   help="per class (in class order), rings of neighbouring patches that join each "
-                   "patch LIPN keeps for it, e.g. 0,1 (default: none)")
-    p.add_argument("--soft-targets", action="store_const", const="soft",
-                   help="distil DMIN's scores σ(s/τ) instead of its 0/1 mask (same boundary)")
-    p.add_argument("--match", choices=("l1", "bce"),
-                   help="how LIPN's output is compared with DMIN's: the paper's L1 (default) or "
-                   "cross-entropy (with --soft-targets; ranks rare tumour patches higher)")
-    p.add_argument("--views", type=int, choices=(1, 4, 8),
-                   help="average LIPN's probabilities over this many orientations of each LR "
-                   "patch: 4 quarter turns, 8 with the mirror image (default 1; costs views x "
-                   "LIPN's small time, ranks uncertain patches more steadily)")
-    p.add_argument("--stain-jitter", type=float, metavar="STRENGTH",
-                   help="a random H&E stain change per training slide, e.g. 1.0 (default 0: off); "
-                   "helps when new slides are stained unlike the training slides")
+    add_options(p, LIPN_OPTIONS, LIPNTrainConfig)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out>/[fold_<i>/]lipn_last.safetensors")
     p.set_defaults(func=cmd_train_lipn)
 
     p = subparsers.add_parser(
@@ -118,22 +82,6 @@ def register(subparsers: Any) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def _config(args: argparse.Namespace, mapping: dict[str, str]):
-    """A TrainConfig with the options the user gave (None = keep the default)."""
-    from hdmil.train.dmin_trainer import TrainConfig
-
-    cfg = TrainConfig()
-    for arg, name in mapping.items():
-        value = getattr(args, arg, None)
-        if value is not None:
-            setattr(cfg, name, value)
-    if args.device:
-        cfg.device = args.device
-    if getattr(args, "seed", None) is not None:
-        cfg.seed = args.seed
-    return cfg
 
 
 def _select_folds(splits: list, fold: str) -> list:
@@ -208,13 +156,8 @@ def cmd_train_dmin(args: argparse.Namespace) -> int:
     from hdmil.train.dmin_trainer import train_dmin
     from hdmil.train.splits import make_splits, read_splits, write_splits
 
-    cohort = _load_cohort(args, instances=args.instances)
-    cfg = _config(args, {
-        "epochs": "max_epochs", "min_epochs": "min_epochs", "patience": "patience", "lr": "lr",
-        "weight_decay": "weight_decay", "keep_rate": "keep_rate", "cheby_degree": "cheby_degree",
-        "hidden": "hidden", "attn_dim": "attn_dim", "k_sample": "k_sample",
-    })
-    cfg.instances = args.instances
+    cfg = config_from_args(DMINTrainConfig, DMIN_OPTIONS, args)
+    cohort = _load_cohort(args, instances=cfg.instances)
     if args.splits:
         splits = _restrict(read_splits(args.splits), cohort)
     else:
@@ -222,7 +165,7 @@ def cmd_train_dmin(args: argparse.Namespace) -> int:
         write_splits(splits, args.out / "splits")
     splits = _select_folds(splits, args.fold)
     print(f"{len(cohort)} slides, classes {', '.join(cohort.classes)}, {cohort.bags.dim}-d "
-          f"{args.instances} features; training {len(splits)} fold(s) into {args.out}")
+          f"{cfg.instances} features; training {len(splits)} fold(s) into {args.out}")
     for split in splits:
         bar = _Bar(f"fold {split.fold}")
         try:
@@ -253,27 +196,6 @@ def _dmin_checkpoints(path: Path) -> list[Path]:
     return find_fold_checkpoints(path)
 
 
-def _per_class(cast: Callable[[str], Any], what: str) -> Callable[[str], tuple]:
-    """An argparse type: "a,b,..." -> (cast(a), cast(b), ...), one value per class."""
-
-    def parse(text: str) -> tuple:
-        try:
-            return tuple(cast(v) for v in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
-
-    return parse
-
-
-_rings = _per_class(int, "comma-separated ring counts")  # "0,1" -> (0, 1)
-
-
-def _shares(text: str) -> float | tuple[float, ...]:
-    """"0.95" -> 0.95 (every class); "0.85,0.98" -> one share per class."""
-    values = _per_class(float, "a share or comma-separated shares")(text)
-    return values[0] if len(values) == 1 else values
-
-
 def cmd_train_lipn(args: argparse.Namespace) -> int:
     from hdmil.checkpoint import load_model
     from hdmil.train.evaluate import model_split
@@ -281,13 +203,7 @@ def cmd_train_lipn(args: argparse.Namespace) -> int:
     from hdmil.train.splits import read_splits
 
     checkpoints = _dmin_checkpoints(args.dmin)
-    cfg = _config(args, {
-        "epochs": "lipn_max_epochs", "min_epochs": "lipn_min_epochs", "patience": "lipn_patience",
-        "lr": "lipn_lr", "weight_decay": "lipn_weight_decay", "batch_patches": "lipn_batch_patches",
-        "recall": "lipn_recall", "attention": "lipn_attention", "stain_jitter": "lipn_stain_jitter",
-        "soft_targets": "lipn_targets", "match": "lipn_match", "views": "lipn_views",
-        "dilation": "lipn_dilation",
-    })
+    cfg = config_from_args(LIPNTrainConfig, LIPN_OPTIONS, args)
     given = None
     cohort = None
     for ckpt in checkpoints:
@@ -312,7 +228,8 @@ def cmd_train_lipn(args: argparse.Namespace) -> int:
         out = args.out / f"fold_{fold}" if args.dmin.is_dir() else args.out
         bar = _Bar(f"fold {fold}")
         try:
-            res = train_lipn(cohort, split, model, cfg, out, progress=bar.progress, on_epoch=bar.epoch)
+            res = train_lipn(cohort, split, model, cfg, out, progress=bar.progress,
+                             on_epoch=bar.epoch, resume=args.resume)
         finally:
             bar.close()
         m = res.best_metrics

@@ -1,4 +1,4 @@
-"""Training DMIN on feature bags (METHOD §3): one bag per step, class-balanced, early stopping.
+"""Training DMIN on feature bags (docs/method.md §3): one bag per step, class-balanced, early stopping.
 
 ``train_dmin(cohort, split, cfg, out_dir)`` writes into ``out_dir``:
 
@@ -7,26 +7,18 @@
 - ``log.csv``: one row per epoch (train loss and each loss term, validation loss / AUC / ACC,
   kept ratios, seconds);
 - ``last.safetensors`` + ``state.json``: the model and optimizer after the last finished epoch;
-  ``resume=True`` continues from them. Optimizer tensors go into the safetensors file, everything
-  else into JSON, so resuming executes no pickled code.
+  ``resume=True`` continues from them (``hdmil.train.loop``).
 
-Every epoch is seeded from ``(seed, epoch)``, so a resumed run draws the same bags, dropout and
-Gumbel noise as an uninterrupted one.
+The epochs, their seeds, early stopping and resume are ``hdmil.train.loop.fit``'s; this module is
+DMIN's part: a class-balanced epoch of bags, validation, and the best checkpoint.
 """
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import datetime as _dt
-import json
 import math
-import os
-import random
 import threading
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,273 +26,37 @@ import numpy as np
 import torch
 from torch import nn
 
-from hdmil.errors import Cancelled, CheckpointError, HDMILError
+from hdmil.errors import HDMILError, check_cancelled
+from hdmil.files import to_jsonable
+from hdmil.train.config import DMINTrainConfig
 from hdmil.train.data import Cohort
+from hdmil.train.loop import (
+    LoopConfig,
+    Progress,
+    RunFiles,
+    TrainResult,
+    TrainTask,
+    fit,
+    resolve_device,
+    seed_everything,
+)
 from hdmil.train.metrics import classification_metrics
 from hdmil.train.splits import Split
 
 __all__ = [
-    "EarlyStopping",
-    "TrainConfig",
+    "DMINTask",
     "TrainResult",
     "branch_auc",
     "build_dmin",
-    "dmin_config",
     "train_dmin",
+    "validate_dmin",
 ]
 
-Progress = Callable[[str, int, int], None]
 BEST_NAME = "dmin.safetensors"
 LAST_NAME = "last.safetensors"
 STATE_NAME = "state.json"
 LOG_NAME = "log.csv"
 GEOMETRY_KEYS = ("patch_size_level0", "patch_px", "magnification", "mpp")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs; defaults are METHOD §3 (DMIN) and §4 (LIPN)."""
-
-    # DMIN architecture (in_dim and n_classes come from the data)
-    hidden: int = 512
-    attn_dim: int = 256
-    dropout: float = 0.25
-    cheby_degree: int = 12  # 16 for TCGA-NSCLC
-    tau: float = 0.7  # Gumbel-sigmoid temperature
-    gamma: float = 0.5  # mask threshold
-    k_sample: int = 32  # instances per side for the clustering loss (clamped to N/2)
-    inst_out_of_class: bool = False  # other branches' top-k as negatives also for 2 classes (ours)
-    # hybrid loss
-    keep_rate: float = 0.6  # target kept ratio r (0.7 for TCGA-NSCLC / BRCA)
-    w_ce: float = 0.7
-    w_clu: float = 0.3
-    w_emb: float = 0.5
-    w_kl: float = 0.5
-    w_rate: float = 2.0
-    # DMIN optimisation
-    lr: float = 3e-4  # 3e-5 for TCGA-NSCLC
-    weight_decay: float = 1e-5
-    max_epochs: int = 200
-    min_epochs: int = 50  # early stopping may stop from this epoch on
-    patience: int = 20
-    # LIPN (METHOD §4)
-    lipn_tau: float = 0.7
-    lipn_lr: float = 1e-4
-    lipn_weight_decay: float = 1e-5
-    lipn_max_epochs: int = 100
-    lipn_min_epochs: int = 0
-    lipn_patience: int = 5
-    lipn_batch_patches: int = 2048  # slides are batched into one LIPN step up to this many patches
-    # None: the paper's M_LR = 1[P > 0.5]. A share (say 0.97): after training, lower LIPN's
-    # threshold until it keeps that share of the validation instances DMIN keeps (never above 0.5)
-    lipn_recall: float | None = None
-    # "mask": the paper's target M_HR = 1[s > 0] and LIPN's straight-through mask; "soft": target
-    # σ(s / τ) and LIPN's probability, the same boundary (σ(s/τ) > 0.5 ⟺ s > 0) with DMIN's margin
-    lipn_targets: str = "mask"
-    # ours, instead of lipn_recall: one threshold per class, the highest whose kept set holds this
-    # share of DMIN's attention (pooling weight) for the class on the validation slides; one share
-    # for every class, or one per class (in class order)
-    lipn_attention: float | tuple[float, ...] | None = None
-    # ours: per class, rings of neighbouring patches that join each patch LIPN keeps for the class
-    # (LIPNConfig.dilation; None: none, the paper)
-    lipn_dilation: tuple[int, ...] | None = None
-    # ours: a random stain change per training slide (hdmil.augment.StainJitter strength; 0 = off,
-    # the paper), so LIPN's 16 px view does not learn the training slides' stains
-    lipn_stain_jitter: float = 0.0
-    # "l1": the paper's L1 between LIPN's and DMIN's masks; "bce" (ours, with soft targets):
-    # cross-entropy between LIPN's probabilities and σ(s / τ), which ranks rare tumour patches higher
-    lipn_match: str = "l1"
-    # ours: LIPN's probabilities (thresholds, inference) averaged over 1, 4 or 8 orientations
-    lipn_views: int = 1
-    # run
-    seed: int = 0
-    instances: str = "patch"
-    device: str = "auto"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-@dataclass
-class TrainResult:
-    """What a run produced: where, which epoch was best and its validation metrics."""
-
-    out_dir: Path
-    checkpoint: Path  # best-validation checkpoint
-    log_path: Path
-    best_epoch: int
-    best_metrics: dict[str, float]
-    epochs_run: int  # epochs finished in total (including those before a resume)
-    stopped_early: bool
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-# -- shared helpers (the LIPN trainer uses them too) ----------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise HDMILError(f"unknown device {name!r}") from exc
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919) % (2**31)
-
-
-def check_cancel(cancel: threading.Event | None) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("training cancelled")
-
-
-class EarlyStopping:
-    """Stop when the validation loss has not improved for ``patience`` epochs, but never before
-    ``min_epochs`` epochs have run. ``step`` returns True when the loss is a new best."""
-
-    def __init__(self, patience: int, min_epochs: int = 0) -> None:
-        self.patience = patience
-        self.min_epochs = min_epochs
-        self.best = math.inf
-        self.best_epoch = -1
-        self.since_best = 0
-
-    def step(self, epoch: int, loss: float) -> bool:
-        if loss < self.best:
-            self.best, self.best_epoch, self.since_best = float(loss), epoch, 0
-            return True
-        self.since_best += 1
-        return False
-
-    def should_stop(self, epoch: int) -> bool:
-        return epoch + 1 >= self.min_epochs and self.since_best >= self.patience
-
-    def state(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "since_best": self.since_best}
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.best = float(state["best"])
-        self.best_epoch = int(state["best_epoch"])
-        self.since_best = int(state["since_best"])
-
-
-class CSVLog:
-    """An epoch log that survives a resume: rows after the resumed epoch are dropped."""
-
-    def __init__(self, path: Path, resume_after: int | None = None) -> None:
-        self.path = path
-        self.columns: list[str] | None = None
-        self.rows: list[dict[str, Any]] = []
-        if resume_after is not None and path.exists():
-            with open(path, newline="") as fh:
-                reader = csv.DictReader(fh)
-                self.columns = list(reader.fieldnames or [])
-                self.rows = [r for r in reader if int(r["epoch"]) <= resume_after]
-            self._rewrite()
-        elif path.exists():
-            path.unlink()
-
-    def append(self, row: dict[str, Any]) -> None:
-        if self.columns is None:
-            self.columns = list(row)
-        self.rows.append({k: row.get(k, "") for k in self.columns})
-        self._rewrite()
-
-    def _rewrite(self) -> None:
-        # rewriting a few hundred rows per epoch costs nothing and keeps the file whole
-        if self.columns is None:
-            return
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self.columns)
-            writer.writeheader()
-            for r in self.rows:
-                writer.writerow({k: _fmt(r.get(k, "")) for k in self.columns})
-        os.replace(tmp, self.path)
-
-
-def _fmt(v: Any) -> Any:
-    return f"{v:.6g}" if isinstance(v, float) else v
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, np.generic):
-        return o.item()
-    if dataclasses.is_dataclass(o):
-        return asdict(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def save_train_state(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
-    """Model + optimizer tensors into ``path`` (safetensors); returns the optimizer's non-tensor
-    state for the JSON side."""
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {
-        f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
-    }
-    opt = optimizer.state_dict()
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in opt["state"].items():
-        for name, value in st.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous().clone()
-            else:
-                scalars.setdefault(str(idx), {})[name] = value
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-    return {"param_groups": opt["param_groups"], "scalars": scalars}
-
-
-def load_train_state(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, opt_json: dict[str, Any]
-) -> None:
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"{path}: cannot read the training state ({exc})") from exc
-    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(model_sd)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{path}: the saved model does not fit this configuration; start without --resume "
-            f"or use the same settings ({str(exc).splitlines()[0]})"
-        ) from exc
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    for idx, sc in opt_json.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(sc)
-    optimizer.load_state_dict({"state": state, "param_groups": opt_json["param_groups"]})
 
 
 def balanced_order(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
@@ -331,39 +87,10 @@ def feature_provenance(cohort: Cohort) -> dict[str, Any]:
     return info
 
 
-# -- DMIN ---------------------------------------------------------------------------------------
-
-
-def dmin_config(cfg: TrainConfig, in_dim: int, n_classes: int):
-    """The DMINConfig a TrainConfig stands for (fields DMINConfig does not have are left out)."""
-    from hdmil.models.dmin import DMINConfig
-
-    wanted = {
-        "in_dim": in_dim,
-        "n_classes": n_classes,
-        "hidden": cfg.hidden,
-        "attn_dim": cfg.attn_dim,
-        "dropout": cfg.dropout,
-        "cheby_degree": cfg.cheby_degree,
-        "tau": cfg.tau,
-        "gamma": cfg.gamma,
-        "k_sample": cfg.k_sample,
-        "inst_out_of_class": cfg.inst_out_of_class,
-        "target_keep_rate": cfg.keep_rate,
-        "w_ce": cfg.w_ce,
-        "w_clu": cfg.w_clu,
-        "w_emb": cfg.w_emb,
-        "w_kl": cfg.w_kl,
-        "w_rate": cfg.w_rate,
-    }
-    names = {f.name for f in dataclasses.fields(DMINConfig)}
-    return DMINConfig(**{k: v for k, v in wanted.items() if k in names})
-
-
-def build_dmin(cfg: TrainConfig, in_dim: int, n_classes: int) -> nn.Module:
+def build_dmin(cfg: DMINTrainConfig, in_dim: int, n_classes: int) -> nn.Module:
     from hdmil.models.dmin import DMIN
 
-    return DMIN(dmin_config(cfg, in_dim, n_classes))
+    return DMIN(cfg.dmin_config(in_dim, n_classes))
 
 
 def dmin_step(model: nn.Module, x: torch.Tensor, y: int, dcfg) -> tuple[torch.Tensor, dict, Any]:
@@ -389,7 +116,7 @@ def validate_dmin(
     model.eval()
     probs, kept, nll, top = [], [], [], []
     for sid in slide_ids:
-        check_cancel(cancel)
+        check_cancelled(cancel, "training")
         x = bags[sid].features.to(device)
         pred = model.predict(x, None)
         p = pred.probabilities.detach().float().cpu().numpy()
@@ -447,10 +174,68 @@ def _check_split(cohort: Cohort, split: Split) -> None:
         )
 
 
+class DMINTask(TrainTask):
+    """DMIN's part of ``fit``: class-balanced bags (one per step), validation on ``split.val``,
+    ``dmin.safetensors`` at every new best validation loss."""
+
+    def __init__(self, cohort: Cohort, split: Split, cfg: DMINTrainConfig, out_dir: Path,
+                 device: torch.device) -> None:
+        self.cohort, self.split, self.cfg, self.device = cohort, split, cfg, device
+        self.bags = cohort.require_bags()
+        seed_everything(cfg.seed)  # the initial weights
+        self.dcfg = cfg.dmin_config(self.bags.dim, cohort.n_classes)
+        self.model = build_dmin(cfg, self.bags.dim, cohort.n_classes).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
+                                          weight_decay=cfg.weight_decay)
+        self.train_ids = list(split.train)
+        self.train_labels = cohort.labels_of(self.train_ids)
+        self.provenance = feature_provenance(cohort)
+        self.best_path = out_dir / BEST_NAME
+        self.state_path = out_dir / STATE_NAME
+
+    def train_epoch(self, epoch: int, seed: int | None,
+                    cancel: threading.Event | None) -> dict[str, float]:
+        self.model.train()
+        sums: dict[str, float] = {}
+        order = balanced_order(self.train_labels, len(self.train_ids), seed)
+        for i in order:
+            check_cancelled(cancel, "training")
+            x = self.bags[self.train_ids[i]].features.to(self.device)
+            total, terms, _ = dmin_step(self.model, x, int(self.train_labels[i]), self.dcfg)
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            sums["train_loss"] = sums.get("train_loss", 0.0) + float(total.detach())
+            for k, v in terms.items():
+                sums[f"train_{k}"] = sums.get(f"train_{k}", 0.0) + v
+        return {k: v / len(order) for k, v in sums.items()}
+
+    def validate(self, epoch: int, cancel: threading.Event | None) -> dict[str, float]:
+        return validate_dmin(self.model, self.cohort, self.split.val, self.device, cancel)
+
+    def save_best(self, epoch: int, row: dict[str, Any], best: dict[str, Any]) -> None:
+        from hdmil.checkpoint import save_checkpoint
+
+        config = _checkpoint_config(self.cfg, self.cohort, self.split, self.provenance, epoch, best)
+        # plain JSON values: numpy scalars and paths from h5 attributes become plain values
+        save_checkpoint(self.best_path, {"dmin": self.model}, to_jsonable(config))
+
+    def state(self) -> dict[str, Any]:
+        return {"train_ids": self.train_ids, "val_ids": list(self.split.val),
+                "config": self.cfg.to_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state.get("train_ids") != self.train_ids or state.get("val_ids") != list(self.split.val):
+            raise HDMILError(
+                f"{self.state_path}: this run was trained on another split; resume with the same "
+                "--splits / --folds / --seed, or write to a new --out"
+            )
+
+
 def train_dmin(
     cohort: Cohort,
     split: Split,
-    cfg: TrainConfig | None = None,
+    cfg: DMINTrainConfig | None = None,
     out_dir: str | Path = "dmin-run",
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
@@ -463,116 +248,23 @@ def train_dmin(
     ``cancel`` (a ``threading.Event``) stops between bags with ``Cancelled``; the last finished
     epoch stays on disk for ``resume=True``.
     """
-    cfg = cfg or TrainConfig()
+    cfg = cfg or DMINTrainConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_split(cohort, split)
-    bags = cohort.require_bags()
-    device = resolve_device(cfg.device)
-    in_dim, n_classes = bags.dim, cohort.n_classes
-
-    seed_everything(cfg.seed)
-    dcfg = dmin_config(cfg, in_dim, n_classes)
-    model = build_dmin(cfg, in_dim, n_classes).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    stopper = EarlyStopping(cfg.patience, cfg.min_epochs)
-    best_metrics: dict[str, float] = {}
-    start = 0
-
-    state_path, last_path = out_dir / STATE_NAME, out_dir / LAST_NAME
-    if resume and state_path.exists() and last_path.exists():
-        state = json.loads(state_path.read_text())
-        if state.get("train_ids") != list(split.train) or state.get("val_ids") != list(split.val):
-            raise HDMILError(
-                f"{state_path}: this run was trained on another split; resume with the same "
-                "--splits / --folds / --seed, or write to a new --out"
-            )
-        load_train_state(last_path, model, optimizer, state["optimizer"])
-        stopper.load(state["early_stopping"])
-        best_metrics = state.get("best_metrics", {})
-        start = int(state["epoch"]) + 1
-        if state.get("stopped_early"):
-            start = max(start, cfg.max_epochs)  # a finished run stays finished
-    elif resume:
-        resume = False  # nothing to resume from: a fresh run
-    log = CSVLog(out_dir / LOG_NAME, resume_after=start - 1 if resume else None)
-
-    train_ids = list(split.train)
-    train_labels = cohort.labels_of(train_ids)
-    provenance = feature_provenance(cohort)
-    stopped = False
-    epoch = start - 1
-    for epoch in range(start, cfg.max_epochs):
-        t0 = time.perf_counter()
-        es = epoch_seed(cfg.seed, epoch)
-        seed_everything(es)
-        model.train()
-        sums: dict[str, float] = {}
-        order = balanced_order(train_labels, len(train_ids), es)
-        for i in order:
-            check_cancel(cancel)
-            sid = train_ids[i]
-            x = bags[sid].features.to(device)
-            total, terms, _ = dmin_step(model, x, int(train_labels[i]), dcfg)
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            sums["train_loss"] = sums.get("train_loss", 0.0) + float(total.detach())
-            for k, v in terms.items():
-                sums[f"train_{k}"] = sums.get(f"train_{k}", 0.0) + v
-        row: dict[str, Any] = {"epoch": epoch}
-        row.update({k: v / len(order) for k, v in sums.items()})
-        row.update(validate_dmin(model, cohort, split.val, device, cancel))
-        row["seconds"] = time.perf_counter() - t0
-
-        if stopper.step(epoch, row["val_loss"]):
-            best_metrics = {k: row[k] for k in ("val_loss", "val_auc", "val_acc", "val_kept_ratio",
-                                                "val_branch_auc")}
-            best_metrics["epoch"] = epoch
-            config = _checkpoint_config(
-                cfg, dcfg, cohort, split, provenance, epoch, best_metrics
-            )
-            _save_best(out_dir / BEST_NAME, model, config)
-        log.append(row)
-        stopped = stopper.should_stop(epoch)
-        opt_json = save_train_state(last_path, model, optimizer)
-        write_json_atomic(
-            state_path,
-            {
-                "epoch": epoch,
-                "optimizer": opt_json,
-                "early_stopping": stopper.state(),
-                "best_metrics": best_metrics,
-                "stopped_early": stopped,
-                "train_ids": train_ids,
-                "val_ids": list(split.val),
-                "config": cfg.to_dict(),
-            },
-        )
-        if on_epoch is not None:
-            on_epoch(row)
-        if progress is not None:
-            progress("dmin", epoch + 1, cfg.max_epochs)
-        if stopped:
-            break
-
-    if not (out_dir / BEST_NAME).exists():
+    task = DMINTask(cohort, split, cfg, out_dir, resolve_device(cfg.device))
+    loop = LoopConfig(max_epochs=cfg.max_epochs, seed=cfg.seed, monitor="val_loss",
+                      patience=cfg.patience, min_epochs=cfg.min_epochs, stage="dmin")
+    files = RunFiles(out_dir / LOG_NAME, out_dir / LAST_NAME, out_dir / STATE_NAME)
+    done = fit(task, loop, files, resume=resume, progress=progress, cancel=cancel,
+               on_epoch=on_epoch)
+    if not task.best_path.exists():
         raise HDMILError(f"{out_dir}: no epoch finished, so no checkpoint was written")
-    return TrainResult(
-        out_dir=out_dir,
-        checkpoint=out_dir / BEST_NAME,
-        log_path=out_dir / LOG_NAME,
-        best_epoch=stopper.best_epoch,
-        best_metrics=best_metrics,
-        epochs_run=epoch + 1,
-        stopped_early=stopped,
-        history=[dict(r) for r in log.rows],
-    )
+    return TrainResult.of(done, out_dir, task.best_path)
 
 
 def _checkpoint_config(
-    cfg: TrainConfig,
-    dcfg: Any,
+    cfg: DMINTrainConfig,
     cohort: Cohort,
     split: Split,
     features: dict[str, Any],
@@ -602,10 +294,3 @@ def _checkpoint_config(
         },
     }
     return {k: v for k, v in config.items() if v is not None}
-
-
-def _save_best(path: Path, model: nn.Module, config: dict[str, Any]) -> None:
-    from hdmil.checkpoint import save_checkpoint
-
-    # round-trip through JSON: numpy scalars and paths from h5 attributes become plain values
-    save_checkpoint(path, {"dmin": model}, json.loads(json.dumps(config, default=_json_default)))

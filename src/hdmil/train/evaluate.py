@@ -1,4 +1,4 @@
-"""Test-set evaluation of trained models, and the paper's k-fold table (METHOD §5).
+"""Test-set evaluation of trained models, and the paper's k-fold table (docs/method.md §5).
 
 Two ways to run a trained model on a slide's precomputed features:
 
@@ -7,6 +7,8 @@ Two ways to run a trained model on a slide's precomputed features:
 - **HDMIL**: LIPN screens the slide's LR patches and DMIN pools class c over LIPN's keep mask for
   c only, as hierarchical inference does (reading only the kept HR patches gives the same result
   on the same features).
+
+Both are ``hdmil.inference.predict_bag``, the one bag-to-prediction function of the package.
 
 ``evaluate_folds`` runs both per fold and gives per-fold and mean ± std AUC, ACC and macro F1.
 """
@@ -24,9 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from hdmil.errors import CheckpointError, HDMILError
+from hdmil.errors import CheckpointError, HDMILError, check_cancelled
+from hdmil.files import atomic_write
+from hdmil.inference import predict_bag
 from hdmil.train.data import Cohort
-from hdmil.train.dmin_trainer import check_cancel
 from hdmil.train.metrics import Metrics, classification_metrics, mean_std
 from hdmil.train.splits import Split
 
@@ -77,36 +80,39 @@ class EvalResult:
     def to_csv(self, path: str | Path) -> Path:
         path = Path(path)
         rows = self.rows()
-        with open(path, "w", newline="") as fh:
+        with atomic_write(path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["slide_id"])
             writer.writeheader()
             writer.writerows(rows)
         return path
 
 
-def _parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module | None, dict[str, Any]]:
-    """(dmin, lipn or None, config) from an HDMILModel, or a bare DMIN."""
-    if hasattr(model, "dmin"):
-        return model.dmin, getattr(model, "lipn", None), dict(getattr(model, "config", {}) or {})
-    return model, None, {}
+def _as_model(model: Any, cohort: Cohort) -> Any:
+    """An ``HDMILModel``: the model itself, or a bare DMIN wrapped as a checkpoint without LIPN."""
+    from hdmil.checkpoint import HDMILModel
+    from hdmil.models import DMIN
+
+    if not isinstance(model, DMIN):
+        return model
+    return HDMILModel(dmin=model, lipn=None, config={}, classes=list(cohort.classes),
+                      path=Path("the model"), sha256="")
 
 
-def _check_fit(dmin: torch.nn.Module, config: dict[str, Any], cohort: Cohort) -> None:
-    classes = config.get("classes")
+def _check_fit(model: Any, cohort: Cohort) -> None:
+    classes = model.config.get("classes")
     if classes is not None and tuple(classes) != tuple(cohort.classes):
         raise CheckpointError(
             f"the model's classes ({', '.join(classes)}) differ from the labels' "
             f"({', '.join(cohort.classes)}); pass labels with the same classes"
         )
-    if getattr(dmin, "n_classes", cohort.n_classes) != cohort.n_classes:
+    if model.dmin.n_classes != cohort.n_classes:
         raise CheckpointError(
-            f"the model has {dmin.n_classes} classes, the labels {cohort.n_classes}"
+            f"the model has {model.dmin.n_classes} classes, the labels {cohort.n_classes}"
         )
-    in_dim = getattr(dmin, "in_dim", None)
     bags = cohort.require_bags()
-    if in_dim is not None and bags.dim != in_dim:
+    if bags.dim != model.dmin.in_dim:
         raise CheckpointError(
-            f"the model takes {in_dim}-d features, the feature files hold {bags.dim}-d ones "
+            f"the model takes {model.dmin.in_dim}-d features, the feature files hold {bags.dim}-d ones "
             "(another encoder?)"
         )
 
@@ -124,28 +130,23 @@ def evaluate_model(
 
     ``model`` is what ``hdmil.checkpoint.load_model`` returns (or a bare DMIN for HDMIL†).
     """
-    dmin, lipn, config = _parts(model)
-    if use_lipn and lipn is None:
+    model = _as_model(model, cohort)
+    if use_lipn and model.lipn is None:
         raise CheckpointError(
             "this checkpoint has no LIPN: train one with `hdmil train-lipn`, or evaluate with "
             "--no-lipn (HDMIL† only)"
         )
-    _check_fit(dmin, config, cohort)
+    _check_fit(model, cohort)
     bags = cohort.require_bags()
     if use_lipn:
-        lipn.eval()
+        model.lipn.eval()
     probs, kept = [], []
     stage = HDMIL if use_lipn else HDMIL_DAGGER
     for i, sid in enumerate(split_ids):
-        check_cancel(cancel)
-        x = bags[sid].features
-        mask = None
-        if use_lipn:
-            index = bags.grid_index(sid) if lipn.dilates else None
-            mask = torch.as_tensor(lipn.keep_mask(bags.lr_patches(sid), index=index)).bool()
-        pred = dmin.predict(x, mask)
-        probs.append(pred.probabilities.float().cpu().numpy())
-        kept.append(float(pred.kept_ratio))
+        check_cancelled(cancel, "evaluation")
+        pred = _predict_slide(model, bags, sid, use_lipn)
+        probs.append(pred.probabilities)
+        kept.append(pred.kept_ratio)
         if progress is not None:
             progress(stage, i + 1, len(split_ids))
     labels = cohort.labels_of(split_ids)
@@ -163,6 +164,14 @@ def evaluate_model(
         kept_ratio=np.asarray(kept, dtype=np.float32),
         metrics=classification_metrics(labels, probabilities),
     )
+
+
+def _predict_slide(model: Any, bags: Any, sid: str, use_lipn: bool) -> Any:
+    """``predict_bag`` on one slide's feature file (its LR patches and grid only for HDMIL)."""
+    if not use_lipn:
+        return predict_bag(model, bags[sid].features, use_lipn=False)
+    index = bags.grid_index(sid) if model.lipn.dilates else None
+    return predict_bag(model, bags[sid].features, bags.lr_patches(sid), index, use_lipn=True)
 
 
 # -- folds --------------------------------------------------------------------------------------
@@ -251,7 +260,7 @@ class FoldTable:
     def to_csv(self, path: str | Path) -> Path:
         path = Path(path)
         cols = ["fold", "method", "n", "auc", "acc", "f1", "kept_ratio"]
-        with open(path, "w", newline="") as fh:
+        with atomic_write(path, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=cols)
             writer.writeheader()
             for r in self.rows:
@@ -285,8 +294,8 @@ def evaluate_folds(
     table_rows: list[dict[str, Any]] = []
     results: list[EvalResult] = []
     for pos, item in enumerate(models):
-        model = load_model(item) if isinstance(item, (str, Path)) else item
-        _, _, config = _parts(model)
+        model = _as_model(load_model(item) if isinstance(item, (str, Path)) else item, cohort)
+        config = model.config
         recorded = model_split(config)
         fold = (config.get("provenance") or {}).get("fold")
         fold = pos if fold is None else int(fold)

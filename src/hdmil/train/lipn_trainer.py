@@ -1,28 +1,29 @@
-"""Training LIPN against a frozen, trained DMIN (METHOD §4).
+"""Training LIPN against a frozen, trained DMIN (docs/method.md §4).
 
 For every slide the frozen DMIN, in eval mode, marks which instances each class would pool over
 on the HR features, ``M_HR = 1[s > 0]``; LIPN learns to predict that mask from the same patches'
 16×16 LR views. Loss per slide: ``mean_c L1(M_LR[:, c], M_HR[:, c]) + MSE(r̃_LR, r̃_HR)``.
 LIPN is per instance, so one step batches several slides' patches (up to
-``cfg.lipn_batch_patches``) through the network and averages the per-slide losses, which keeps the
+``cfg.batch_patches``) through the network and averages the per-slide losses, which keeps the
 kept-ratio term per slide.
 
-``TrainConfig.lipn_targets = "soft"`` (ours, not the paper's) distils DMIN's attention logits
+``LIPNTrainConfig.targets = "soft"`` (ours, not the paper's) distils DMIN's attention logits
 instead: target ``σ(s / τ)``, LIPN's probability ``P`` in place of its straight-through mask. The
 decision boundary is the same (``σ(s/τ) > 0.5`` exactly when ``s > 0``), but LIPN also learns how
 far each patch is from it, so its ``P`` ranks patches as DMIN's scores do and a lowered threshold
-(``lipn_recall``) admits the patches DMIN ranks next, not arbitrary ones.
+(``RecallShare``) admits the patches DMIN ranks next, not arbitrary ones.
 
-The output, ``hdmil.safetensors``, holds DMIN and LIPN together: one file is a full HDMIL model.
+The epochs, early stopping and resume are ``hdmil.train.loop.fit``'s (``lipn_log.csv``,
+``lipn_last.safetensors``, ``lipn_state.json``; the best epoch's LIPN in
+``lipn_best.safetensors``). The output, ``hdmil.safetensors``, holds DMIN and LIPN together: one
+file is a full HDMIL model.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,26 +31,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from hdmil.errors import CheckpointError, HDMILError
+from hdmil.errors import CheckpointError, HDMILError, check_cancelled
+from hdmil.files import atomic_path, to_jsonable
+from hdmil.train.config import AttentionShare, LIPNTrainConfig, RecallShare
 from hdmil.train.data import Cohort
-from hdmil.train.dmin_trainer import (
-    CSVLog,
-    EarlyStopping,
+from hdmil.train.loop import (
+    LoopConfig,
     Progress,
-    TrainConfig,
+    RunFiles,
     TrainResult,
-    _json_default,
-    check_cancel,
-    epoch_seed,
+    TrainTask,
+    fit,
     resolve_device,
     seed_everything,
 )
 from hdmil.train.splits import Split
 
-__all__ = ["calibrate_attention", "calibrate_threshold", "hr_targets", "train_lipn"]
+__all__ = ["LIPNTask", "calibrate_attention", "calibrate_threshold", "hr_targets", "train_lipn"]
 
 HDMIL_NAME = "hdmil.safetensors"
 LIPN_LOG_NAME = "lipn_log.csv"
+LIPN_LAST_NAME = "lipn_last.safetensors"
+LIPN_STATE_NAME = "lipn_state.json"
+LIPN_BEST_NAME = "lipn_best.safetensors"
 
 
 @torch.no_grad()
@@ -66,7 +70,7 @@ def hr_targets(
     dmin.eval()
     out = {}
     for sid in slide_ids:
-        check_cancel(cancel)
+        check_cancelled(cancel, "training")
         pred = dmin.predict(bags[sid].features, None)
         out[sid] = torch.sigmoid(pred.scores / dmin.cfg.tau).cpu() if soft else pred.mask.bool().cpu()
     return out
@@ -153,7 +157,7 @@ def recalibrate_batchnorm(
     lipn.train()
     try:
         for group in groups:
-            check_cancel(cancel)
+            check_cancelled(cancel, "training")
             lr = np.concatenate([bags.lr_patches(s) for s in group])
             lipn(lipn.prepare(lr).to(device))
     finally:
@@ -217,7 +221,7 @@ def calibrate_threshold(
     bags = cohort.require_bags()
     probs, wanted = [], []
     for sid in slide_ids:
-        check_cancel(cancel)
+        check_cancelled(cancel, "training")
         probs.append(lipn.probabilities(bags.lr_patches(sid)))  # [N, C]
         wanted.append(targets[sid].cpu().float() > 0.5)  # [N, C]: DMIN keeps (σ(s/τ) > 0.5 ⟺ s > 0)
     p, m = torch.cat(probs), torch.cat(wanted)
@@ -266,7 +270,7 @@ def calibrate_attention(
     bags = cohort.require_bags()
     probs, weights = [], []
     for sid in slide_ids:
-        check_cancel(cancel)
+        check_cancelled(cancel, "training")
         # DMIN's pooling weights [N, C], NaN outside each class's kept set: 0 there
         weights.append(torch.nan_to_num(dmin.predict(bags[sid].features, None).attention, nan=0.0))
         probs.append(lipn.probabilities(bags.lr_patches(sid)))  # [N, C]
@@ -300,29 +304,10 @@ def calibrate_attention(
     }
 
 
-def train_lipn(
-    cohort: Cohort,
-    split: Split,
-    dmin_checkpoint: str | Path | Any,
-    cfg: TrainConfig | None = None,
-    out_dir: str | Path = "lipn-run",
-    progress: Progress | None = None,
-    cancel: threading.Event | None = None,
-    on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Train LIPN to reproduce the frozen DMIN's masks from LR patches; write ``hdmil.safetensors``
-    (DMIN + LIPN) and ``lipn_log.csv`` into ``out_dir``.
+def _load_dmin(dmin_checkpoint: str | Path | Any, cohort: Cohort) -> Any:
+    """The HDMILModel whose DMIN LIPN learns from, checked against the cohort."""
+    from hdmil.checkpoint import load_model
 
-    ``dmin_checkpoint``: a path for ``load_model`` or a loaded model. Uses ``cfg.lipn_*`` settings:
-    Adam lr 1e-4, weight decay 1e-5, early stopping on validation loss with patience 5.
-    """
-    from hdmil.checkpoint import load_model, save_checkpoint
-    from hdmil.augment import StainJitter
-    from hdmil.models.lipn import LIPN, LIPNConfig
-
-    cfg = cfg or TrainConfig()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     bags = cohort.require_bags()
     if bags.instances != "patch":
         raise HDMILError("LIPN screens patches: train it on --instances patch features")
@@ -332,8 +317,7 @@ def train_lipn(
     dmin = model.dmin
     if dmin is None:
         raise CheckpointError(f"{dmin_checkpoint}: no DMIN in this checkpoint")
-    base_config = dict(getattr(model, "config", {}) or {})
-    classes = base_config.get("classes")
+    classes = model.config.get("classes")
     if classes is not None and tuple(classes) != tuple(cohort.classes):
         raise CheckpointError(
             f"{dmin_checkpoint}: the DMIN's classes ({', '.join(classes)}) differ from the "
@@ -344,6 +328,11 @@ def train_lipn(
             f"{dmin_checkpoint}: the DMIN takes {dmin.cfg.in_dim}-d features, the feature files "
             f"hold {bags.dim}-d ones"
         )
+    return model
+
+
+def _check_inputs(cohort: Cohort, split: Split, cfg: LIPNTrainConfig) -> None:
+    """Refuse before training what would fail after it."""
     unknown = [s for s in split.train + split.val if s not in set(cohort.slide_ids)]
     if unknown:
         raise HDMILError(
@@ -352,147 +341,200 @@ def train_lipn(
         )
     if not split.train or not split.val:
         raise HDMILError(f"fold {split.fold}: LIPN needs training and validation slides")
-
-    device = resolve_device(cfg.device)
-    dmin.to(device).eval()
-    for p in dmin.parameters():
-        p.requires_grad_(False)
     n_classes = cohort.n_classes
-    if cfg.lipn_attention is not None:  # checked before training, used after it
-        attention_shares(cfg.lipn_attention, cohort.classes)
-    if cfg.lipn_dilation is not None and len(cfg.lipn_dilation) != n_classes:
-        raise HDMILError(f"lipn_dilation has {len(cfg.lipn_dilation)} ring counts for {n_classes} "
+    if isinstance(cfg.calibration, AttentionShare):  # checked before training, used after it
+        attention_shares(cfg.calibration.shares, cohort.classes)
+    if cfg.dilation is not None and len(cfg.dilation) != n_classes:
+        raise HDMILError(f"LIPN dilation has {len(cfg.dilation)} ring counts for {n_classes} "
                          f"classes ({', '.join(cohort.classes)})")
-    seed_everything(cfg.seed)
-    lipn = LIPN(LIPNConfig(n_classes=n_classes, tau=cfg.lipn_tau, views=cfg.lipn_views,
-                           dilation=cfg.lipn_dilation)).to(device)
-    optimizer = torch.optim.Adam(
-        lipn.parameters(), lr=cfg.lipn_lr, weight_decay=cfg.lipn_weight_decay
-    )
-    stopper = EarlyStopping(cfg.lipn_patience, cfg.lipn_min_epochs)
-    jitter = StainJitter(cfg.lipn_stain_jitter)  # strength 0 (the paper) returns slides unchanged
 
-    ids = list(split.train) + list(split.val)
-    if progress is not None:
-        progress("targets", 0, len(ids))
-    if cfg.lipn_targets not in ("mask", "soft"):
-        raise HDMILError(f"lipn_targets must be 'mask' or 'soft', got {cfg.lipn_targets!r}")
-    soft = cfg.lipn_targets == "soft"
-    if cfg.lipn_match not in ("l1", "bce"):
-        raise HDMILError(f"lipn_match must be 'l1' or 'bce', got {cfg.lipn_match!r}")
-    if cfg.lipn_match == "bce" and not soft:
-        raise HDMILError("lipn_match='bce' compares LIPN's probabilities with DMIN's soft targets: "
-                         "set lipn_targets='soft' too")
-    if cfg.lipn_recall is not None and cfg.lipn_attention is not None:
-        raise HDMILError("lipn_recall and lipn_attention both calibrate LIPN's thresholds: set one")
+
+def _targets(dmin: torch.nn.Module, cohort: Cohort, ids: Sequence[str], soft: bool,
+             cancel: threading.Event | None) -> dict[str, torch.Tensor]:
+    """DMIN's targets for ``ids``, with every slide's LR patches read (and cached) up front, so
+    that errors surface before training."""
+    bags = cohort.require_bags()
     targets = hr_targets(dmin, cohort, ids, cancel, soft=soft)
-    for sid in ids:  # read (and cache) the LR patches up front: errors surface before training
+    for sid in ids:
         if bags.lr_patches(sid).shape[0] != targets[sid].shape[0]:
             raise HDMILError(f"{bags.path(sid)}: LR patches and features differ in number")
-    sizes = {s: int(targets[s].shape[0]) for s in ids}
-    val_groups = _batches(list(split.val), sizes, cfg.lipn_batch_patches)
+    return targets
 
-    log = CSVLog(out_dir / LIPN_LOG_NAME)
-    best_metrics: dict[str, float] = {}
-    best_state: dict[str, torch.Tensor] | None = None
-    stopped = False
-    epoch = -1
-    for epoch in range(cfg.lipn_max_epochs):
-        t0 = time.perf_counter()
-        es = epoch_seed(cfg.seed, epoch)
-        seed_everything(es)
-        order = [split.train[i] for i in np.random.default_rng(es).permutation(len(split.train))]
-        lipn.train()
+
+class LIPNTask(TrainTask):
+    """LIPN's part of ``fit``: groups of whole training slides per step (one random stain change
+    per slide with ``stain_jitter``), BatchNorm re-estimated after every epoch, validation loss
+    and mask agreement on ``split.val``; the best epoch's weights in ``lipn_best.safetensors``."""
+
+    def __init__(self, cohort: Cohort, split: Split, cfg: LIPNTrainConfig,
+                 targets: dict[str, torch.Tensor], out_dir: Path, device: torch.device) -> None:
+        from hdmil.augment import StainJitter
+        from hdmil.models.lipn import LIPN, LIPNConfig
+
+        self.cohort, self.split, self.cfg, self.targets, self.device = (
+            cohort, split, cfg, targets, device)
+        self.model = LIPN(LIPNConfig(n_classes=cohort.n_classes, tau=cfg.tau, views=cfg.views,
+                                     dilation=cfg.dilation)).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
+                                          weight_decay=cfg.weight_decay)
+        self.jitter = StainJitter(cfg.stain_jitter)  # strength 0 (the paper): slides unchanged
+        self.sizes = {s: int(t.shape[0]) for s, t in targets.items()}
+        self.val_groups = _batches(list(split.val), self.sizes, cfg.batch_patches)
+        self.best_path = out_dir / LIPN_BEST_NAME
+        self.state_path = out_dir / LIPN_STATE_NAME
+
+    def train_epoch(self, epoch: int, seed: int | None,
+                    cancel: threading.Event | None) -> dict[str, float]:
+        train = self.split.train
+        order = [train[i] for i in np.random.default_rng(seed).permutation(len(train))]
+        self.model.train()
         sums: dict[str, float] = {}
-        steps = 0
-        train_groups = _batches(order, sizes, cfg.lipn_batch_patches)
-        stain_rng = np.random.default_rng([es, 0x57A1])
-        for group in train_groups:
-            check_cancel(cancel)
-            loss, terms, _ = _run_group(lipn, cohort, group, targets, device, soft, jitter,
-                                        stain_rng, cfg.lipn_match)
-            optimizer.zero_grad(set_to_none=True)
+        groups = _batches(order, self.sizes, self.cfg.batch_patches)
+        stain_rng = np.random.default_rng([seed, 0x57A1])
+        for group in groups:
+            check_cancelled(cancel, "training")
+            loss, terms, _ = _run_group(self.model, self.cohort, group, self.targets, self.device,
+                                        self.cfg.soft, self.jitter, stain_rng, self.cfg.match)
+            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            steps += 1
+            self.optimizer.step()
             sums["train_loss"] = sums.get("train_loss", 0.0) + float(loss.detach())
             for k, v in terms.items():
                 sums[f"train_{k}"] = sums.get(f"train_{k}", 0.0) + v
-        row: dict[str, Any] = {"epoch": epoch, **{k: v / steps for k, v in sums.items()}}
+        recalibrate_batchnorm(self.model, self.cohort, groups, self.device, cancel)
+        return {k: v / len(groups) for k, v in sums.items()}
 
-        recalibrate_batchnorm(lipn, cohort, train_groups, device, cancel)
-        lipn.eval()
+    @torch.no_grad()
+    def validate(self, epoch: int, cancel: threading.Event | None) -> dict[str, float]:
+        self.model.eval()
         vsum: dict[str, float] = {}
         pairs = []
-        with torch.no_grad():
-            for group in val_groups:
-                check_cancel(cancel)
-                loss, terms, p = _run_group(lipn, cohort, group, targets, device, soft,
-                                            match=cfg.lipn_match)
-                vsum["val_loss"] = vsum.get("val_loss", 0.0) + float(loss) * len(group)
-                for k, v in terms.items():
-                    vsum[f"val_{k}"] = vsum.get(f"val_{k}", 0.0) + v * len(group)
-                pairs += p
-        row.update({k: v / len(split.val) for k, v in vsum.items()})
+        for group in self.val_groups:
+            check_cancelled(cancel, "training")
+            loss, terms, p = _run_group(self.model, self.cohort, group, self.targets, self.device,
+                                        self.cfg.soft, match=self.cfg.match)
+            vsum["val_loss"] = vsum.get("val_loss", 0.0) + float(loss) * len(group)
+            for k, v in terms.items():
+                vsum[f"val_{k}"] = vsum.get(f"val_{k}", 0.0) + v * len(group)
+            pairs += p
+        row = {k: v / len(self.split.val) for k, v in vsum.items()}
         row.update({f"val_{k}": v for k, v in _agreement(pairs).items()})
-        row["seconds"] = time.perf_counter() - t0
+        return row
 
-        if stopper.step(epoch, row["val_loss"]):
-            best_state = {k: v.detach().clone() for k, v in lipn.state_dict().items()}
-            best_metrics = {k: v for k, v in row.items() if k.startswith("val_")}
-            best_metrics["epoch"] = epoch
-        log.append(row)
-        if on_epoch is not None:
-            on_epoch(row)
-        if progress is not None:
-            progress("lipn", epoch + 1, cfg.lipn_max_epochs)
-        stopped = stopper.should_stop(epoch)
-        if stopped:
-            break
+    def save_best(self, epoch: int, row: dict[str, Any], best: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
 
-    if best_state is None:
-        raise HDMILError(f"{out_dir}: no LIPN epoch finished, so no checkpoint was written")
-    lipn.load_state_dict(best_state)
-    lipn.eval()
-    calibration = None
-    if cfg.lipn_attention is not None:
-        calibration = calibrate_attention(lipn, dmin, cohort, split.val, cfg.lipn_attention, cancel)
-    elif cfg.lipn_recall is not None:
-        calibration = calibrate_threshold(lipn, cohort, split.val, targets, cfg.lipn_recall, cancel)
-    config = {k: v for k, v in base_config.items() if k not in ("modules", "model_type")}
+        weights = {k: v.detach().cpu().contiguous().clone()
+                   for k, v in self.model.state_dict().items()}
+        with atomic_path(self.best_path) as tmp:
+            save_file(weights, str(tmp))
+
+    def load_best(self) -> None:
+        """The best epoch's weights back into the model (eval mode)."""
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(str(self.best_path)))
+        self.model.eval()
+
+    def state(self) -> dict[str, Any]:
+        return {"train_ids": list(self.split.train), "val_ids": list(self.split.val),
+                "config": self.cfg.to_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if (state.get("train_ids") != list(self.split.train)
+                or state.get("val_ids") != list(self.split.val)):
+            raise HDMILError(f"{self.state_path}: this LIPN run was trained on another split; "
+                             "resume with the same splits, or write to a new --out")
+        if not self.best_path.is_file():
+            raise HDMILError(f"{self.best_path}: the best epoch's LIPN is missing; start again "
+                             "without resume")
+
+
+def _calibrate(task: LIPNTask, dmin: torch.nn.Module,
+               cancel: threading.Event | None) -> dict[str, Any] | None:
+    """Set the trained LIPN's thresholds as ``cfg.calibration`` asks (None: the paper's 0.5)."""
+    calibration, lipn, val = task.cfg.calibration, task.model, task.split.val
+    if isinstance(calibration, AttentionShare):
+        return calibrate_attention(lipn, dmin, task.cohort, val, calibration.shares, cancel)
+    if isinstance(calibration, RecallShare):
+        return calibrate_threshold(lipn, task.cohort, val, task.targets, calibration.share, cancel)
+    return None
+
+
+def _hdmil_config(model: Any, split: Split, cfg: LIPNTrainConfig, done: Any,
+                  calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """The DMIN checkpoint's config with LIPN's training added to its provenance."""
+    config = {k: v for k, v in model.config.items() if k not in ("modules", "model_type")}
     prov = dict(config.get("provenance") or {})
     prov["stage"] = "hdmil"
-    prov["dmin_checkpoint"] = str(getattr(model, "path", dmin_checkpoint))
+    prov["dmin_checkpoint"] = str(model.path)
     prov["lipn"] = {
-        "epochs": epoch + 1,
-        "best_val": best_metrics,
+        "epochs": done.epochs_run,
+        "best_val": done.best_metrics,
         "seed": cfg.seed,
-        "lr": cfg.lipn_lr,
-        "weight_decay": cfg.lipn_weight_decay,
-        "patience": cfg.lipn_patience,
-        "targets": cfg.lipn_targets,
-        "stain_jitter": cfg.lipn_stain_jitter,
-        "match": cfg.lipn_match,
-        "dilation": cfg.lipn_dilation,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "patience": cfg.patience,
+        "targets": cfg.targets,
+        "stain_jitter": cfg.stain_jitter,
+        "match": cfg.match,
+        "dilation": cfg.dilation,
         "threshold_calibration": calibration,
+        "config": cfg.to_dict(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if "split" not in prov:
         prov["split"] = {"train": list(split.train), "val": list(split.val), "test": list(split.test)}
         prov["fold"] = split.fold
     config["provenance"] = prov
-    path = save_checkpoint(
-        out_dir / HDMIL_NAME,
-        {"dmin": dmin, "lipn": lipn},
-        json.loads(json.dumps(config, default=_json_default)),
-    )
-    return TrainResult(
-        out_dir=out_dir,
-        checkpoint=path,
-        log_path=out_dir / LIPN_LOG_NAME,
-        best_epoch=stopper.best_epoch,
-        best_metrics=best_metrics,
-        epochs_run=epoch + 1,
-        stopped_early=stopped,
-        history=[dict(r) for r in log.rows],
-    )
+    return config
+
+
+def train_lipn(
+    cohort: Cohort,
+    split: Split,
+    dmin_checkpoint: str | Path | Any,
+    cfg: LIPNTrainConfig | None = None,
+    out_dir: str | Path = "lipn-run",
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train LIPN to reproduce the frozen DMIN's masks from LR patches; write ``hdmil.safetensors``
+    (DMIN + LIPN) and ``lipn_log.csv`` into ``out_dir``.
+
+    ``dmin_checkpoint``: a path for ``load_model`` or a loaded model. Adam (lr 1e-4, weight decay
+    1e-5 by default), early stopping on validation loss (patience 5), then ``cfg.calibration``.
+    ``resume=True`` continues after the last finished epoch saved in ``out_dir``.
+    """
+    from hdmil.checkpoint import save_checkpoint
+
+    cfg = cfg or LIPNTrainConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = _load_dmin(dmin_checkpoint, cohort)
+    _check_inputs(cohort, split, cfg)
+    device = resolve_device(cfg.device)
+    dmin = model.dmin.to(device).eval()
+    for p in dmin.parameters():
+        p.requires_grad_(False)
+    ids = list(split.train) + list(split.val)
+    if progress is not None:
+        progress("targets", 0, len(ids))
+    targets = _targets(dmin, cohort, ids, cfg.soft, cancel)  # DMIN's eval path: no RNG drawn
+    seed_everything(cfg.seed)  # LIPN's initial weights
+    task = LIPNTask(cohort, split, cfg, targets, out_dir, device)
+    loop = LoopConfig(max_epochs=cfg.max_epochs, seed=cfg.seed, monitor="val_loss",
+                      patience=cfg.patience, min_epochs=cfg.min_epochs, stage="lipn")
+    files = RunFiles(out_dir / LIPN_LOG_NAME, out_dir / LIPN_LAST_NAME, out_dir / LIPN_STATE_NAME)
+    done = fit(task, loop, files, resume=resume, progress=progress, cancel=cancel,
+               on_epoch=on_epoch)
+    if done.best_epoch < 0 or not task.best_path.is_file():
+        raise HDMILError(f"{out_dir}: no LIPN epoch finished, so no checkpoint was written")
+    task.load_best()
+    calibration = _calibrate(task, dmin, cancel)
+    config = _hdmil_config(model, split, cfg, done, calibration)
+    path = save_checkpoint(out_dir / HDMIL_NAME, {"dmin": dmin, "lipn": task.model},
+                           to_jsonable(config))
+    return TrainResult.of(done, out_dir, path)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hdmil.errors import HDMILError
+from hdmil.files import atomic_write
 
 if TYPE_CHECKING:
     from hdmil.train.data import Cohort
@@ -131,15 +132,13 @@ def write_splits(splits: Sequence[Split], out_dir: str | Path) -> list[Path]:
     for split in splits:
         path = out_dir / f"splits_{split.fold}.csv"
         n = max(len(split.train), len(split.val), len(split.test))
-        tmp = path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as fh:
+        with atomic_write(path, "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["", *SETS])
             for row in range(n):
                 writer.writerow(
                     [row, *(split[name][row] if row < len(split[name]) else "" for name in SETS)]
                 )
-        tmp.replace(path)
         paths.append(path)
     return paths
 
