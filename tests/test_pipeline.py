@@ -16,6 +16,7 @@ import torch
 from hdmil.checkpoint import load_model, save_checkpoint
 from hdmil.errors import Cancelled, CheckpointError, HDMILError, MissingMPPError, SlideError
 from hdmil.features.encoders import create_encoder
+from hdmil.files import WriteError
 from hdmil.grid import build_grid
 from hdmil.models import DMIN, LIPN, DMINConfig, LIPNConfig
 from hdmil.pipeline import NoTissueError, run_slide
@@ -177,7 +178,7 @@ def test_interrupted_save_leaves_no_report(synthetic_slide, model, encoder, tmp_
         raise OSError("disk full")
 
     monkeypatch.setattr(h5py.Group, "create_dataset", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match="patches.h5.*disk full"):  # the OSError, naming the file
         result.save(tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []  # no half-written patches.h5, no report
 
@@ -366,3 +367,42 @@ def test_encoder_weights_named_by_the_checkpoint_must_be_there(tmp_path):
                             "encoder_weights": "missing-encoder.safetensors"})
     with pytest.raises(CheckpointError, match="missing-encoder.safetensors"):
         encoder_for(load_model(path), "cpu")
+
+
+# --------------------------------------------------------------------------------------- the stages
+
+
+def test_run_options_are_the_keywords(synthetic_slide, model, encoder):
+    from hdmil.pipeline import RunOptions
+
+    by_keywords = run_slide(synthetic_slide, model, use_lipn=False, batch_size=16, encoder=encoder)
+    by_options = run_slide(synthetic_slide, model, RunOptions(use_lipn=False, batch_size=16), encoder=encoder)
+    np.testing.assert_array_equal(by_options.probabilities, by_keywords.probabilities)
+    assert not by_options.use_lipn and by_options.n_read == by_options.n_patches
+    # a keyword overrides the options it is given with
+    mixed = run_slide(synthetic_slide, model, RunOptions(use_lipn=False), use_lipn=True, encoder=encoder)
+    assert mixed.use_lipn and mixed.n_read < mixed.n_patches
+    with pytest.raises(TypeError):
+        run_slide(synthetic_slide, model, encoder=encoder, batch_sise=8)
+
+
+def test_patch_pooling_gives_no_region_details(synthetic_slide, model, encoder):
+    from hdmil.pipeline import PatchPooler, pooler_for
+
+    assert isinstance(pooler_for(model, None, True), PatchPooler)
+    result = run_slide(synthetic_slide, model, encoder=encoder, batch_size=16)
+    assert result.regions is None and result.instances == "patch"
+    assert result.to_report()["instances"] == "patch" and "n_regions" not in result.to_report()
+
+
+def test_pipeline_prediction_is_predict_bag_on_the_read_patches(synthetic_slide, model, encoder):
+    """The pipeline pools only the patches it read; predict_bag on the same bag agrees."""
+    from hdmil.inference import predict_bag
+
+    dagger = run_slide(synthetic_slide, model, use_lipn=False, encoder=encoder, batch_size=16)
+    np.testing.assert_array_equal(
+        dagger.probabilities, predict_bag(model, dagger.features, use_lipn=False).probabilities)
+    hdmil = run_slide(synthetic_slide, model, encoder=encoder, batch_size=16)
+    whole = predict_bag(model, dagger.features, dagger.grid.lr_patches(), dagger.grid_index)
+    np.testing.assert_array_equal(whole.lipn_mask, hdmil.lipn_mask)
+    np.testing.assert_allclose(whole.probabilities, hdmil.probabilities, rtol=0, atol=1e-6)

@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from hdmil.checkpoint import load_model, save_checkpoint
+from hdmil.checkpoint import load_model, load_slpd, save_checkpoint, save_slpd
 from hdmil.errors import CheckpointError
 from hdmil.models import DMIN, DMINConfig
-from hdmil.models.slpd import SLPD, slpd_config
-from hdmil.pipeline import NoTissueError, run_slide
-from hdmil.train.slpd_trainer import embed_slide, save_slpd_checkpoint
+from hdmil.models.slpd import SLPD, embed_slide, slpd_config
+from hdmil.pipeline import NoTissueError, RegionDetails, run_slide
 from helpers import TINY  # registers the 8-d test encoder
 
 SLPD_NAME = "slpd.safetensors"
@@ -31,7 +30,7 @@ def _region_model(folder, slpd_name: str | None = SLPD_NAME, region_dim: int = 1
     """A tiny SLPD (8-d patches -> 16-d regions of 4 x 4 patches) and a region DMIN beside it."""
     torch.manual_seed(3)
     slpd = SLPD(slpd_config("tiny", in_dim=8, **slpd_kw)).eval()
-    save_slpd_checkpoint(folder / SLPD_NAME, slpd, {})
+    save_slpd(folder / SLPD_NAME, slpd, {})
     dmin = DMIN(DMINConfig(in_dim=region_dim, hidden=16, attn_dim=8, n_classes=2, cheby_degree=3)).eval()
     config = {"classes": ["normal", "tumor"], "encoder": TINY, "instances": "region"}
     if slpd_name:
@@ -49,31 +48,30 @@ def region_run(synthetic_slide, tmp_path_factory):
 def test_region_prediction_is_dmin_on_slpd_regions(region_run):
     folder, model, result = region_run
     assert result.instances == "region" and result.use_lipn is False
+    assert isinstance(result.regions, RegionDetails) and result.regions.n_regions == len(result.regions.coords)
     assert result.n_read == result.n_patches  # no LIPN: every tissue patch is read
-    from hdmil.train.slpd_trainer import load_slpd
-
     slpd = load_slpd(folder / SLPD_NAME)
     own = embed_slide(slpd, result.features, result.coords[result.feature_index],
                       result.patch_size_level0, slide_id=result.slide_name)
     assert len(own.region_embeddings) >= 2
     expected = model.dmin.predict(own.region_embeddings, mask=None)
     np.testing.assert_allclose(result.probabilities, expected.probabilities.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(result.region_coords, own.region_coords)
-    np.testing.assert_allclose(result.region_attention, expected.attention.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(result.regions.coords, own.region_coords)
+    np.testing.assert_allclose(result.regions.attention, expected.attention.numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_each_patch_shows_its_regions_attention(region_run):
     _, _, result = region_run
-    region_px = result.region_size_level0
+    region_px = result.regions.size_level0
     assert region_px == 4 * result.patch_size_level0  # the tiny preset's 4 x 4 patch regions
-    inside = result.patch_region >= 0
+    inside = result.regions.patch_region >= 0
     assert inside.any()
     for row in np.flatnonzero(inside):
-        r = result.patch_region[row]
+        r = result.regions.patch_region[row]
         x, y = result.coords[row]
-        rx, ry = result.region_coords[r]
+        rx, ry = result.regions.coords[r]
         assert rx <= x < rx + region_px and ry <= y < ry + region_px  # the patch lies in its region
-        np.testing.assert_array_equal(result.attention[row], result.region_attention[r])
+        np.testing.assert_array_equal(result.attention[row], result.regions.attention[r])
     assert np.isnan(result.attention[~inside]).all()  # patches of blocks too sparse for a region
 
 
@@ -81,12 +79,12 @@ def test_region_results_are_saved(region_run, tmp_path):
     _, _, result = region_run
     out = result.save(tmp_path / "slide")
     report = json.loads((out / "report.json").read_text())
-    assert report["instances"] == "region" and report["n_regions"] == len(result.region_coords)
+    assert report["instances"] == "region" and report["n_regions"] == len(result.regions.coords)
     assert report["slpd"] == SLPD_NAME
     with h5py.File(out / "patches.h5") as f:
         assert f.attrs["instances"] == "region"
-        np.testing.assert_array_equal(f["region_coords"][()], result.region_coords)
-        np.testing.assert_array_equal(f["patch_region"][()], result.patch_region)
+        np.testing.assert_array_equal(f["region_coords"][()], result.regions.coords)
+        np.testing.assert_array_equal(f["patch_region"][()], result.regions.patch_region)
 
 
 def test_region_model_errors(synthetic_slide, tmp_path):

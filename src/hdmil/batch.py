@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from hdmil.errors import HDMILError
+from hdmil.pipeline.result import STAGES  # the stage seconds of every report
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".mrxs", ".vms", ".vmu", ".bif", ".svslide")
-STAGES = ("tissue", "lipn", "crop", "features", "dmin", "total")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -180,7 +180,7 @@ class BatchSummary:
 
 
 def write_summary(out_dir: Path, rows: list[dict]) -> Path:
-    from hdmil.export import atomic_write
+    from hdmil.files import atomic_write
 
     fixed = ["slide", "status", "prediction"]
     probs = sorted({k for r in rows for k in r if k.startswith("p_")})

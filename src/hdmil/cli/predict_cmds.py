@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hdmil.errors import CheckpointError, HDMILError
 
@@ -33,6 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slpd", metavar="CKPT",
                    help="SLPD checkpoint for a DMIN trained on region embeddings (train-dmin "
                    "--instances region); default: the one its config names, beside it")
+    p.add_argument("--geojson", metavar="PATH",
+                   help="also write each slide's QuPath GeoJSON (tissue, patches with kept and attention, "
+                   "top-8 per class), the file the widget's Export GeoJSON writes; {slide} in PATH "
+                   "becomes the slide's name (needed with several slides)")
+    p.add_argument("--csv", metavar="PATH",
+                   help="also write each slide's per-patch CSV, the file the widget's Export CSV writes; "
+                   "{slide} in PATH becomes the slide's name (needed with several slides)")
     p.add_argument("--prescreen-only", action="store_true",
                    help="tissue + LIPN only (nothing read at 20x): writes DIR/<slide>/prescreen.json "
                    "with the kept ratio overall and per class")
@@ -71,14 +81,8 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from hdmil.checkpoint import load_model
-    from hdmil.export import write_json_atomic
-    from hdmil.pipeline import (
-        encoder_for, fit_encoder, instances_of, lipn_applies, prescreen, run_slide, warm_up,
-    )
+def _check_args(args: argparse.Namespace) -> None:
+    from hdmil.export import check_result_paths
 
     if args.batch_size < 1:
         raise HDMILError(f"--batch-size must be at least 1, not {args.batch_size}")
@@ -86,11 +90,20 @@ def predict(args: argparse.Namespace) -> int:
         raise HDMILError(f"--mpp must be a positive number of µm per pixel, not {args.mpp}")
     if args.device:
         _check_device(args.device)
+    check_result_paths(len(args.slides), geojson=args.geojson, csv=args.csv)
+    if args.prescreen_only and (args.geojson or args.csv):
+        raise HDMILError("--geojson and --csv write a classification's files: not with --prescreen-only")
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, bool]:
+    """The model, with --lipn-threshold applied, and whether LIPN screens (not for region DMINs)."""
+    from hdmil.checkpoint import load_model
+    from hdmil.pipeline import lipn_applies
+
     model = load_model(_model_path(args.model), map_location=args.device or "cpu")
-    regions = instances_of(model) == "region"
     use_lipn = lipn_applies(model, not args.no_lipn)
-    if regions and not args.no_lipn:
-        print(f"note: {Path(str(model.path)).name}: its DMIN pools "
+    if model.instances == "region" and not args.no_lipn:
+        print(f"note: {model.name}: its DMIN pools "
               "SLPD regions and LIPN screens patches; running HDMIL† over all patches", file=sys.stderr)
     if args.lipn_threshold is not None:
         if not 0.0 <= args.lipn_threshold < 1.0:
@@ -102,61 +115,110 @@ def predict(args: argparse.Namespace) -> int:
         raise CheckpointError(
             f"{model.path}: the checkpoint has no LIPN; use --no-lipn to run HDMIL† over all patches"
         )
-    encoder = None
-    if not args.prescreen_only:
-        # One encoder for all slides; a checkpoint whose DMIN does not fit it stops here, once.
-        encoder = encoder_for(model, args.device)
-        slpd = fit_encoder(model, encoder, args.slpd,
-                           source=f"encoder {encoder.name} named in {model.path}")
-        warm_up(model, encoder, patch_px=model.patch_px)  # one-time torch setup out of slide timings
+    return model, use_lipn
 
-    out = Path(args.out)
+
+def _encoder(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
+    """One encoder (and SLPD model) for all slides; a checkpoint they don't fit stops here, once."""
+    from hdmil.pipeline import encoder_for, fit_encoder, warm_up
+
+    if args.prescreen_only:
+        return None, None
+    encoder = encoder_for(model, args.device)
+    slpd = fit_encoder(model, encoder, args.slpd, source=f"encoder {encoder.name} named in {model.path}")
+    warm_up(model, encoder, patch_px=model.patch_px)  # one-time torch setup out of slide timings
+    return encoder, slpd
+
+
+def _folder_names(slides: list[str]) -> list[tuple[Path, str]]:
+    """Each slide with its results folder's name: its stem, numbered when two stems clash."""
     used: set[str] = set()
-    n_failed = 0
-    for path in (Path(s) for s in args.slides):
-        name = path.stem
-        k = 2
+    named = []
+    for path in (Path(s) for s in slides):
+        name, k = path.stem, 2
         while name in used:  # two slides with the same stem from different folders
             name, k = f"{path.stem}-{k}", k + 1
         used.add(name)
-        bar = tqdm(total=1, desc=f"{path.name}: open", unit="patch", leave=False, file=sys.stderr)
-        stage_seen = [""]
+        named.append((path, name))
+    return named
 
-        def progress(stage: str, done: int, total: int, bar=bar, stage_seen=stage_seen) -> None:
-            if stage != stage_seen[0]:
-                stage_seen[0] = stage
-                bar.reset(total=max(total, 1))
-                bar.set_description(f"{path.name}: {stage}")
-            bar.n = min(done, max(total, 1))
-            bar.refresh()
 
+def _progress_bar(path: Path) -> tuple[Any, Callable[[str, int, int], None]]:
+    """A tqdm bar for one slide, and the ``progress(stage, done, total)`` that draws it."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1, desc=f"{path.name}: open", unit="patch", leave=False, file=sys.stderr)
+    stage_seen = [""]
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage != stage_seen[0]:
+            stage_seen[0] = stage
+            bar.reset(total=max(total, 1))
+            bar.set_description(f"{path.name}: {stage}")
+        bar.n = min(done, max(total, 1))
+        bar.refresh()
+
+    return bar, progress
+
+
+@dataclass
+class _Predictor:
+    """What every slide of one ``hdmil predict`` shares."""
+
+    args: argparse.Namespace
+    model: Any
+    use_lipn: bool
+    encoder: Any
+    slpd: Any
+
+    def prescreen(self, path: Path, folder: Path, progress: Callable) -> str:
+        from hdmil.files import write_json_atomic
+        from hdmil.pipeline import prescreen
+
+        ps = prescreen(path, self.model, use_lipn=self.use_lipn, mpp=self.args.mpp, progress=progress)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = write_json_atomic(folder / "prescreen.json", ps.to_report())
+        return f"{path.name}: LIPN keeps {ps.n_kept}/{ps.n_patches} patches ({ps.kept_ratio:.0%}) -> {target}"
+
+    def classify(self, path: Path, name: str, folder: Path, progress: Callable) -> tuple[str, list[str]]:
+        from hdmil.export import write_result_files
+        from hdmil.pipeline import RunOptions, run_slide
+
+        a = self.args
+        options = RunOptions(use_lipn=self.use_lipn, mpp=a.mpp, batch_size=a.batch_size, workers=a.workers)
+        result = run_slide(path, self.model, options, encoder=self.encoder, slpd=self.slpd, progress=progress)
+        target = result.save(folder)
+        write_result_files(result, name, a.geojson, a.csv)
+        probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(result.classes, result.probabilities))
+        line = (f"{path.name}: {result.prediction} ({probs}); kept {result.n_kept}/{result.n_patches} "
+                f"patches ({result.kept_ratio:.0%}) in {result.timings['total']:.1f} s -> {target}")
+        return line, [f"  {path.name}: {_one_line(Exception(err))}" for err in result.errors]
+
+    def one(self, path: Path, name: str) -> bool:
+        """Run one slide and print its line; False (and one error line) when it failed."""
+        bar, progress = _progress_bar(path)
+        folder = Path(self.args.out) / name
         try:
-            if args.prescreen_only:
-                ps = prescreen(path, model, use_lipn=use_lipn, mpp=args.mpp, progress=progress)
-                (out / name).mkdir(parents=True, exist_ok=True)
-                target = write_json_atomic(out / name / "prescreen.json", ps.to_report())
-                bar.close()
-                print(f"{path.name}: LIPN keeps {ps.n_kept}/{ps.n_patches} patches "
-                      f"({ps.kept_ratio:.0%}) -> {target}")
-                continue
-            result = run_slide(
-                path, model, use_lipn=use_lipn, mpp=args.mpp, encoder=encoder,
-                batch_size=args.batch_size, progress=progress, workers=args.workers, slpd=slpd,
-            )
-            target = result.save(out / name)
+            if self.args.prescreen_only:
+                line, notes = self.prescreen(path, folder, progress), []
+            else:
+                line, notes = self.classify(path, name, folder, progress)
         except HDMILError as exc:
             bar.close()
-            n_failed += 1
             print(f"hdmil predict: error: {_one_line(exc)}", file=sys.stderr)
-            continue
+            return False
         bar.close()
-        probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(result.classes, result.probabilities))
-        print(
-            f"{path.name}: {result.prediction} ({probs}); kept {result.n_kept}/{result.n_patches} "
-            f"patches ({result.kept_ratio:.0%}) in {result.timings['total']:.1f} s -> {target}"
-        )
-        for err in result.errors:
-            print(f"  {path.name}: {_one_line(Exception(err))}", file=sys.stderr)
+        print(line)
+        for note in notes:
+            print(note, file=sys.stderr)
+        return True
+
+
+def predict(args: argparse.Namespace) -> int:
+    _check_args(args)
+    model, use_lipn = _load(args)
+    run = _Predictor(args, model, use_lipn, *_encoder(args, model))
+    n_failed = sum(not run.one(path, name) for path, name in _folder_names(args.slides))
     if n_failed:
         print(f"hdmil predict: {n_failed} of {len(args.slides)} slides failed", file=sys.stderr)
         return 1

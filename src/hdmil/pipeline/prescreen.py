@@ -1,0 +1,166 @@
+"""Stage 1, the pre-screen: the tissue grid at 1.25x and LIPN's keep mask; no HR pixel is read."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hdmil.errors import check_cancelled
+from hdmil.inference import LIPNScreen, lipn_screen, screen_all
+from hdmil.pipeline.setup import check_model
+from hdmil.pipeline.result import NoTissueError, neighbour_flags
+
+__all__ = ["PreScreen", "ProgressFn", "prescreen", "prescreen_open"]
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+@dataclass
+class PreScreen:
+    """The first two stages of a run: the tissue grid and LIPN's decision, no HR pixel read.
+
+    lipn_mask bool [N, C] which patches each class keeps (all True when ``use_lipn`` is off);
+    kept bool [N] their union, the patches a run reads at 20x; neighbour bool [N] those kept only
+    as a neighbour of a kept patch (LIPN's dilation); timings {tissue, lipn} seconds.
+    """
+
+    grid: Any
+    classes: list[str]
+    lipn_mask: np.ndarray
+    kept: np.ndarray
+    slide_path: str | None
+    mpp: float | None
+    use_lipn: bool = True
+    model_name: str = ""
+    model_sha256: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    neighbour: np.ndarray | None = None  # None: no patch was kept only as a neighbour
+
+    def __post_init__(self) -> None:
+        self.neighbour = neighbour_flags(self.neighbour, self.kept)
+
+    @property
+    def coords(self) -> np.ndarray:
+        return self.grid.coords
+
+    @property
+    def grid_index(self) -> np.ndarray:
+        return self.grid.index
+
+    @property
+    def n_patches(self) -> int:
+        return int(len(self.grid.coords))
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.kept.sum())
+
+    @property
+    def kept_ratio(self) -> float:
+        return self.n_kept / self.n_patches if self.n_patches else 0.0
+
+    def to_report(self) -> dict[str, Any]:
+        """A JSON-ready summary of the pre-screen (kept ratio overall and per class)."""
+        return {
+            "slide": Path(self.slide_path).stem if self.slide_path else None,
+            "slide_path": self.slide_path,
+            "classes": list(self.classes),
+            "use_lipn": self.use_lipn,
+            "n_patches": self.n_patches,
+            "n_kept": self.n_kept,
+            "n_kept_as_neighbour": int(self.neighbour.sum()),
+            "kept_ratio": self.kept_ratio,
+            "kept_ratio_per_class": {
+                c: float(self.lipn_mask[:, i].mean()) if self.n_patches else 0.0
+                for i, c in enumerate(self.classes)
+            },
+            "timings": dict(self.timings),
+            "model": {"name": self.model_name, "sha256": self.model_sha256},
+        }
+
+
+def _tissue_grid(slide: Any, model: Any, mpp: float | None) -> Any:
+    """The slide's patch grid at the model's geometry (patch side, HR and LR magnification)."""
+    from hdmil.grid import build_grid
+
+    return build_grid(
+        slide, mpp=mpp, patch_px=model.patch_px, magnification=model.magnification,
+        lr_magnification=model.lr_magnification,
+    )
+
+
+def _require_tissue(grid: Any, slide: Any) -> None:
+    if len(grid.coords) == 0:
+        why = str(grid.message or "no patch has enough tissue").removeprefix(f"{slide.path}: ")
+        raise NoTissueError(f"{slide.path}: no tissue found ({why})")
+
+
+def prescreen_open(
+    slide: Any,
+    model: Any,
+    use_lipn: bool,
+    mpp: float | None,
+    report: ProgressFn,
+    cancel: threading.Event | None,
+    t_start: float,
+) -> PreScreen:
+    """Tissue grid and LIPN mask on an open slide; ``t_start`` is when opening it began."""
+    check_cancelled(cancel, f"{slide.path}: finding tissue")
+    report("tissue", 0, 1)
+    grid = _tissue_grid(slide, model, mpp)
+    t_tissue = time.perf_counter() - t_start  # opening the file belongs here
+    report("tissue", 1, 1)
+    _require_tissue(grid, slide)
+    n = len(grid.coords)
+    check_cancelled(cancel, f"{slide.path}: LIPN")
+    report("lipn", 0, n)
+    t0 = time.perf_counter()
+    screen: LIPNScreen = (
+        lipn_screen(model.lipn, grid.lr_patches(), grid.index) if use_lipn
+        else screen_all(n, len(model.classes))
+    )
+    t_lipn = time.perf_counter() - t0
+    report("lipn", n, n)
+    return PreScreen(
+        grid=grid, classes=list(model.classes), lipn_mask=screen.mask, kept=screen.kept,
+        neighbour=screen.neighbour, slide_path=str(slide.path), mpp=float(grid.mpp),
+        use_lipn=use_lipn, model_name=model.name, model_sha256=str(model.sha256 or ""),
+        timings={"tissue": t_tissue, "lipn": t_lipn},
+    )
+
+
+def prescreen(
+    slide_or_path: Any,
+    model: Any,
+    use_lipn: bool = True,
+    mpp: float | None = None,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+) -> PreScreen:
+    """Tissue + LIPN only: which patches a run would read at 20x, without reading any.
+
+    Pass the result to ``run_slide(..., prescreened=ps)`` to classify without redoing it.
+    Raises the same errors as ``run_slide``'s first two stages.
+    """
+    from hdmil.slide import open_slide
+
+    check_model(model, use_lipn, need_dmin=False)
+    t_start = time.perf_counter()
+    own = isinstance(slide_or_path, (str, os.PathLike))
+    slide = open_slide(slide_or_path, mpp=mpp) if own else slide_or_path
+    try:
+        return prescreen_open(slide, model, use_lipn, mpp, progress or _no_progress, cancel, t_start)
+    finally:
+        if own:
+            slide.close()

@@ -1,0 +1,200 @@
+"""``run_slide``: the three stages on one slide, pre-screen -> read and featurise -> pool."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hdmil.errors import CheckpointError, HDMILError
+from hdmil.pipeline.featurise import Featurised, featurise
+from hdmil.pipeline.setup import check_model, encoder_for, fit_encoder
+from hdmil.pipeline.pool import Pooled, Pooler, pooler_for
+from hdmil.pipeline.prescreen import PreScreen, ProgressFn, prescreen_open
+from hdmil.pipeline.result import STAGES, Result
+
+__all__ = ["RunOptions", "run_slide"]
+
+
+@dataclass
+class RunOptions:
+    """How one slide is run (the same for every slide of a batch).
+
+    use_lipn: HDMIL (LIPN pre-screens, only kept patches are read) or HDMIL† (every patch);
+    mpp: level-0 µm per pixel for slides without that metadata (overrides the file's);
+    batch_size: HR patches per batch (reading and features); workers: decoding threads (default:
+    all cores); device: where the encoder runs when it is built here (default: CUDA if available).
+    """
+
+    use_lipn: bool = True
+    mpp: float | None = None
+    batch_size: int = 64
+    workers: int | None = None
+    device: Any = None
+
+
+def _no_progress(stage: str, done: int, total: int) -> None:
+    pass
+
+
+def run_slide(
+    slide_or_path: Any,
+    model: Any,
+    options: RunOptions | None = None,
+    *,
+    encoder: Any = None,
+    slpd: Any = None,
+    prescreened: PreScreen | None = None,
+    progress: ProgressFn | None = None,
+    cancel: threading.Event | None = None,
+    **option_kw: Any,
+) -> Result:
+    """Classify one slide with HDMIL (``use_lipn=True``) or HDMIL† (all tissue patches).
+
+    Args:
+        slide_or_path: a ``hdmil.slide.Slide`` or a path (opened here, closed at the end).
+        model: a loaded ``HDMILModel`` (``hdmil.checkpoint.load_model``).
+        options: ``RunOptions``; or give its fields as keywords (``use_lipn=False, mpp=0.5``).
+        encoder: an ``Encoder``; default: the one named in the checkpoint, built once per call
+            (pass one in when running many slides).
+        slpd: for a DMIN trained on region instances: the SLPD model (or its checkpoint path) that
+            embeds regions; default: the checkpoint named in the model's config, beside it.
+        prescreened: a ``prescreen`` of this slide with this model: its grid and LIPN mask are used
+            as they are (its tissue and LIPN seconds are reported) instead of being computed again.
+        progress: ``progress(stage, done, total)`` for stages tissue, lipn, features, dmin.
+        cancel: set it to stop between batches (raises ``Cancelled``).
+
+    Raises:
+        SlideError / MissingMPPError: the slide cannot be read, or has no mpp and none was given.
+        NoTissueError: no patch of the slide has enough tissue; for a region DMIN also when too
+            few tissue patches make one region.
+        CheckpointError: the model has no DMIN, no LIPN while ``use_lipn``, or its feature width
+            does not fit the encoder; a region DMIN with ``use_lipn`` or without its SLPD model.
+        Cancelled: ``cancel`` was set.
+    """
+    from hdmil.slide import open_slide
+
+    opts = _options(options, option_kw)
+    encoder, slpd = _prepare(model, opts, encoder, slpd, prescreened)
+    pooler = pooler_for(model, slpd, opts.use_lipn)
+    # The clock starts after model setup: stage seconds are per slide.
+    t_start = time.perf_counter()
+    own = isinstance(slide_or_path, (str, os.PathLike))
+    slide = open_slide(slide_or_path, mpp=opts.mpp) if own else slide_or_path
+    try:
+        return _run_open(slide, model, encoder, pooler, opts, prescreened,
+                         progress or _no_progress, cancel, t_start)
+    finally:
+        if own:
+            slide.close()
+
+
+def _options(options: RunOptions | None, option_kw: dict[str, Any]) -> RunOptions:
+    if options is not None and not isinstance(options, RunOptions):
+        raise TypeError(f"run_slide: options must be RunOptions, not {type(options).__name__}")
+    return dataclasses.replace(options or RunOptions(), **option_kw)
+
+
+def _prepare(model: Any, opts: RunOptions, encoder: Any, slpd: Any,
+             prescreened: PreScreen | None) -> tuple[Any, Any]:
+    """Check the model fits the run; the encoder (built when not given) and the SLPD model."""
+    check_model(model, opts.use_lipn)
+    if prescreened is not None and (
+        prescreened.use_lipn != opts.use_lipn or list(prescreened.classes) != list(model.classes)
+    ):
+        raise HDMILError(
+            f"{prescreened.slide_path}: the pre-screen was made with another model or LIPN setting; "
+            "pre-screen again"
+        )
+    if model.instances == "region" and opts.use_lipn:
+        raise CheckpointError(
+            f"{model.path}: its DMIN pools SLPD regions and LIPN screens patches; run HDMIL† over "
+            "all patches (use_lipn=False, --no-lipn)"
+        )
+    if encoder is None:
+        encoder = encoder_for(model, opts.device)
+    return encoder, fit_encoder(model, encoder, slpd)
+
+
+def _run_open(slide: Any, model: Any, encoder: Any, pooler: Pooler, opts: RunOptions,
+              prescreened: PreScreen | None, report: ProgressFn, cancel: threading.Event | None,
+              t_start: float) -> Result:
+    """The three stages on an open slide; ``t_start`` is when opening it began."""
+    if prescreened is None:
+        ps = prescreen_open(slide, model, opts.use_lipn, opts.mpp, report, cancel, t_start)
+    else:
+        ps = prescreened
+        report("tissue", 1, 1)
+        report("lipn", ps.n_patches, ps.n_patches)
+    errors = _nothing_kept(ps, slide)
+    read = featurise(slide, ps.grid, ps.kept, encoder, opts.batch_size, opts.workers, report, cancel)
+    errors += read.failure_messages(ps.n_kept)
+    report("dmin", 0, 1)
+    t0 = time.perf_counter()
+    pooled = pooler.pool(read, ps, slide)
+    t_dmin = time.perf_counter() - t0
+    report("dmin", 1, 1)
+    errors += _empty_classes(pooled, ps, slide)
+    timings = _timings(ps, read, t_dmin, t_start)
+    return _result(slide, model, encoder, ps, read, pooled, timings, errors)
+
+
+def _nothing_kept(ps: PreScreen, slide: Any) -> list[str]:
+    if ps.use_lipn and not ps.kept.any():
+        return [f"warning: LIPN kept no patch of {slide.path}: no HR patch was read and every class "
+                "was scored from an empty (zero) embedding"]
+    return []
+
+
+def _empty_classes(pooled: Pooled, ps: PreScreen, slide: Any) -> list[str]:
+    if not ps.kept.any():  # none kept: warned already
+        return []
+    return [f"warning: class {ps.classes[c]!r} pooled no patch of {slide.path}; "
+            "its score comes from an empty (zero) embedding" for c in pooled.empty_classes]
+
+
+def _timings(ps: PreScreen, read: Featurised, t_dmin: float, t_start: float) -> dict[str, float]:
+    timings = dict.fromkeys(STAGES, 0.0)
+    timings["tissue"], timings["lipn"] = ps.timings.get("tissue", 0.0), ps.timings.get("lipn", 0.0)
+    timings.update(read.timings)  # crop, crop_wait, features
+    timings["dmin"] = t_dmin
+    timings["total"] = time.perf_counter() - t_start
+    return timings
+
+
+def _result(slide: Any, model: Any, encoder: Any, ps: PreScreen, read: Featurised, pooled: Pooled,
+            timings: dict[str, float], errors: list[str]) -> Result:
+    grid = ps.grid
+    return Result(
+        slide_name=str(slide.name),
+        slide_path=str(slide.path) if slide.path else None,
+        classes=list(model.classes),
+        probabilities=pooled.probabilities,
+        prediction_index=int(np.argmax(pooled.probabilities)),
+        coords=np.asarray(grid.coords, dtype=np.int64).reshape(-1, 2),
+        grid_index=np.asarray(grid.index, dtype=np.int64).reshape(-1, 2),
+        lipn_mask=ps.lipn_mask,
+        kept=ps.kept,
+        neighbour=ps.neighbour,
+        attention=pooled.attention,
+        scores=pooled.scores,
+        features=read.features,
+        feature_index=read.read_rows.astype(np.int64),
+        failed=np.array(sorted(i for i, _ in read.failed), dtype=np.int64),
+        use_lipn=bool(ps.use_lipn),
+        timings=timings,
+        errors=errors,
+        grid=grid,
+        mpp=float(grid.mpp) if grid.mpp else None,
+        patch_size_level0=int(grid.patch_size_level0),
+        model_name=model.name,
+        model_sha256=str(model.sha256),
+        encoder=str(encoder.name),
+        reading=read.reading,
+        regions=pooled.regions,
+    )

@@ -1,0 +1,149 @@
+"""What a run needs besides the checkpoint: its encoder, the SLPD model of a region DMIN, and the
+checks that they fit together. Done once per run of many slides, not per slide."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hdmil.errors import CheckpointError, HDMILError
+
+__all__ = [
+    "check_model", "check_slpd_dims", "encoder_for", "fit_encoder", "instances_of", "lipn_applies",
+    "slpd_for", "slpd_label", "warm_up",
+]
+
+
+def check_model(model: Any, use_lipn: bool, need_dmin: bool = True) -> None:
+    """CheckpointError unless the model has the DMIN (and the LIPN) the run needs."""
+    if need_dmin and model.dmin is None:
+        raise CheckpointError(f"{model.path}: the checkpoint has no DMIN; it cannot classify slides")
+    if use_lipn and model.lipn is None:
+        raise CheckpointError(
+            f"{model.path}: the checkpoint has no LIPN, so hierarchical inference is not possible; "
+            "run HDMIL† over all patches instead (use_lipn=False, --no-lipn)"
+        )
+
+
+def instances_of(model: Any) -> str:
+    """``"patch"`` or ``"region"``: what the checkpoint's DMIN was trained to pool."""
+    return model.instances
+
+
+def lipn_applies(model: Any, use_lipn: bool = True) -> bool:
+    """Whether a run asked for ``use_lipn`` screens with LIPN: not for a DMIN of SLPD regions,
+    which reads every patch (LIPN screens patches, not regions)."""
+    return bool(use_lipn) and model.instances != "region"
+
+
+def encoder_for(model: Any, device: Any) -> Any:
+    """The encoder the checkpoint's DMIN was trained on.
+
+    The config names the architecture (``encoder``); when it also names a weights file
+    (``encoder_weights``, relative to the checkpoint's folder) those weights are loaded, and a
+    missing file is an error rather than a silent fall-back to other weights.
+    """
+    from hdmil.features import create_encoder
+
+    ckpt, name, weights = model.path, model.encoder, model.encoder_weights
+    if not name:
+        raise CheckpointError(
+            f"{ckpt}: the checkpoint does not name the encoder its DMIN was trained on; "
+            "pass the encoder explicitly"
+        )
+    try:
+        if weights:
+            path = Path(str(ckpt)).parent / str(weights)
+            if not path.is_file():
+                raise CheckpointError(
+                    f"{ckpt}: the encoder weights it names ({weights}) are not beside it at {path}"
+                )
+            return create_encoder(name, weights=path, device=device)
+        return create_encoder(name, pretrained=model.encoder_pretrained, device=device)
+    except CheckpointError:
+        raise
+    except HDMILError as exc:
+        raise CheckpointError(f"{ckpt}: encoder {name!r}: {exc}") from exc
+
+
+def _named_slpd_path(model: Any) -> Path:
+    """The SLPD checkpoint a region DMIN's config names, resolved beside the DMIN's file."""
+    ckpt, name = model.path, model.slpd_checkpoint
+    if not name:
+        raise CheckpointError(
+            f"{ckpt}: its DMIN pools SLPD region embeddings but the checkpoint names no SLPD "
+            "model; pass it (slpd=..., --slpd CKPT)"
+        )
+    path = Path(str(name)) if Path(str(name)).is_absolute() else Path(str(ckpt)).parent / str(name)
+    if not path.is_file():
+        raise CheckpointError(
+            f"{ckpt}: its DMIN pools SLPD region embeddings of {name}, which is not beside it "
+            f"at {path}; pass the SLPD checkpoint (slpd=..., --slpd CKPT)"
+        )
+    return path
+
+
+def slpd_for(model: Any, slpd: Any = None) -> Any:
+    """The SLPD model that embeds regions for a region DMIN: ``slpd`` itself when it is a loaded
+    model, loaded from it when it is a path, else the checkpoint the config names, beside it.
+    A model loaded here carries its file as ``.path``."""
+    from hdmil.checkpoint import load_slpd
+
+    if slpd is not None and not isinstance(slpd, (str, os.PathLike)):
+        return slpd
+    path = _named_slpd_path(model) if slpd is None else Path(slpd)
+    loaded = load_slpd(path)
+    loaded.path = str(path)
+    return loaded
+
+
+def slpd_label(slpd: Any) -> str:
+    """Where an SLPD model came from (its ``.path`` when ``slpd_for`` loaded it), for messages."""
+    # an SLPD module is not a checkpoint object: slpd_for tags the one it loads with its file
+    path = getattr(slpd, "path", None)
+    return str(path) if path else ""
+
+
+def fit_encoder(model: Any, encoder: Any, slpd: Any = None, source: str | None = None) -> Any:
+    """CheckpointError unless the encoder's features fit the model; returns the SLPD model a
+    region DMIN needs (``slpd_for``), None for a patch DMIN. ``source`` names the encoder in the
+    error (default ``encoder <name>``)."""
+    if model.instances == "region":
+        slpd = slpd_for(model, slpd)
+        check_slpd_dims(model, slpd, encoder)
+        return slpd
+    model.check_feature_dim(encoder.dim, source=source or f"encoder {encoder.name}")
+    return None
+
+
+def check_slpd_dims(model: Any, slpd: Any, encoder: Any) -> None:
+    """CheckpointError unless encoder → SLPD → DMIN widths chain up."""
+    where = slpd_label(slpd) or "the SLPD model"
+    enc = slpd.cfg.encoder
+    if int(enc.in_dim) != int(encoder.dim):
+        raise CheckpointError(
+            f"{where}: the SLPD region encoder takes {enc.in_dim}-d patch features, the encoder "
+            f"{encoder.name} gives {encoder.dim}-d ones"
+        )
+    if int(model.dmin.cfg.in_dim) != int(enc.embed_dim):
+        raise CheckpointError(
+            f"{model.path}: its DMIN takes {model.dmin.cfg.in_dim}-d region embeddings, {where} gives "
+            f"{enc.embed_dim}-d ones"
+        )
+
+
+def warm_up(model: Any, encoder: Any, patch_px: int = 256) -> None:
+    """Run LIPN, the encoder and DMIN once on dummy input.
+
+    The first call of a torch model pays one-time setup (kernel selection, thread pools, CUDA
+    context): a quarter of a second for LIPN on a CPU, more than LIPN's whole per-slide cost. Call
+    this once per process before timing slides so stage seconds are per slide, not per process.
+    """
+    lr = np.full((2, 16, 16, 3), 200, np.uint8)
+    if model.lipn is not None:
+        model.lipn.keep_mask(lr, index=np.array([[0, 0], [0, 1]]))
+    encoder.embed(np.full((2, patch_px, patch_px, 3), 200, np.uint8))
+    model.dmin.predict(np.zeros((2, int(model.dmin.cfg.in_dim)), np.float32), mask=None)

@@ -1,0 +1,30 @@
+"""The bundled model on the real CMU slide gives what the code before the pipeline-as-stages
+refactor gave (tests/data/legacy/bundled/probabilities.json, written by that code with
+make_bundled_probabilities.py): a restructuring must not move a single probability."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hdmil.checkpoint import default_model_path, load_model
+from hdmil.pipeline import run_slide
+
+EXPECTED = json.loads((Path(__file__).parent / "data/legacy/bundled/probabilities.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_model(default_model_path())
+
+
+@pytest.mark.parametrize("use_lipn", [True, False], ids=["HDMIL", "HDMIL-dagger"])
+def test_cmu_slide_probabilities_unchanged(bundled, cmu_slide, use_lipn):
+    want = EXPECTED[f"cmu_{'hdmil' if use_lipn else 'dagger'}"]
+    r = run_slide(cmu_slide, bundled, use_lipn=use_lipn)
+    np.testing.assert_allclose(r.probabilities, want["probabilities"], rtol=0, atol=1e-6)
+    assert (int(r.kept.sum()), len(r.coords)) == (want["n_kept"], want["n_patches"])
+    assert float(r.features.sum()) == pytest.approx(want["features_sum"], rel=1e-5)
