@@ -80,7 +80,7 @@ def test_hard_negatives_are_the_tumour_free_patches_rated_most_tumour_like(quick
     from hdmil.features import create_encoder
     from hdmil.grid import build_grid
     from hdmil.reading import iter_patches
-    from hdmil.recipe import _hard_negatives
+    from hdmil.recipe import hard_negatives
     from hdmil.slide import open_slide
 
     encoder = create_encoder(RecipeConfig().encoder, device="cpu")
@@ -88,8 +88,8 @@ def test_hard_negatives_are_the_tumour_free_patches_rated_most_tumour_like(quick
     head = torch.nn.Linear(encoder.dim, 1)
     manifest = json.loads((quick_run / "cohort" / "cohort.json").read_text())["slides"]
     s = next(s for s in manifest if s["label"] == "tumor")
-    (got_pixels,), (got_targets,) = _hard_negatives(encoder, head, quick_run / "cohort",
-                                                    [s["slide_id"]], per_slide=3)
+    (got_pixels,), (got_targets,) = hard_negatives(encoder, head, quick_run / "cohort",
+                                                   [s["slide_id"]], per_slide=3)
     assert got_pixels.shape[0] == got_targets.shape[0] == 3 and not got_targets.any()
     # against every tumour-free patch of the slide, scored here
     with open_slide(quick_run / "cohort" / s["path"]) as slide:
@@ -197,8 +197,8 @@ def test_dmin_is_trained_again_while_its_tumour_branch_fails(tmp_path: Path, mon
     """The recipe's branch check: next seed while the branch AUC is low, first pass kept, else
     the best of the tries; every try is listed."""
     import hdmil.train as train_pkg
-    from hdmil.recipe import _train_dmin_checked
-    from hdmil.train import TrainConfig, TrainResult
+    from hdmil.recipe import train_dmin_checked
+    from hdmil.train import DMINTrainConfig, TrainResult
 
     def fake_runs(branch_aucs: dict[int, float]):
         calls: list[tuple[int, str]] = []
@@ -214,15 +214,125 @@ def test_dmin_is_trained_again_while_its_tumour_branch_fails(tmp_path: Path, mon
     calls, fake = fake_runs({5: 0.2, 6: 0.95, 7: 1.0})
     monkeypatch.setattr(train_pkg, "train_dmin", fake)
     cfg = RecipeConfig(seed=5, dmin_tries=3, branch_auc_min=0.9)
-    res, tries = _train_dmin_checked(None, None, cfg, TrainConfig(seed=5), tmp_path, None, None,
-                                     said.append)
+    res, tries = train_dmin_checked(None, None, cfg, DMINTrainConfig(seed=5), tmp_path, None, None,
+                                    said.append)
     assert calls == [(5, "dmin"), (6, "dmin-seed6")]  # stops at the first seed that passes
     assert res.best_epoch == 6 and [t["val_branch_auc"] for t in tries] == [0.2, 0.95]
     assert any("branch AUC 0.200" in line for line in said)
 
     calls, fake = fake_runs({5: 0.3, 6: 0.6, 7: 0.1})
     monkeypatch.setattr(train_pkg, "train_dmin", fake)
-    res, tries = _train_dmin_checked(None, None, cfg, TrainConfig(seed=5), tmp_path, None, None,
-                                     said.append)
+    res, tries = train_dmin_checked(None, None, cfg, DMINTrainConfig(seed=5), tmp_path, None, None,
+                                    said.append)
     assert [c[0] for c in calls] == [5, 6, 7] and len(tries) == 3
     assert res.best_epoch == 6  # none passed: the highest branch AUC
+
+
+# -- the recipe's small parts -------------------------------------------------------------------
+
+
+def test_stage_clock_times_each_finished_stage_in_order(monkeypatch) -> None:
+    from hdmil.recipe import StageClock
+    from hdmil.recipe import timing
+
+    ticks = iter([10.0, 12.5, 20.0, 21.0, 30.0])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(ticks))
+    cpu = iter([1.0, 4.0, 5.0, 5.5, 6.0])
+    monkeypatch.setattr(timing, "cpu_seconds", lambda: next(cpu))
+    clock = StageClock()
+    with clock.timed("cohort"):
+        pass
+    with clock.timed("encoder"):
+        pass
+    with pytest.raises(RuntimeError), clock.timed("dmin"):  # a failed stage records nothing
+        raise RuntimeError("boom")
+    assert clock.wall == {"cohort": 2.5, "encoder": 1.0}
+    assert clock.cpu == {"cohort": 3.0, "encoder": 0.5}
+    assert list(clock.wall) == ["cohort", "encoder"]
+
+
+def test_report_values_are_plain_json_rounded_to_six_digits() -> None:
+    from hdmil.recipe.run import _jsonable
+
+    got = _jsonable({"auc": np.float32(0.123456789), "nan": float("nan"), "n": np.int64(3),
+                     "burdens": (0.4, 0.2), "path": Path("a/b"), "ok": np.bool_(True)})
+    assert got == {"auc": 0.123457, "nan": None, "n": 3, "burdens": [0.4, 0.2], "path": "a/b",
+                   "ok": True}
+    assert type(got["n"]) is int and type(got["ok"]) is bool
+    json.dumps(got, allow_nan=False)
+
+
+def test_install_demo_copies_the_three_files_readable_by_all(tmp_path: Path) -> None:
+    from hdmil.recipe import install_demo
+    from hdmil.recipe.install import DEMO_FILES
+
+    src, dst = tmp_path / "run", tmp_path / "assets"
+    src.mkdir()
+    with pytest.raises(RecipeError, match="run the recipe first"):
+        install_demo(src, dst)
+    for i, name in enumerate(DEMO_FILES):
+        (src / name).write_bytes(bytes([i]) * 10)
+        (src / name).chmod(0o600)
+    copied = install_demo(src, dst)
+    assert [p.name for p in copied] == list(DEMO_FILES)
+    for i, path in enumerate(copied):
+        assert path.read_bytes() == bytes([i]) * 10
+        assert path.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in dst.iterdir()) == sorted(DEMO_FILES)  # no temporary file left
+
+
+def test_patch_encoder_trains_on_the_one_loop_and_stops_on_cancel(tmp_path: Path) -> None:
+    import csv
+    import threading
+
+    from hdmil.errors import Cancelled
+    from hdmil.features import create_encoder
+    from hdmil.recipe import patch_head, train_patch_encoder
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    targets = rng.random(6).astype(np.float32)
+    encoder = create_encoder(RecipeConfig().encoder, device="cpu")
+    head = patch_head(encoder, 1)
+    before = head.weight.detach().clone()
+    seen: list[tuple[str, int, int]] = []
+    fit = train_patch_encoder(encoder, pixels, targets, epochs=2, batch_size=4, seed=1, head=head,
+                              progress=lambda *a: seen.append(a), run_dir=tmp_path / "enc")
+    assert fit["epochs"] == 2 and fit["patches"] == 6
+    assert not torch.equal(head.weight, before)  # the head given is the head trained
+    assert seen == [("encoder", i, 4) for i in range(1, 5)]  # per step, 2 steps x 2 epochs
+    with open(tmp_path / "enc" / "log.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert float(rows[-1]["train_loss"]) == pytest.approx(fit["loss"], rel=1e-5)
+    assert not encoder.model.training
+    assert not any(p.requires_grad for p in encoder.model.parameters())
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled, match="recipe cancelled"):
+        train_patch_encoder(encoder, pixels, targets, epochs=1, cancel=cancel)
+    assert not encoder.model.training  # left ready for features even when stopped
+
+
+def test_recipe_configs_come_through_the_options_table() -> None:
+    from hdmil.errors import HDMILError
+    from hdmil.train import AttentionShare, DMINTrainConfig, LIPNTrainConfig, RecallShare
+
+    cfg = RecipeConfig(seed=7)
+    dmin = cfg.dmin_config()
+    assert isinstance(dmin, DMINTrainConfig)
+    assert (dmin.keep_rate, dmin.k_sample, dmin.inst_out_of_class, dmin.seed, dmin.device) == (
+        0.6, 8, False, 7, "cpu")
+    assert (dmin.max_epochs, dmin.min_epochs, dmin.patience) == (200, 50, 20)
+    assert dmin.lr == DMINTrainConfig().lr  # not the recipe's encoder_lr
+    lipn = cfg.lipn_config(device="cuda")
+    assert isinstance(lipn, LIPNTrainConfig)
+    assert lipn.calibration == AttentionShare((0.85, 0.98))
+    assert (lipn.lr, lipn.batch_patches, lipn.max_epochs, lipn.patience) == (1e-3, 256, 100, 5)
+    assert (lipn.targets, lipn.match, lipn.views, lipn.dilation) == ("soft", "bce", 4, (0, 1))
+    assert (lipn.stain_jitter, lipn.seed, lipn.device) == (1.0, 7, "cuda")
+    recall = RecipeConfig(lipn_attention=None, lipn_recall=0.97).lipn_config()
+    assert recall.calibration == RecallShare(0.97)
+    assert RecipeConfig(lipn_attention=None).lipn_config().calibration is None
+    with pytest.raises(HDMILError):
+        RecipeConfig(lipn_recall=0.97).lipn_config()  # two calibrations: say which

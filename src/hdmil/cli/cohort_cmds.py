@@ -70,9 +70,9 @@ def register_recipe(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="everything follows from it (default 0)")
     p.add_argument("--slides", type=int, default=None,
-                   help="training slides (default 96; 6 with --quick)")
+                   help="training slides (default 96; 4 with --quick)")
     p.add_argument("--heldout", type=int, default=None,
-                   help="held-out slides for the report (default 40; 4 with --quick)")
+                   help="held-out slides for the report (default 40; 2 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="a few small slides and two epochs: checks the recipe, trains nothing useful")
     p.add_argument("--threads", type=int, default=None,
