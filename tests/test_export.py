@@ -1,22 +1,32 @@
-"""Export: atomic writes, JSON reports, CSV and QuPath GeoJSON in level-0 coordinates."""
+"""Export: atomic writes, JSON reports, CSV and QuPath GeoJSON in level-0 coordinates, and the
+one CSV / GeoJSON layout of a pipeline Result."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from hdmil.errors import HDMILError
 from hdmil.export import (
     atomic_write,
+    check_result_paths,
+    result_csv_columns,
+    result_patch_values,
+    slide_path_template,
     tissue_outlines,
     tissue_polygons,
     to_jsonable,
     write_csv,
     write_geojson,
     write_json_atomic,
+    write_result_csv,
+    write_result_files,
+    write_result_geojson,
 )
 from hdmil.grid import PatchGrid, build_grid
 from hdmil.slide import open_slide
@@ -262,3 +272,75 @@ def test_empty_grid_exports(tmp_path):
     assert write_csv(tmp_path / "e.csv", grid, {"a": np.zeros(0)}).read_text().strip() == (
         "x,y,row,col,tissue_fraction,a"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# a pipeline Result: the one CSV / GeoJSON layout of the widget and `hdmil predict`
+
+
+def _result(tissue_fraction: np.ndarray | None = None):
+    """4 tissue patches, classes normal / tumor; patch 2 not kept (NaN attention and score),
+    patch 3 kept as a neighbour; tumor pools only patches 1 and 3."""
+    from hdmil.pipeline import Result
+
+    index = np.array([[0, 0], [0, 1], [1, 1], [2, 0]], np.int64)
+    coords = index[:, ::-1] * 64
+    grid = PatchGrid.from_coords(coords, 64, (128, 192), 0.5, slide_name="fake")
+    if tissue_fraction is not None:
+        grid.tissue_fraction = tissue_fraction
+    kept = np.array([1, 1, 0, 1], bool)
+    mask = np.stack([kept, np.array([0, 1, 0, 1], bool)], 1)
+    att = np.array([[0.5, np.nan], [0.2, 0.75], [np.nan, np.nan], [0.3, 0.25]], np.float32)
+    scores = np.array([[1.0, 2.0], [-1.0, 0.5], [np.nan, np.nan], [0.0, 3.0]], np.float32)
+    return Result(
+        slide_name="fake", slide_path=None, classes=["normal", "tumor"], probabilities=np.array([0.4, 0.6]),
+        prediction_index=1, coords=coords, grid_index=index, lipn_mask=mask, kept=kept, attention=att,
+        scores=scores, features=np.zeros((3, 8), np.float32), feature_index=np.flatnonzero(kept),
+        failed=np.zeros(0, np.int64), use_lipn=True, timings={"total": 0.1}, grid=grid, mpp=0.5,
+        patch_size_level0=64, neighbour=np.array([0, 0, 0, 1], bool),
+    )  # fmt: skip
+
+
+def test_result_csv_layout(tmp_path):
+    r = _result(np.array([0.5, 1.0, 0.75, 0.25], np.float32))
+    with open(write_result_csv(tmp_path / "r.csv", r), newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["x", "y", "row", "col", "tissue_fraction", "lipn_keep_normal", "lipn_keep_tumor", "kept",
+                       "kept_as_neighbour", "attention_normal", "attention_tumor", "score_normal", "score_tumor"]  # fmt: skip
+    assert rows[1] == ["0", "0", "0", "0", "0.5", "1", "0", "1", "0", "0.5", "", "1.0", "2.0"]
+    assert rows[3][5:] == ["0", "0", "0", "0", "", "", "", ""]  # not kept: nothing pooled, nothing read
+    assert rows[4][5:9] == ["1", "1", "1", "1"]  # kept (by both classes) as a neighbour
+    assert list(result_csv_columns(r)) == rows[0][5:]
+
+
+def test_result_geojson_layout(tmp_path):
+    r = _result()  # tissue fraction unknown (NaN), as for a grid read back from a feature file
+    doc = json.loads(write_result_geojson(tmp_path / "r.geojson", r, top_k=1).read_text())
+    tiles = [f for f in doc["features"] if f["properties"]["objectType"] == "tile"]
+    assert [t["properties"]["measurements"] for t in tiles] == [
+        {"kept": 1, "attention_normal": 0.5},
+        {"kept": 1, "attention_normal": pytest.approx(0.2), "attention_tumor": 0.75},
+        {"kept": 0},
+        {"kept": 1, "attention_normal": pytest.approx(0.3), "attention_tumor": 0.25},
+    ]  # NaN tissue fraction and attention are left out, not written as invalid JSON
+    tops = [f["properties"] for f in doc["features"] if f["properties"].get("name", "").startswith("Top")]
+    assert [(t["name"], t["row"], t["col"]) for t in tops] == [
+        ("Top 1: attention_normal", 0, 0), ("Top 1: attention_tumor", 0, 1)
+    ]
+    assert set(result_patch_values(r)) == {"kept", "attention_normal", "attention_tumor"}
+    default = json.loads(write_result_geojson(tmp_path / "d.geojson", r).read_text())["features"]
+    assert sum(f["properties"].get("name", "").startswith("Top") for f in default) == 3 + 2  # all pooled
+
+
+def test_write_result_files_and_slide_paths(tmp_path):
+    r = _result()
+    written = write_result_files(r, "s1", tmp_path / "{slide}.geojson", tmp_path / "csv" / "{slide}.csv", top_k=1)
+    assert written == [tmp_path / "s1.geojson", tmp_path / "csv" / "s1.csv"]
+    assert written[0].read_text() == write_result_geojson(tmp_path / "x.geojson", r, top_k=1).read_text()
+    assert written[1].read_text() == write_result_csv(tmp_path / "x.csv", r).read_text()
+    assert write_result_files(r, "s1") == []
+    assert slide_path_template("a/{slide}_{x}.csv", "b") == Path("a/b_{x}.csv")
+    check_result_paths(1, geojson="one.geojson", csv=None)
+    check_result_paths(3, geojson="{slide}.geojson", csv=None)
+    with pytest.raises(HDMILError, match=r"--csv out\.csv: 2 slides would write the same file"):
+        check_result_paths(2, geojson="{slide}.geojson", csv="out.csv")

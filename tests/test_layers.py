@@ -18,7 +18,7 @@ from torch import nn
 from hdmil.checkpoint import save_checkpoint
 from hdmil.features.encoders import Encoder, register_encoder
 from hdmil.grid import PatchGrid
-from hdmil.models import DMIN, LIPN, DMINConfig, LIPNConfig
+from hdmil.models import DMIN, LIPN, DMINConfig
 from hdmil.pipeline import Result
 from napari_hdmil import _layers
 from helpers import calibrated_lipn

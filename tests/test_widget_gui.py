@@ -14,6 +14,7 @@ import pytest
 from qtpy.QtCore import QTimer
 
 from napari_hdmil import _layers
+from napari_hdmil._messages import Progress
 from napari_hdmil._widget import HDMILWidget
 from test_layers import SLOW, SLOW_CALLS, make_checkpoint
 
@@ -185,6 +186,24 @@ def test_exports(viewer_widget, qtbot, ckpts, tmp_path):
     assert imread(png).ndim == 3
 
 
+def test_cli_writes_the_widgets_geojson_and_csv(viewer_widget, qtbot, ckpts, cmu_slide, tmp_path, capsys):
+    """`hdmil predict --geojson --csv` on the same slide and model: byte for byte the widget's exports."""
+    from hdmil.cli import main
+    from hdmil.export import DEFAULT_TOP_K
+
+    viewer, w = viewer_widget
+    w.model_edit.value = ckpts["tiny"]
+    assert w.k_box.value == DEFAULT_TOP_K  # the CLI's top-k
+    _run(qtbot, w)
+    assert w.result is not None
+    gui_geojson, gui_csv = w.export_geojson(tmp_path / "w.geojson"), w.export_csv(tmp_path / "w.csv")
+    rc = main(["predict", str(cmu_slide), "--model", str(ckpts["tiny"]), "--out", str(tmp_path / "out"),
+               "--geojson", str(tmp_path / "cli.geojson"), "--csv", str(tmp_path / "cli.csv")])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "cli.geojson").read_bytes() == gui_geojson.read_bytes()
+    assert (tmp_path / "cli.csv").read_bytes() == gui_csv.read_bytes()
+
+
 def test_prescreen_then_classify(viewer_widget, qtbot, ckpts, errors):
     viewer, w = viewer_widget
     w.model_edit.value = ckpts["tiny"]
@@ -209,10 +228,10 @@ def test_cancel_stops_within_one_batch_and_gui_keeps_ticking(viewer_widget, qtbo
     w.batch_size = 4
     seen: dict[str, int] = {}
 
-    def on_progress(stage, done, total):
-        if stage == "features" and "start" not in seen:
-            seen["start"], seen["total"] = len(SLOW_CALLS), total  # after the warm-up call
-        if stage == "features" and done > 0:
+    def on_progress(msg: Progress):  # the worker's typed message
+        if msg.stage == "features" and "start" not in seen:
+            seen["start"], seen["total"] = len(SLOW_CALLS), msg.total  # after the warm-up call
+        if msg.stage == "features" and msg.done > 0:
             w.cancel()
 
     ticks = []
@@ -284,5 +303,5 @@ def test_region_model_runs_without_lipn(viewer_widget, qtbot, tmp_path, errors):
     assert errors() == []
     r = w.result
     assert r is not None and r.instances == "region" and not r.use_lipn
-    assert r.n_read == r.n_patches and len(r.region_coords) > 0
+    assert r.n_read == r.n_patches and len(r.regions.coords) > 0
     assert f"attention: {r.prediction}" in [layer.name for layer in viewer.layers]

@@ -14,7 +14,6 @@ hence ``translate = origin·mpp + (S − mpp)/2`` (see ``grid_placement``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -76,7 +75,7 @@ def grid_placement(grid: Any, mpp: float | None = None) -> tuple[tuple[float, fl
     """
     mpp = float(mpp if mpp is not None else grid.mpp)
     s = float(grid.patch_size_level0) * mpp
-    ox, oy = getattr(grid, "origin", (0, 0))
+    ox, oy = grid.origin
     half = (s - mpp) / 2.0
     return (s, s), (oy * mpp + half, ox * mpp + half)
 
@@ -100,9 +99,9 @@ def layer_metadata(result: Any, class_name: str | None = None, kind: str = "") -
         "patch_size_um": float(grid.patch_size_level0) * mpp,
         "patch_size_level0": int(grid.patch_size_level0),
         "mpp": mpp,
-        "model": getattr(result, "model_name", ""),
-        "model_sha256": getattr(result, "model_sha256", ""),
-        "method": "HDMIL" if getattr(result, "use_lipn", True) else "HDMIL†",
+        "model": result.model_name,
+        "model_sha256": result.model_sha256,
+        "method": "HDMIL" if result.use_lipn else "HDMIL†",
     }
 
 
@@ -299,18 +298,16 @@ def result_warnings(result: Any) -> list[str]:
     patches that could not be read; then the pipeline's own messages not already said."""
     out: list[str] = []
     kept = np.asarray(result.kept, bool)
-    if getattr(result, "use_lipn", True) and kept.size and not kept.any():
+    if result.use_lipn and kept.size and not kept.any():
         out.append("LIPN kept no patch: every class was scored from an empty embedding")
     elif kept.any():
-        att = np.asarray(getattr(result, "attention", np.zeros((0, 0))))
-        if att.ndim == 2 and att.shape[0] == kept.size:
-            for c, name in enumerate(result.classes):
-                if not np.isfinite(att[:, c]).any():
-                    out.append(f"class {name!r} pooled no patch: its score comes from an empty embedding")
-    failed = getattr(result, "failed", ())
-    if len(failed):
-        out.append(f"{len(failed)} kept patches could not be decoded and were skipped")
-    for e in getattr(result, "errors", []) or []:
+        att = np.asarray(result.attention)
+        for c, name in enumerate(result.classes):
+            if not np.isfinite(att[:, c]).any():
+                out.append(f"class {name!r} pooled no patch: its score comes from an empty embedding")
+    if len(result.failed):
+        out.append(f"{len(result.failed)} kept patches could not be decoded and were skipped")
+    for e in result.errors:
         if "LIPN kept no patch" in e or "pooled no patch" in e or "could not be decoded" in e:
             continue  # said above, in shorter words
         out.append(e.removeprefix("warning: "))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from hdmil.files import atomic_write, dumps, to_jsonable
 
 # A writer refuses gigapixel pyramids: saving a slide is not what this writer is for.
 _MAX_BYTES = 512 * 2**20
@@ -20,8 +21,6 @@ def write_heatmap(path: str, data: Any, attributes: dict) -> list[str]:
     so the heatmap can be placed back over its slide.
     """
     import tifffile
-
-    from hdmil.export import atomic_write
 
     if isinstance(data, (list, tuple)):
         if len(data) != 1:
@@ -38,7 +37,7 @@ def write_heatmap(path: str, data: Any, attributes: dict) -> list[str]:
         "unit": "um",
         "scale_um": scale,
         "translate_um": translate,
-        "hdmil": {k: v for k, v in (attributes.get("metadata") or {}).items() if _jsonable(v)},
+        "hdmil": _json_metadata(attributes.get("metadata") or {}),
     }
     buffer = io.BytesIO()  # heatmaps are small: encode in memory, then write atomically
     tifffile.imwrite(
@@ -46,7 +45,7 @@ def write_heatmap(path: str, data: Any, attributes: dict) -> list[str]:
         array,
         resolution=(1e4 / sx, 1e4 / sy),
         resolutionunit="CENTIMETER",
-        description=json.dumps(description),
+        description=dumps(description),
         metadata=None,
     )
     with atomic_write(path, "wb") as fh:
@@ -54,9 +53,12 @@ def write_heatmap(path: str, data: Any, attributes: dict) -> list[str]:
     return [path]
 
 
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+def _json_metadata(metadata: dict) -> dict[str, Any]:
+    """The layer metadata JSON can carry (numpy values as plain numbers); the rest left out."""
+    out = {}
+    for key, value in metadata.items():
+        try:
+            out[str(key)] = to_jsonable(value)
+        except TypeError:
+            continue  # e.g. a napari object in the metadata: not the heatmap's business
+    return out

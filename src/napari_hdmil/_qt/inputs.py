@@ -1,0 +1,156 @@
+"""Inputs and run: the slide layer, checkpoint, mpp, LIPN on/off, top-k and the run buttons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, SpinBox
+from qtpy.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
+
+from hdmil.errors import CheckpointError, HDMILError
+from hdmil.export import DEFAULT_TOP_K
+from napari_hdmil._messages import Job
+
+__all__ = ["InputsPanel"]
+
+
+class InputsPanel(QWidget):
+    """Which slide and model to run, and the buttons that run them.
+
+    The slide list holds the image layers our reader opened (or any layer with a ``slide_path``);
+    the mpp box is needed only when the slide file has none.
+    """
+
+    def __init__(self, viewer: Any, parent: QWidget | None = None):
+        super().__init__(parent)
+        from hdmil.checkpoint import default_model_path
+
+        self.viewer = viewer
+        self.slide_box = ComboBox(label="slide", choices=self.slide_choices, nullable=False)
+        default = default_model_path()
+        self.model_edit = FileEdit(
+            label="model", mode="r", filter="Checkpoints (*.safetensors *.pt *.pth)",
+            value=str(default) if default.is_file() else "",
+        )
+        self.model_edit.tooltip = f"checkpoint file; default: the bundled demo model ({default})"
+        self.mpp_box = FloatSpinBox(label="mpp (µm/px)", min=0.0, max=100.0, step=0.001, value=0.0)
+        self.mpp_box.tooltip = "level-0 µm per pixel; needed only when the slide file has none"
+        self.lipn_box = CheckBox(text="use LIPN (hierarchical; off = HDMIL†, read all patches)", value=True)
+        self.k_box = SpinBox(label="top-k", min=1, max=64, value=DEFAULT_TOP_K)
+        self.form = Container(widgets=[self.slide_box, self.model_edit, self.mpp_box, self.lipn_box, self.k_box])
+        self.slide_box.changed.connect(self.on_slide_changed)
+
+        self.prescreen_button = _button("Pre-screen", "tissue + LIPN only: which patches would be read at 20x")
+        self.classify_button = _button("Classify", "DMIN over the patches LIPN keeps (pre-screen first)")
+        self.run_all_button = _button("Run all", "tissue, LIPN, features of the kept patches and DMIN in one go")
+        self.cancel_button = _button("Cancel", "stop after the current batch")
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.form.native)
+        row = QHBoxLayout()
+        for b in (self.prescreen_button, self.classify_button, self.run_all_button, self.cancel_button):
+            row.addWidget(b)
+        layout.addLayout(row)
+
+    # -- the slide ------------------------------------------------------------------------------
+
+    def slide_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        """(name, layer) of the slide layers in the viewer (not the layers HDMIL drew)."""
+        from napari.layers import Image
+
+        out = []
+        for layer in self.viewer.layers:
+            meta = layer.metadata or {}
+            if not isinstance(layer, Image) or meta.get("hdmil_layer"):
+                continue
+            if meta.get("hdmil_slide") or (meta.get("slide_path") and meta.get("hdmil_slide") is None):
+                out.append((layer.name, layer))
+        return out
+
+    def refresh(self) -> None:
+        """The viewer's layers changed: list the slides again."""
+        self.slide_box.reset_choices()
+        self.on_slide_changed()
+
+    def on_slide_changed(self, *_: Any) -> None:
+        layer = self.slide_box.value
+        mpp = (layer.metadata or {}).get("mpp") if layer is not None else None
+        needs = layer is not None and not mpp
+        self.mpp_box.enabled = needs
+        self.mpp_box.label = "mpp (µm/px, required)" if needs else "mpp (µm/px)"
+        if mpp:
+            self.mpp_box.value = float(mpp)
+
+    def slide_layer_for(self, slide_path: str | None) -> Any:
+        """The slide layer showing ``slide_path``, or None."""
+        for _, layer in self.slide_choices():
+            if str((layer.metadata or {}).get("slide_path")) == str(slide_path):
+                return layer
+        return None
+
+    def align_slide_layer(self, res: Any) -> None:
+        """A slide without mpp was shown in pixels; once the user gave one (``res.mpp`` of a run
+        on it), show it in µm like the result's layers."""
+        layer = self.slide_layer_for(res.slide_path)
+        if layer is not None and not (layer.metadata or {}).get("mpp") and res.mpp:
+            layer.scale = (res.mpp, res.mpp)
+            layer.metadata = {**layer.metadata, "mpp": float(res.mpp), "mpp_from": "widget"}
+
+    def current_slide(self) -> tuple[str, float | None]:
+        """(slide path, mpp: the file's, else the box's, else None) of the chosen slide."""
+        layer = self.slide_box.value
+        if layer is None or not (layer.metadata or {}).get("slide_path"):
+            raise HDMILError("no slide: open a slide and pick its layer first")
+        meta = layer.metadata
+        mpp = meta.get("mpp") or (self.mpp_box.value if self.mpp_box.value > 0 else None)
+        return str(meta["slide_path"]), mpp
+
+    def current_slide_dir(self) -> Path | None:
+        layer = self.slide_box.value
+        p = (layer.metadata or {}).get("slide_path") if layer is not None else None
+        return Path(p).parent if p else None
+
+    # -- the job --------------------------------------------------------------------------------
+
+    def model_path(self) -> Path:
+        """The chosen checkpoint; the bundled demo model when none is chosen."""
+        from hdmil.checkpoint import default_model_path
+
+        value = str(self.model_edit.value or "").strip()
+        if value in ("", "."):
+            default = default_model_path()
+            if default.is_file():
+                return default
+            raise CheckpointError(
+                f"{default}: the bundled demo model is missing; choose a checkpoint file (or build it: make model)"
+            )
+        return Path(value)
+
+    def job(self, kind: str, batch_size: int, device: Any = None) -> Job:
+        """A ``Job`` of ``kind`` from the inputs as they are now (HDMILError when they are wrong)."""
+        layer = self.slide_box.value
+        if layer is None:
+            raise HDMILError("no slide: open a slide (File > Open, or drag it in) and pick its layer")
+        meta = layer.metadata or {}
+        path = meta.get("slide_path")
+        if not path:
+            raise HDMILError(f"layer {layer.name!r}: no slide file behind it (metadata has no slide_path)")
+        mpp = None
+        if not meta.get("mpp") and self.mpp_box.value > 0:
+            mpp = float(self.mpp_box.value)  # the file has none: the pipeline needs it
+        return Job(kind, str(path), mpp, self.model_path(), bool(self.lipn_box.value), int(batch_size),
+                   int(self.k_box.value), device)  # fmt: skip
+
+    def set_running(self, running: bool, can_classify: bool) -> None:
+        for b in (self.prescreen_button, self.run_all_button):
+            b.setEnabled(not running)
+        self.classify_button.setEnabled(not running and can_classify)
+        self.cancel_button.setEnabled(running)
+        self.form.enabled = not running
+
+
+def _button(text: str, tip: str) -> QPushButton:
+    b = QPushButton(text)
+    b.setToolTip(tip)
+    return b

@@ -1,0 +1,104 @@
+"""Prediction: the predicted class, a bar per class probability, counts, stage seconds, warnings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QGridLayout, QGroupBox, QLabel, QProgressBar, QVBoxLayout, QWidget
+
+from hdmil.pipeline import PreScreen
+from napari_hdmil import _layers
+
+__all__ = ["PredictionPanel", "timings_html"]
+
+TIMING_ROWS = (("tissue", "tissue"), ("lipn", "LIPN"), ("crop", "crop"), ("features", "features"),
+               ("dmin", "DMIN"), ("total", "total"))  # fmt: skip
+
+
+class PredictionPanel(QGroupBox):
+    """What a pre-screen or a classification found, and the LIPN decision layer's legend."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__("prediction", parent)
+        v = QVBoxLayout(self)
+        self.prediction_label = _label("no result yet", rich=True)
+        v.addWidget(self.prediction_label)
+        self._prob_grid = QGridLayout()
+        v.addLayout(self._prob_grid)
+        self.probability_bars: dict[str, QProgressBar] = {}
+        self.counts_label = _label("", wrap=True)
+        self.timings_label = _label("", rich=True)
+        self.warnings_label = _label("", wrap=True)
+        self.warnings_label.setStyleSheet("color: #ffb000;")
+        self.legend_label = _label(f"LIPN decision: {_legend_html()}", rich=True, wrap=True)
+        for w in (self.counts_label, self.timings_label, self.warnings_label, self.legend_label):
+            v.addWidget(w)
+
+    def show_prescreen(self, ps: PreScreen) -> None:
+        self.prediction_label.setText(f"pre-screened <b>{Path(str(ps.slide_path)).name}</b>: press Classify")
+        self.set_probabilities([], [])
+        self.counts_label.setText(
+            f"tissue patches {ps.n_patches} · kept {ps.n_kept} ({ps.kept_ratio:.0%}) · per class "
+            + ", ".join(f"{c} {int(n)}" for c, n in zip(ps.classes, ps.lipn_mask.sum(axis=0)))
+            + (f" · {int(ps.neighbour.sum())} as neighbours" if ps.neighbour.any() else "")
+        )
+        self.timings_label.setText(timings_html(ps.timings or {}))
+        self.warnings_label.setText(
+            "LIPN kept no patch: classifying would score every class from an empty embedding"
+            if ps.use_lipn and ps.n_kept == 0 else ""
+        )
+
+    def show_result(self, result: Any) -> None:
+        self.prediction_label.setText(
+            f"<b style='font-size: 14pt'>{result.prediction}</b> &nbsp;({result.method}, "
+            f"{Path(str(result.slide_path)).name})"
+        )
+        self.set_probabilities(list(result.classes), [float(p) for p in result.probabilities])
+        self.counts_label.setText(
+            f"kept ratio {result.kept_ratio:.1%} · tissue patches {result.n_patches} · "
+            f"kept {result.n_kept} · read {result.n_read}"
+        )
+        self.timings_label.setText(timings_html(result.timings))
+        self.warnings_label.setText("\n".join(f"⚠ {w}" for w in _layers.result_warnings(result)))
+
+    def set_probabilities(self, classes: list[str], probs: list[float]) -> None:
+        """One bar per class (0.1 % steps); the dict ``probability_bars`` is refilled in place."""
+        while self._prob_grid.count():
+            w = self._prob_grid.takeAt(0).widget()
+            if w is not None:
+                w.setParent(None)
+        self.probability_bars.clear()
+        for i, (c, p) in enumerate(zip(classes, probs)):
+            bar = QProgressBar()
+            bar.setRange(0, 1000)
+            bar.setValue(int(round(p * 1000)))
+            bar.setFormat(f"{p:.1%}")
+            self._prob_grid.addWidget(QLabel(c), i, 0)
+            self._prob_grid.addWidget(bar, i, 1)
+            self.probability_bars[c] = bar
+
+
+def timings_html(t: dict[str, float]) -> str:
+    """A small table of the stage seconds present in ``t``."""
+    cells = "".join(
+        f"<tr><td>{title}</td><td align='right'>{t[key]:.2f} s</td></tr>" for key, title in TIMING_ROWS if key in t
+    )
+    return f"<table cellspacing='2'><tr><th align='left'>stage</th><th>seconds</th></tr>{cells}</table>"
+
+
+def _legend_html() -> str:
+    def swatch(value: int) -> str:
+        r, g, b, _ = _layers.LIPN_COLORS[value]
+        return f'<span style="color: rgb({int(r * 255)},{int(g * 255)},{int(b * 255)})">■</span> {_layers.LIPN_LEGEND[value]}'
+
+    return " · ".join(swatch(v) for v in (_layers.KEPT, _layers.NEIGHBOUR, _layers.DISCARDED))
+
+
+def _label(text: str, rich: bool = False, wrap: bool = False) -> QLabel:
+    label = QLabel(text)
+    if rich:
+        label.setTextFormat(Qt.RichText)
+    label.setWordWrap(wrap)
+    return label

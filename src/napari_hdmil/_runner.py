@@ -1,0 +1,91 @@
+"""The widget's worker: loads (and keeps) the model and encoder, runs the pipeline, no Qt.
+
+``Runner.work(job, cancel, send)`` runs in napari's thread worker. It sends ``Progress`` messages
+through ``send`` and returns one ``Outcome``; input errors come back as ``RunFailed`` (one line for
+a notification), a set ``cancel`` event as ``RunCancelled``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hdmil.errors import Cancelled, HDMILError
+from hdmil.pipeline import prescreen
+from napari_hdmil._gallery import gallery_rows, read_result_thumbnails
+from napari_hdmil._messages import Job, Outcome, PrescreenDone, Progress, ResultDone, RunCancelled, RunFailed
+
+__all__ = ["Runner"]
+
+
+class Runner:
+    """Work for the dock widget. Keeps one model and one encoder between runs (the last used),
+    and warms each model/encoder pair once so torch's one-time setup stays out of stage seconds."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, Any] = {}
+        self._encoders: dict[tuple, Any] = {}
+        self._warm: set[tuple] = set()
+
+    def work(self, job: Job, cancel: threading.Event, send: Callable[[Progress], None]) -> Outcome:
+        """Worker thread: the outcome of ``job``."""
+        try:
+            return self._compute(job, cancel, send)
+        except Cancelled as exc:
+            return RunCancelled(str(exc))
+        except HDMILError as exc:
+            return RunFailed(str(exc))
+
+    def _compute(self, job: Job, cancel: threading.Event, send: Callable[[Progress], None]) -> Outcome:
+        from hdmil.pipeline import lipn_applies, run_slide
+
+        def progress(stage: str, done: int, total: int) -> None:
+            send(Progress(stage, int(done), int(total)))
+
+        model = self.load_model(job.model_path)
+        use_lipn = lipn_applies(model, job.use_lipn)
+        if job.kind == "prescreen":
+            return PrescreenDone(prescreen(job.slide_path, model, use_lipn, job.mpp, progress, cancel))
+        result = run_slide(
+            job.slide_path, model, use_lipn=use_lipn, mpp=job.mpp, encoder=self.encoder(model, job.device),
+            batch_size=job.batch_size, progress=progress, cancel=cancel, prescreened=job.prescreened,
+        )
+        rows = gallery_rows(result, result.prediction_index, job.k)
+        return ResultDone(result, read_result_thumbnails(result, rows))
+
+    def load_model(self, path: Path) -> Any:
+        """The checkpoint at ``path``, loaded again only when the file changed."""
+        from hdmil.checkpoint import load_model
+
+        path = Path(path)
+        try:
+            st = path.stat()
+            key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+        except OSError:
+            key = (str(path), 0, 0)  # load_model says what is wrong with it
+        if key not in self._models:
+            self._models = {key: load_model(path)}  # one model at a time
+        return self._models[key]
+
+    def model_sha(self, path: Path) -> str:
+        """The checkpoint's hash; "" when it cannot be loaded (the run will say why)."""
+        try:
+            return str(self.load_model(path).sha256)
+        except HDMILError:
+            return ""
+
+    def encoder(self, model: Any, device: Any = None) -> Any:
+        """The encoder ``model`` was trained on, built once per (architecture, weights, device)."""
+        from hdmil.pipeline import encoder_for, warm_up
+
+        key = (model.encoder, bool(model.config.get("encoder_pretrained", False)), str(device))
+        if key not in self._encoders:
+            self._encoders = {key: encoder_for(model, device)}
+        encoder = self._encoders[key]
+        warm = (id(model), key)
+        if warm not in self._warm:
+            warm_up(model, encoder, patch_px=model.patch_px)
+            self._warm.add(warm)
+        return encoder
