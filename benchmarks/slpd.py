@@ -45,7 +45,7 @@ Per cohort: SLPD pre-training (``pretrain_slpd``, small preset with 2 blocks, 2 
   class-balanced order; hidden 128 / attention 64 for small D; with fewer epochs the student's
   evaluation mask 1[s > 0] often keeps nothing yet and the student AUC is 0.5) on patch features, on SLPD region embeddings, and on region embeddings of
   an *untrained* SLPD encoder (a control: what the architecture gives without learning);
-  slide AUC on held-out slides (student path as METHOD §3 tests; teacher path shown too), mean ±
+  slide AUC on held-out slides (student path as docs/method.md §3 tests; teacher path shown too), mean ±
   sd over repeated stratified 60 / 40 splits;
 - retrieval precision@1 over all slides: is the most similar other slide of the same class?
   SLPD prototypes (``prototype_similarity``) vs. cosine of mean patch features (and of mean

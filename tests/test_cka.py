@@ -1,4 +1,4 @@
-"""CKA layer (METHOD §3) against numpy's Chebyshev series."""
+"""CKA layer (docs/method.md §3) against numpy's Chebyshev series."""
 
 from __future__ import annotations
 

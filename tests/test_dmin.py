@@ -1,4 +1,4 @@
-"""DMIN (METHOD §3, §7): masks, pooling, kept ratio, losses and the gradients they carry."""
+"""DMIN (docs/method.md §3, §7): masks, pooling, kept ratio, losses and the gradients they carry."""
 
 from __future__ import annotations
 
