@@ -49,6 +49,7 @@ __all__ = [
     "fit",
     "load_train_state",
     "resolve_device",
+    "write_run_state",
     "save_train_state",
     "seed_everything",
 ]
@@ -373,6 +374,14 @@ def _epoch(task: TrainTask, cfg: LoopConfig, epoch: int, run: _Run,
 
 
 def _save_state(task: TrainTask, files: RunFiles, epoch: int, run: _Run) -> None:
+    write_run_state(task, files, epoch, run.stopper, run.best_metrics, run.stopped)
+
+
+def write_run_state(task: TrainTask, files: RunFiles, epoch: int, stopper: EarlyStopping,
+                    best_metrics: dict[str, Any], stopped: bool = False) -> None:
+    """The resumable state after ``epoch``: weights and optimizer tensors into ``files.last``,
+    the rest (and ``task.state()``) into ``files.state``. ``fit`` calls it every epoch; a task
+    that resumes from a checkpoint of its own (no run files yet) calls it once to make them."""
     opt_json = save_train_state(files.last, task.model, task.optimizer)
     extra = task.state()
     clash = set(extra) & set(STATE_KEYS)
@@ -381,9 +390,9 @@ def _save_state(task: TrainTask, files: RunFiles, epoch: int, run: _Run) -> None
     write_json_atomic(files.state, {
         "epoch": epoch,
         "optimizer": opt_json,
-        "early_stopping": run.stopper.state(),
-        "best_metrics": run.best_metrics,
-        "stopped_early": run.stopped,
+        "early_stopping": stopper.state(),
+        "best_metrics": best_metrics,
+        "stopped_early": stopped,
         **extra,
     }, indent=1)
 

@@ -33,7 +33,6 @@ import torch
 
 from hdmil.checkpoint import read_slpd_metadata, restore_slpd, save_slpd
 from hdmil.errors import CheckpointError, FeatureFileError, HDMILError, check_cancelled
-from hdmil.files import write_json_atomic
 from hdmil.models.slpd import (
     SLPD,
     Regions,
@@ -49,7 +48,7 @@ from hdmil.models.slpd import (
     slide_prototypes,
     slpd_config,
 )
-from hdmil.train.loop import EarlyStopping, LoopConfig, RunFiles, TrainTask, fit, save_train_state
+from hdmil.train.loop import EarlyStopping, LoopConfig, RunFiles, TrainTask, fit, write_run_state
 
 __all__ = [
     "SLPDTrainResult",
@@ -470,14 +469,7 @@ def _seed_run_files(task: _PretrainTask, files: RunFiles) -> None:
     last = int(meta.get("epoch", 0)) - 1  # the loop counts finished epochs from 0
     stopper = EarlyStopping(None)
     stopper.step(last, None)
-    write_json_atomic(files.state, {
-        "epoch": last,
-        "optimizer": save_train_state(files.last, task.model, task.optimizer),
-        "early_stopping": stopper.state(),
-        "best_metrics": {"epoch": last},
-        "stopped_early": False,
-        **task.state(),
-    }, indent=1)  # fmt: skip
+    write_run_state(task, files, last, stopper, {"epoch": last})
 
 
 def _fit(task: _PretrainTask, resume: bool, cancel: threading.Event | None) -> RunFiles:
