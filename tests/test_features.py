@@ -181,7 +181,7 @@ def _bag(n: int = 7, d: int = 5, seed: int = 0) -> FeatureBag:
     rng = np.random.default_rng(seed)
     return FeatureBag(
         features=rng.normal(size=(n, d)).astype(np.float32),
-        coords=rng.integers(0, 10_000, (n, 2)).astype(np.int64),
+        coords=rng.integers(0, 20, (n, 2)).astype(np.int64) * 512,  # on the 512 px grid
         attrs={"encoder": "resnet50_trunc", "patch_size_level0": 512, "patch_px": 256,
                "magnification": 20.0, "mpp": 0.2527},
         lr_patches=rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),

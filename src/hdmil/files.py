@@ -72,6 +72,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, HDMILError):
             raise WriteError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+        if type(exc).__name__ == "SafetensorError" and "I/O error: " in str(exc):  # not an OSError
+            why = str(exc).split("I/O error: ", 1)[1].split(" (os error")[0]
+            raise WriteError(f"{path}: cannot write ({why})") from exc
         raise
     _fsync_dir(path.parent)
 

@@ -22,6 +22,7 @@ Slides that are not tiled TIFFs (OpenSlide formats, stripped TIFFs, unusual layo
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import queue
@@ -38,7 +39,10 @@ import numpy as np
 
 from hdmil.errors import check_cancelled
 
-__all__ = ["PatchBatch", "PatchReader", "area_resize", "choose_level", "iter_patches"]
+__all__ = [
+    "PatchBatch", "PatchReader", "area_resize", "choose_level", "iter_patches", "quiet_zarr_orphans",
+    "settle_zarr_reads",
+]
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -49,6 +53,59 @@ MISSING_TILE_FILL = 0
 # Batches submitted to the pool ahead of the one being finished (keeps all cores busy at batch
 # boundaries without holding more tiles).
 _IN_FLIGHT = 2
+
+
+class _ZarrOrphans(logging.Filter):
+    """Drops asyncio's reports of zarr's orphaned chunk tasks.
+
+    zarr reads a window's chunks as concurrent asyncio tasks; when one chunk of a corrupt or
+    truncated slide fails, the first error reaches us (and becomes one ``SlideError`` line) while
+    the sibling tasks are left to the garbage collector, which logs "Task exception was never
+    retrieved" / "Task was destroyed but it is pending!" with a traceback each: hundreds of lines
+    about the one error already reported.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        orphan = text.startswith(("Task exception was never retrieved", "Task was destroyed but"))
+        return not (orphan and "zarr" in text)
+
+
+_ZARR_FILTER = _ZarrOrphans()
+
+
+def quiet_zarr_orphans() -> None:
+    """Install the filter on asyncio's logger (once; cheap to call on every slide opened)."""
+    log = logging.getLogger("asyncio")
+    if _ZARR_FILTER not in log.filters:
+        log.addFilter(_ZARR_FILTER)
+
+
+def settle_zarr_reads(timeout: float = 5.0) -> None:
+    """After a failed zarr read: let its sibling chunk tasks finish and collect their errors.
+
+    Left alone they are still queued on zarr's event loop at exit, where each prints a
+    "coroutine was never awaited" / "Event loop is closed" traceback of its own.
+    """
+    import asyncio
+
+    try:
+        from zarr.core.sync import sync
+    except ImportError:  # zarr 2 reads synchronously: nothing is left behind
+        return
+
+    async def drain() -> None:
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if others:
+            done, _ = await asyncio.wait(others, timeout=timeout)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: asyncio does not report it again
+
+    try:
+        sync(drain())
+    except Exception:  # noqa: BLE001 - best effort: the read's own error is what matters
+        pass
 
 
 @dataclass

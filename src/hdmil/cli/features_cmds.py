@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from hdmil.errors import HDMILError
+from hdmil.files import WriteError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,6 +51,7 @@ def features(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise HDMILError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _check_writable(args.out)
     if args.workers or args.scheduler:
         return _features_on_dask(args)
     encoder = create_encoder(
@@ -76,11 +79,22 @@ def features(args: argparse.Namespace) -> int:
             if args.debug:
                 raise
             outcome = "failed"
-            print(f"hdmil features: error: {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            first = (str(exc).strip().splitlines() or [""])[0]  # one line per slide, always
+            print(f"hdmil features: error: {path}: {type(exc).__name__}: {first}", file=sys.stderr)
         counts[outcome] += 1
     summary = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
     print(f"{len(args.slides)} slides: {summary} → {args.out}", file=sys.stderr)
     return 1 if counts["failed"] else 0
+
+
+def _check_writable(out: Path) -> None:
+    """A read-only or unmakeable OUT is said before any slide is read, not once per slide."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(f"{out}: cannot create the output folder ({exc.strerror or exc})") from exc
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise WriteError(f"{out}: output folder is not writable (read-only or no permission)")
 
 
 def _one_slide(path: Path, encoder, args: argparse.Namespace) -> str:

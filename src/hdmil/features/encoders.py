@@ -358,10 +358,17 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                 raise EncoderError(f"{path}: no state dict of tensors found in this file")
     except EncoderError:
         raise
-    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError, EOFError, KeyError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EncoderError(f"{path}: not a readable weights file ({msg})") from exc
+    except Exception as exc:  # noqa: BLE001 - safetensors, torch and pickle each raise their own
+        raise EncoderError(f"{path}: corrupt or not a weights file ({_why_unreadable(exc)})") from exc
     return _strip_prefixes(state), meta
+
+
+def _why_unreadable(exc: BaseException) -> str:
+    """One short line on why a weights file did not load (torch's pickle advice left out)."""
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+        return "not a safetensors or plain-tensor torch file"
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _find_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:

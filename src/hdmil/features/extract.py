@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,6 +41,26 @@ def extract_features(
     """
     features = np.zeros((n_total, encoder.dim), dtype=np.float32)
     ok = np.zeros(n_total, dtype=bool)
+    try:
+        _embed_batches(encoder, batches, features, ok, progress, cancel)
+    finally:
+        # An error here (the encoder, a cancel) stops the reader's threads before it propagates:
+        # a suspended generator would keep them decoding until garbage collection.
+        if isinstance(batches, types.GeneratorType):
+            batches.close()
+    check_cancelled(cancel, "feature extraction")
+    return features, ok
+
+
+def _embed_batches(
+    encoder: Encoder,
+    batches: Iterable[PatchBatchLike],
+    features: np.ndarray,
+    ok: np.ndarray,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+) -> None:
+    n_total = len(features)
     done = 0
     if progress:
         progress("features", 0, n_total)
@@ -56,8 +77,6 @@ def extract_features(
         done += idx.size + len(batch.failed)
         if progress:
             progress("features", min(done, n_total), n_total)
-    check_cancelled(cancel, "feature extraction")
-    return features, ok
 
 
 def extract_slide_features(
@@ -94,5 +113,14 @@ def extract_slide_features(
         # lets the viewer open a slide found by SLPD similarity from its feature file
         "slide_path": str(Path(slide.path).resolve()) if getattr(slide, "path", None) else None,
         "n_failed": int(n - ok.sum()),
+        **_slide_size(slide),
     }
     return FeatureBag(features[ok], coords[ok], attrs, lr[ok], slide.name, None)
+
+
+def _slide_size(slide: Any) -> dict[str, int]:
+    """Level-0 ``slide_width`` / ``slide_height`` (readers check coords against them), if known."""
+    dims = getattr(slide, "dimensions", None)
+    if dims is None or len(dims) != 2:
+        return {}
+    return {"slide_width": int(dims[0]), "slide_height": int(dims[1])}

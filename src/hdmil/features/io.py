@@ -9,6 +9,7 @@ carried over when the features of a file are rewritten unchanged in grid and enc
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from hdmil.errors import FeatureFileError
-from hdmil.files import atomic_path
+from hdmil.files import atomic_write
 
 H5_SUFFIXES = (".h5", ".hdf5")
 PT_SUFFIXES = (".pt", ".pth")
@@ -66,7 +67,8 @@ def write_features(
     attrs: dict[str, Any] | None = None,
     lr_patches: np.ndarray | None = None,
 ) -> Path:
-    """Write ``<slide>.h5`` atomically (``hdmil.files.atomic_path``: a hidden temp file beside it).
+    """Write ``<slide>.h5`` atomically: built in memory, then written by ``hdmil.files.atomic_write``
+    (a hidden temp file beside it, renamed into place).
 
     Pass a ``FeatureBag`` or the arrays. Attributes given here override the bag's; ``None`` values
     are left out. Returns the path written.
@@ -130,8 +132,11 @@ def _write_atomic(
 ) -> None:
     import h5py
 
-    # atomic_path's temp name is hidden: directory scans (``*.h5``) never see a half-written file.
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    # The file is built in memory and written with one plain write: HDF5 never meets a full disk
+    # or a read-only folder itself (after a failed write its half-closed objects crash the
+    # interpreter at exit), and the OSError becomes hdmil.files' one-line WriteError.
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
         for name, data in datasets.items():
             f.create_dataset(name, data=data)
         for key, value in attrs.items():
@@ -141,6 +146,9 @@ def _write_atomic(
             with h5py.File(src_name, "r") as src:
                 for name in names:
                     src.copy(src[name], f, name=name)
+    # atomic_write's temp name is hidden: directory scans (``*.h5``) never see a half-written file.
+    with atomic_write(path, "wb") as fh:
+        fh.write(buffer.getbuffer())
 
 
 def _carry_over(path: Path, coords: np.ndarray | None, encoder: str | None) -> tuple[str, list[str]] | None:
@@ -246,7 +254,42 @@ def _read_h5(path: Path, with_lr: bool) -> FeatureBag:
             raise FeatureFileError(f"{path}: corrupt feature file ({_first_line(exc)})") from exc
     slide = str(attrs.get("slide") or path.stem)
     attrs.setdefault("dim", int(feats.shape[1]))
+    if coords is not None:
+        check_coords(path, coords, attrs)
     return FeatureBag(feats.astype(np.float32, copy=False), coords, attrs, lr, slide, path)
+
+
+def check_coords(path: Any, coords: np.ndarray, attrs: dict[str, Any]) -> None:
+    """Refuse patch coords that cannot be the file's own slide patches (``FeatureFileError``).
+
+    Always: negative coords. When the file records the slide's level-0 size (``slide_width``,
+    ``slide_height``, written by ``hdmil features``): a patch whose top-left corner lies outside.
+    For our own files (no CLAM / TRIDENT attributes on ``coords``): a patch off the grid of
+    ``patch_size_level0`` px steps from the first patch (CLAM steps each tissue contour from its
+    own corner, so its files are left alone).
+    """
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    if not len(coords):
+        return
+    _refuse_rows(path, coords, (coords < 0).any(axis=1), "negative (left of or above the slide)")
+    w, h = attrs.get("slide_width"), attrs.get("slide_height")
+    if w and h:
+        outside = (coords[:, 0] >= int(w)) | (coords[:, 1] >= int(h))
+        _refuse_rows(path, coords, outside, f"outside the {int(w)} x {int(h)} px slide")
+    ps0 = attrs.get("patch_size_level0")
+    if ps0 and int(ps0) > 0 and "coords_attrs" not in attrs:
+        off = ((coords - coords[0]) % int(ps0) != 0).any(axis=1)
+        _refuse_rows(path, coords, off, f"off the grid of {int(ps0)} px patches (patch_size_level0)")
+
+
+def _refuse_rows(path: Any, coords: np.ndarray, bad: np.ndarray, what: str) -> None:
+    if bad.any():
+        i = int(np.argmax(bad))
+        x, y = (int(v) for v in coords[i])
+        raise FeatureFileError(
+            f"{path}: {int(bad.sum())} of {len(coords)} patch coords are {what}, first row {i} "
+            f"at ({x}, {y}); these features do not belong to this slide's patch grid"
+        )
 
 
 def _geometry_from_coords_attrs(attrs: dict[str, Any], cattrs: dict[str, Any]) -> dict[str, Any]:

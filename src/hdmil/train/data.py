@@ -10,6 +10,7 @@ from disk when the cohort fits.
 from __future__ import annotations
 
 import csv
+import io
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -106,6 +107,36 @@ def _class_order(labels: Sequence[str]) -> tuple[str, ...]:
         return tuple(sorted(unique))
 
 
+def _read_csv_rows(path: Path) -> list[list[str]]:
+    """The CSV's rows, read as UTF-8 and else as Latin-1 (spreadsheets on Windows save that),
+    with a warning saying so: every byte decodes in Latin-1, so a wrong guess shows as odd letters
+    in the warning's file, never as a crash."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LabelsError(f"{path}: cannot read labels file ({exc.strerror or exc})") from exc
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        text = data.decode("latin-1")
+        warnings.warn(
+            f"{path}: not UTF-8 (byte {data[exc.start]:#04x} at offset {exc.start}); read as Latin-1",
+            stacklevel=3,
+        )
+    return list(csv.reader(io.StringIO(text, newline="")))
+
+
+def _refuse_case_variants(path: Path, labels: Sequence[str]) -> None:
+    """Labels spelled two ways ("Normal", "normal") would silently become two classes: refuse."""
+    spellings: dict[str, str] = {}
+    for label in labels:
+        first = spellings.setdefault(label.casefold(), label)
+        if first != label:
+            raise LabelsError(
+                f"{path}: labels {first!r} and {label!r} differ only in case; spell each class one way"
+            )
+
+
 def read_labels(path: str | Path, classes: Sequence[str] | None = None) -> Cohort:
     """Read ``slide_id,label[,case_id]`` (header names case-insensitive, extra columns ignored).
 
@@ -113,12 +144,7 @@ def read_labels(path: str | Path, classes: Sequence[str] | None = None) -> Cohor
     sorted distinct labels (numerically when they are numbers).
     """
     path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            rows = list(csv.reader(fh))
-    except OSError as exc:
-        raise LabelsError(f"{path}: cannot read labels file ({exc.strerror or exc})") from exc
-    rows = [r for r in rows if any(c.strip() for c in r)]
+    rows = [r for r in _read_csv_rows(path) if any(c.strip() for c in r)]
     if not rows:
         raise LabelsError(f"{path}: empty labels file")
     header = [h.strip().lower() for h in rows[0]]
@@ -149,6 +175,7 @@ def read_labels(path: str | Path, classes: Sequence[str] | None = None) -> Cohor
     if not slide_ids:
         raise LabelsError(f"{path}: no slides listed")
 
+    _refuse_case_variants(path, str_labels)
     if classes is None:
         classes = _class_order(str_labels)
     classes = tuple(str(c) for c in classes)
@@ -213,6 +240,27 @@ class BagDataset:
         self.cache_bytes = int(cache_bytes)
         self._cache: OrderedDict[tuple[str, str], tuple[Any, int]] = OrderedDict()
         self._cached_bytes = 0
+        self._width: tuple[int, Path] | None = None  # the first bag's width and file
+
+    def _check_width(self, path: Path, dim: int) -> None:
+        """Every bag as wide as the first one read: a folder mixing encoders is refused."""
+        if self._width is None:
+            self._width = (int(dim), path)
+        elif self._width[0] != dim:
+            width, first = self._width
+            raise FeatureFileError(
+                f"{path}: {dim}-d features, but {first} holds {width}-d ones; a feature folder "
+                "must hold one encoder's features"
+            )
+
+    def check_widths(self) -> None:
+        """Refuse a folder mixing feature widths before any training: reads only the h5 shapes
+        (``.pt`` files and unreadable ones are checked when their bag is read)."""
+        dataset = "region_embeddings" if self.instances == "region" else "features"
+        for path in self.files.values():
+            dim = _h5_width(path, dataset)
+            if dim is not None:
+                self._check_width(path, dim)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -293,6 +341,8 @@ class BagDataset:
                     f"{self.path(slide_id)}: expected a non-empty [N, D] feature array, "
                     f"got shape {tuple(feats.shape)}"
                 )
+            _check_finite(self.path(slide_id), feats)
+            self._check_width(self.path(slide_id), feats.shape[1])
             bag = Bag(slide_id, torch.from_numpy(np.ascontiguousarray(feats)), coords, attrs)
             return bag, feats.nbytes + (0 if coords is None else coords.nbytes)
 
@@ -339,6 +389,30 @@ class BagDataset:
     def dim(self) -> int:
         """Instance feature width, read from the first bag."""
         return int(self[next(iter(self.files))].features.shape[1])
+
+
+def _check_finite(path: Path, feats: np.ndarray) -> None:
+    """NaN or inf features would train and score as if they were data: refuse the file."""
+    bad = ~np.isfinite(feats).all(axis=1)
+    if bad.any():
+        raise FeatureFileError(
+            f"{path}: {int(bad.sum())} of {len(feats)} feature rows hold NaN or inf values "
+            f"(first at row {int(np.argmax(bad))}); re-extract this slide's features"
+        )
+
+
+def _h5_width(path: Path, dataset: str) -> int | None:
+    """The width of ``dataset`` [N, D] (or CLAM's [1, N, D]) from the h5 header; None if unknown."""
+    if path.suffix.lower() not in (".h5", ".hdf5"):
+        return None
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            shape = h5[dataset].shape if dataset in h5 else None
+    except (OSError, KeyError):
+        return None  # reported with its own message when the bag is read
+    return int(shape[-1]) if shape is not None and len(shape) in (2, 3) else None
 
 
 def _plain(value: Any) -> Any:
@@ -390,8 +464,6 @@ def load_cohort(
     if not kept:
         raise MissingFeaturesError(f"{features_dir}: none of the labelled slides has features")
     out = cohort.subset(kept)
-    return replace(
-        out,
-        bags=BagDataset(resolved, instances=instances, cache_bytes=cache_bytes),
-        skipped=tuple(missing),
-    )
+    bags = BagDataset(resolved, instances=instances, cache_bytes=cache_bytes)
+    bags.check_widths()
+    return replace(out, bags=bags, skipped=tuple(missing))

@@ -310,6 +310,11 @@ def evaluate_folds(
                 f"{item if isinstance(item, (str, Path)) else 'model'}: the checkpoint records "
                 "no split; pass --splits"
             )
+        if not split.test:
+            raise HDMILError(
+                f"fold {fold}: the test split is empty (no slide with labels and features in it); "
+                "nothing to evaluate"
+            )
         missing = [s for s in split.test if s not in set(cohort.slide_ids)]
         if missing:
             raise HDMILError(
