@@ -38,14 +38,18 @@ def test_predict_writes_the_results_geojson_and_csv(synthetic_slide, ckpt, tmp_p
 
 def test_several_slides_need_slide_in_the_path(synthetic_slide, ckpt, tmp_path, capsys):
     out = tmp_path / "out"
-    two = [str(synthetic_slide), str(synthetic_slide)]
+    twin = tmp_path / "b" / synthetic_slide.name  # another file with the same stem
+    twin.parent.mkdir()
+    twin.write_bytes(synthetic_slide.read_bytes())
+    two = [str(synthetic_slide), str(twin)]
     rc = main(["predict", *two, "--model", str(ckpt), "--out", str(out), "--csv", str(tmp_path / "all.csv")])
     err = capsys.readouterr().err
     assert rc == 1 and "{slide}" in err and "2 slides" in err and not out.exists()
     rc = main(["predict", *two, "--model", str(ckpt), "--out", str(out), "--csv", str(tmp_path / "{slide}.csv")])
     assert rc == 0, capsys.readouterr().err
     stem = synthetic_slide.stem
-    assert (tmp_path / f"{stem}.csv").read_text() == (tmp_path / f"{stem}-2.csv").read_text()  # one per report folder
+    [twin_csv] = tmp_path.glob(f"{stem}-*.csv")  # its folder: the stem and a hash of its path
+    assert (tmp_path / f"{stem}.csv").read_text() == twin_csv.read_text()  # one per report folder
     rc = main(["predict", str(synthetic_slide), "--model", str(ckpt), "--out", str(out), "--prescreen-only",
                "--geojson", str(tmp_path / "p.geojson")])  # fmt: skip
     assert rc == 1 and "--prescreen-only" in capsys.readouterr().err and not (tmp_path / "p.geojson").exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hdmil.errors import CheckpointError, HDMILError
+from hdmil.pipeline.folders import DISK_ERRNOS, SlideEntry, disk_error, printable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,8 +20,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="For each slide: tissue grid, LIPN on the 1.25x patches, only the kept patches "
         "read at 20x and featurised, DMIN's per-class pooling. Writes DIR/<slide>/report.json "
         "(prediction, kept ratio, seconds per stage) and DIR/<slide>/patches.h5 (coords, LIPN mask, "
-        "attention, features of the kept patches). A slide that fails is reported in one line; "
-        "the others still run.",
+        "attention, features of the kept patches). A slide that fails (unreadable, no tissue, too "
+        "many undecodable patches, a full disk) is reported in one line; the others still run. "
+        "Results folders are the slide's stem made safe, with a short hash of its path when two "
+        "slides share a stem; a slide named twice runs once; results there are replaced.",
     )
     p.add_argument("slides", nargs="+", metavar="SLIDE", help="slide files (SVS, TIFF, NDPI, ...)")
     p.add_argument("--model", help="checkpoint (.safetensors); default: the bundled demo model")
@@ -30,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="HR patches per batch (default 64)")
     p.add_argument("--device", help="torch device for the encoder and DMIN (default: cuda if available)")
     p.add_argument("--workers", type=int, help="tile-decoding threads (default: all cores)")
+    p.add_argument("--max-failed-share", type=float, default=0.5, metavar="S",
+                   help="a slide fails when more than this share of its kept patches cannot be "
+                   "decoded (default 0.5); one with none decoded always fails")
     p.add_argument("--lipn-threshold", type=float, metavar="T",
                    help="keep a patch when LIPN's probability for any class exceeds T (default: the "
                    "checkpoint's; the paper's is 0.5, the demo model's are calibrated per class)")
@@ -88,6 +94,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise HDMILError(f"--batch-size must be at least 1, not {args.batch_size}")
     if args.mpp is not None and not args.mpp > 0:
         raise HDMILError(f"--mpp must be a positive number of µm per pixel, not {args.mpp}")
+    if not 0.0 <= args.max_failed_share <= 1.0:
+        raise HDMILError(f"--max-failed-share must be in [0, 1], not {args.max_failed_share}")
     if args.device:
         _check_device(args.device)
     check_result_paths(len(args.slides), geojson=args.geojson, csv=args.csv)
@@ -130,31 +138,29 @@ def _encoder(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
     return encoder, slpd
 
 
-def _folder_names(slides: list[str]) -> list[tuple[Path, str]]:
-    """Each slide with its results folder's name: its stem, numbered when two stems clash."""
-    used: set[str] = set()
-    named = []
-    for path in (Path(s) for s in slides):
-        name, k = path.stem, 2
-        while name in used:  # two slides with the same stem from different folders
-            name, k = f"{path.stem}-{k}", k + 1
-        used.add(name)
-        named.append((path, name))
-    return named
+def _plan(slides: list[str], out: str) -> list[SlideEntry]:
+    """Each slide once, with its results folder's name; a note for each slide named twice."""
+    from hdmil.pipeline.folders import plan_slides
+
+    entries, repeats = plan_slides(slides, out)
+    for shown, n in repeats.items():
+        print(f"note: {shown} is named {n} times; it runs once", file=sys.stderr)
+    return entries
 
 
 def _progress_bar(path: Path) -> tuple[Any, Callable[[str, int, int], None]]:
     """A tqdm bar for one slide, and the ``progress(stage, done, total)`` that draws it."""
     from tqdm import tqdm
 
-    bar = tqdm(total=1, desc=f"{path.name}: open", unit="patch", leave=False, file=sys.stderr)
+    shown = printable(path.name)
+    bar = tqdm(total=1, desc=f"{shown}: open", unit="patch", leave=False, file=sys.stderr)
     stage_seen = [""]
 
     def progress(stage: str, done: int, total: int) -> None:
         if stage != stage_seen[0]:
             stage_seen[0] = stage
             bar.reset(total=max(total, 1))
-            bar.set_description(f"{path.name}: {stage}")
+            bar.set_description(f"{shown}: {stage}")
         bar.n = min(done, max(total, 1))
         bar.refresh()
 
@@ -176,37 +182,50 @@ class _Predictor:
         from hdmil.pipeline import prescreen
 
         ps = prescreen(path, self.model, use_lipn=self.use_lipn, mpp=self.args.mpp, progress=progress)
-        folder.mkdir(parents=True, exist_ok=True)
         target = write_json_atomic(folder / "prescreen.json", ps.to_report())
-        return f"{path.name}: LIPN keeps {ps.n_kept}/{ps.n_patches} patches ({ps.kept_ratio:.0%}) -> {target}"
+        return (f"{printable(path.name)}: LIPN keeps {ps.n_kept}/{ps.n_patches} patches "
+                f"({ps.kept_ratio:.0%}) -> {printable(target)}")
 
     def classify(self, path: Path, name: str, folder: Path, progress: Callable) -> tuple[str, list[str]]:
         from hdmil.export import write_result_files
         from hdmil.pipeline import RunOptions, run_slide
 
         a = self.args
-        options = RunOptions(use_lipn=self.use_lipn, mpp=a.mpp, batch_size=a.batch_size, workers=a.workers)
+        options = RunOptions(use_lipn=self.use_lipn, mpp=a.mpp, batch_size=a.batch_size,
+                             workers=a.workers, max_failed_share=a.max_failed_share)
         result = run_slide(path, self.model, options, encoder=self.encoder, slpd=self.slpd, progress=progress)
         target = result.save(folder)
         write_result_files(result, name, a.geojson, a.csv)
         probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(result.classes, result.probabilities))
-        line = (f"{path.name}: {result.prediction} ({probs}); kept {result.n_kept}/{result.n_patches} "
-                f"patches ({result.kept_ratio:.0%}) in {result.timings['total']:.1f} s -> {target}")
-        return line, [f"  {path.name}: {_one_line(Exception(err))}" for err in result.errors]
+        line = (f"{printable(path.name)}: {result.prediction} ({probs}); kept {result.n_kept}/"
+                f"{result.n_patches} patches ({result.kept_ratio:.0%}) in {result.timings['total']:.1f} s "
+                f"-> {printable(target)}")
+        return line, [f"  {printable(path.name)}: {_one_line(Exception(printable(err)))}"
+                      for err in result.errors]
 
-    def one(self, path: Path, name: str) -> bool:
-        """Run one slide and print its line; False (and one error line) when it failed."""
-        bar, progress = _progress_bar(path)
-        folder = Path(self.args.out) / name
-        try:
+    def _run(self, entry: SlideEntry, progress: Callable) -> tuple[str, list[str]]:
+        """The slide's line and notes, under its lock, in its folder (inside --out)."""
+        from hdmil.pipeline.folders import remove_dead_temps, slide_lock
+
+        folder = entry.folder(self.args.out)
+        with slide_lock(self.args.out, entry.name, entry.shown):
+            remove_dead_temps(folder)
             if self.args.prescreen_only:
-                line, notes = self.prescreen(path, folder, progress), []
-            else:
-                line, notes = self.classify(path, name, folder, progress)
+                return self.prescreen(entry.path, folder, progress), []
+            return self.classify(entry.path, entry.name, folder, progress)
+
+    def one(self, entry: SlideEntry) -> bool:
+        """Run one slide and print its line; False (and one error line) when it failed."""
+        bar, progress = _progress_bar(entry.path)
+        try:
+            line, notes = self._run(entry, progress)
         except HDMILError as exc:
-            bar.close()
-            print(f"hdmil predict: error: {_one_line(exc)}", file=sys.stderr)
-            return False
+            return _failed(bar, _one_line(exc))
+        except OSError as exc:  # not through hdmil.files: a full or read-only disk fails this slide
+            if exc.errno not in DISK_ERRNOS:
+                bar.close()
+                raise
+            return _failed(bar, disk_error(entry.shown, exc))
         bar.close()
         print(line)
         for note in notes:
@@ -214,12 +233,30 @@ class _Predictor:
         return True
 
 
+def _failed(bar: Any, why: str) -> bool:
+    bar.close()
+    print(f"hdmil predict: error: {printable(why)}", file=sys.stderr)
+    return False
+
+
+def _make_out(out: str) -> None:
+    from hdmil.files import WriteError
+
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise WriteError(
+            f"{printable(out)}: cannot create the output folder ({exc.strerror or exc})") from exc
+
+
 def predict(args: argparse.Namespace) -> int:
     _check_args(args)
     model, use_lipn = _load(args)
     run = _Predictor(args, model, use_lipn, *_encoder(args, model))
-    n_failed = sum(not run.one(path, name) for path, name in _folder_names(args.slides))
+    _make_out(args.out)
+    entries = _plan(args.slides, args.out)
+    n_failed = sum(not run.one(entry) for entry in entries)
     if n_failed:
-        print(f"hdmil predict: {n_failed} of {len(args.slides)} slides failed", file=sys.stderr)
+        print(f"hdmil predict: {n_failed} of {len(entries)} slides failed", file=sys.stderr)
         return 1
     return 0

@@ -12,7 +12,10 @@
                                                           ▼
              Result (probabilities, attention, stage seconds; RegionDetails)    (result.py)
 
-``run_slide`` (run.py) chains the stages; ``setup.py`` builds and checks what a run needs besides
+``run_slide`` (run.py) chains the stages; a slide whose kept patches cannot be decoded (all, or
+more than ``RunOptions.max_failed_share``) fails with ``UnreadablePatchesError`` rather than being
+classified from what is left. ``folders.py`` names each slide's results folder safely, records
+what produced a result (``run_key``) and locks a slide while a run works on it; ``setup.py`` builds and checks what a run needs besides
 the checkpoint (encoder, SLPD model). The CLI (``hdmil predict``), the Dask batch runner and the
 napari widget all call ``run_slide``. ``use_lipn=False`` is HDMIL†: every tissue patch is read and
 DMIN pools over its own mask. A DMIN trained on SLPD region embeddings (``train-dmin --instances
@@ -49,12 +52,13 @@ from hdmil.pipeline.setup import (
 )
 from hdmil.pipeline.pool import PatchPooler, Pooled, Pooler, RegionPooler, pooler_for
 from hdmil.pipeline.prescreen import PreScreen, ProgressFn, prescreen
-from hdmil.pipeline.result import STAGES, NoTissueError, RegionDetails, Result
+from hdmil.pipeline.result import STAGES, NoTissueError, RegionDetails, Result, UnreadablePatchesError
 from hdmil.pipeline.run import RunOptions, run_slide
 
 __all__ = [
     "STAGES", "Featurised", "NoTissueError", "PatchPooler", "Pooled", "Pooler", "PreScreen",
-    "ProgressFn", "RegionDetails", "RegionPooler", "Result", "RunOptions", "check_model",
+    "ProgressFn", "RegionDetails", "RegionPooler", "Result", "RunOptions", "UnreadablePatchesError",
+    "check_model",
     "check_slpd_dims", "encoder_for", "featurise", "fit_encoder", "instances_of", "lipn_applies",
     "pooler_for", "prescreen", "run_slide", "slpd_for", "warm_up",
 ]

@@ -14,6 +14,7 @@ import numpy as np
 
 from hdmil.errors import check_cancelled
 from hdmil.inference import LIPNScreen, lipn_screen, screen_all
+from hdmil.pipeline.folders import printable
 from hdmil.pipeline.setup import check_model
 from hdmil.pipeline.result import NoTissueError, neighbour_flags
 
@@ -73,8 +74,8 @@ class PreScreen:
     def to_report(self) -> dict[str, Any]:
         """A JSON-ready summary of the pre-screen (kept ratio overall and per class)."""
         return {
-            "slide": Path(self.slide_path).stem if self.slide_path else None,
-            "slide_path": self.slide_path,
+            "slide": printable(Path(self.slide_path).stem) if self.slide_path else None,
+            "slide_path": printable(self.slide_path) if self.slide_path else None,
             "classes": list(self.classes),
             "use_lipn": self.use_lipn,
             "n_patches": self.n_patches,

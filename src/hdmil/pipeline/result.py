@@ -16,15 +16,21 @@ from typing import Any
 
 import numpy as np
 
-from hdmil.errors import HDMILError
+from hdmil.errors import HDMILError, SlideError
+from hdmil.pipeline.folders import printable
 
-__all__ = ["STAGES", "NoTissueError", "RegionDetails", "Result", "neighbour_flags"]
+__all__ = ["STAGES", "NoTissueError", "RegionDetails", "Result", "UnreadablePatchesError", "neighbour_flags"]
 
 STAGES = ("tissue", "lipn", "crop", "features", "dmin", "total")
 
 
 class NoTissueError(HDMILError):
     """The slide has no patch with enough tissue: nothing to classify."""
+
+
+class UnreadablePatchesError(SlideError):
+    """Too many of the patches a run had to read could not be decoded (all of them, or more than
+    ``RunOptions.max_failed_share``): a prediction from what is left would not be the slide's."""
 
 
 @dataclass
@@ -76,7 +82,9 @@ class Result:
     attention float32 [N, C] DMIN's per-class attention within the pooled set, NaN elsewhere;
     scores float32 [N, C] DMIN's raw attention logits s, NaN where not read;
     features float32 [K, D] of the patches read, rows ``feature_index`` int64 [K] of coords;
-    failed int64 [F] rows that were kept but could not be decoded.
+    failed int64 [F] rows that were kept but could not be decoded (``failed_share`` of the kept).
+    ``run_key`` is what produced the result (``hdmil.pipeline.folders.run_key``): a later run
+    reuses the result only when its own key is the same.
     ``regions`` holds what a DMIN over SLPD regions pooled (None for a patch DMIN); then a
     patch's attention and scores are its region's.
     """
@@ -107,9 +115,15 @@ class Result:
     reading: dict[str, Any] = field(default_factory=dict)
     regions: RegionDetails | None = None  # None: DMIN pooled patches
     neighbour: np.ndarray | None = None  # None: no patch was kept only as a neighbour
+    run_key: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.neighbour = neighbour_flags(self.neighbour, self.kept)
+
+    @property
+    def failed_share(self) -> float:
+        """The share of the kept patches that could not be decoded (0 when none was kept)."""
+        return len(self.failed) / self.n_kept if self.n_kept else 0.0
 
     @property
     def instances(self) -> str:
@@ -143,10 +157,9 @@ class Result:
     def to_report(self) -> dict[str, Any]:
         """A JSON-ready summary (``report.json``)."""
         from hdmil import __version__
-
         return {
-            "slide": self.slide_name,
-            "path": self.slide_path,
+            "slide": printable(self.slide_name),
+            "path": printable(self.slide_path) if self.slide_path else None,
             "classes": list(self.classes),
             "probabilities": [float(p) for p in self.probabilities],
             "prediction": self.prediction,
@@ -158,6 +171,7 @@ class Result:
             "n_kept_as_neighbour": int(self.neighbour.sum()),
             "n_read": self.n_read,
             "n_failed": int(len(self.failed)),
+            "failed_share": round(float(self.failed_share), 6),
             "kept_ratio": round(float(self.kept_ratio), 6),
             "kept_per_class": {c: int(n) for c, n in zip(self.classes, self.lipn_mask.sum(axis=0))},
             "timings": {k: round(float(v), 4) for k, v in self.timings.items()},
@@ -168,19 +182,26 @@ class Result:
             "reading": self.reading,
             "instances": self.instances,
             **(self.regions.to_report() if self.regions is not None else {}),
-            "errors": list(self.errors),
+            "errors": [printable(e) for e in self.errors],
+            "run_key": dict(self.run_key),
             "hdmil_version": __version__,
         }
 
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write ``patches.h5`` then ``report.json`` into ``out_dir``, each atomically.
 
-        The report is written last, so a folder with a report holds complete results.
+        The report is written last, so a folder with a report holds complete results; an older
+        report there is removed first, so new patches never sit beside an old report.
+        WriteError (naming the file) when the folder cannot be made or written to.
         """
-        from hdmil.files import write_json_atomic
+        from hdmil.files import WriteError, write_json_atomic
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "report.json").unlink(missing_ok=True)
+        except OSError as exc:
+            raise WriteError(f"{out}: cannot write the results folder ({exc.strerror or exc})") from exc
         write_patches_h5(out / "patches.h5", self)
         write_json_atomic(out / "report.json", self.to_report())
         return out
@@ -217,7 +238,7 @@ def write_patches_h5(path: Path, r: Result) -> None:
         if r.regions is not None:
             r.regions.write_h5(f)
         f.attrs["instances"] = r.instances
-        f.attrs["slide"] = r.slide_name
+        f.attrs["slide"] = printable(r.slide_name)
         f.attrs["classes"] = json.dumps(r.classes)
         f.attrs["use_lipn"] = bool(r.use_lipn)
         f.attrs["patch_size_level0"] = int(r.patch_size_level0)

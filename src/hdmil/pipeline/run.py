@@ -13,10 +13,11 @@ import numpy as np
 
 from hdmil.errors import CheckpointError, HDMILError
 from hdmil.pipeline.featurise import Featurised, featurise
+from hdmil.pipeline.folders import printable, run_key
 from hdmil.pipeline.setup import check_model, encoder_for, fit_encoder
 from hdmil.pipeline.pool import Pooled, Pooler, pooler_for
 from hdmil.pipeline.prescreen import PreScreen, ProgressFn, prescreen_open
-from hdmil.pipeline.result import STAGES, Result
+from hdmil.pipeline.result import STAGES, Result, UnreadablePatchesError
 
 __all__ = ["RunOptions", "run_slide"]
 
@@ -28,7 +29,10 @@ class RunOptions:
     use_lipn: HDMIL (LIPN pre-screens, only kept patches are read) or HDMIL† (every patch);
     mpp: level-0 µm per pixel for slides without that metadata (overrides the file's);
     batch_size: HR patches per batch (reading and features); workers: decoding threads (default:
-    all cores); device: where the encoder runs when it is built here (default: CUDA if available).
+    all cores); device: where the encoder runs when it is built here (default: CUDA if available);
+    max_failed_share: the slide fails (``UnreadablePatchesError``) when more than this share of
+    the kept patches cannot be decoded; below it the share is reported (``Result.failed_share``).
+    A run that decodes none of its kept patches always fails.
     """
 
     use_lipn: bool = True
@@ -36,6 +40,11 @@ class RunOptions:
     batch_size: int = 64
     workers: int | None = None
     device: Any = None
+    max_failed_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.max_failed_share) <= 1.0:
+            raise HDMILError(f"max_failed_share must be in [0, 1], not {self.max_failed_share}")
 
 
 def _no_progress(stage: str, done: int, total: int) -> None:
@@ -73,6 +82,8 @@ def run_slide(
         SlideError / MissingMPPError: the slide cannot be read, or has no mpp and none was given.
         NoTissueError: no patch of the slide has enough tissue; for a region DMIN also when too
             few tissue patches make one region.
+        UnreadablePatchesError: none of the kept patches could be decoded, or more than
+            ``max_failed_share`` of them.
         CheckpointError: the model has no DMIN, no LIPN while ``use_lipn``, or its feature width
             does not fit the encoder; a region DMIN with ``use_lipn`` or without its SLPD model.
         Cancelled: ``cancel`` was set.
@@ -133,6 +144,7 @@ def _run_open(slide: Any, model: Any, encoder: Any, pooler: Pooler, opts: RunOpt
         report("lipn", ps.n_patches, ps.n_patches)
     errors = _nothing_kept(ps, slide)
     read = featurise(slide, ps.grid, ps.kept, encoder, opts.batch_size, opts.workers, report, cancel)
+    _check_decoded(read, ps, slide, opts.max_failed_share)
     errors += read.failure_messages(ps.n_kept)
     report("dmin", 0, 1)
     t0 = time.perf_counter()
@@ -141,7 +153,26 @@ def _run_open(slide: Any, model: Any, encoder: Any, pooler: Pooler, opts: RunOpt
     report("dmin", 1, 1)
     errors += _empty_classes(pooled, ps, slide)
     timings = _timings(ps, read, t_dmin, t_start)
-    return _result(slide, model, encoder, ps, read, pooled, timings, errors)
+    result = _result(slide, model, encoder, ps, read, pooled, timings, errors)
+    result.run_key = run_key(model, ps.use_lipn, opts.mpp, encoder.name, slide.path or None)
+    return result
+
+
+def _check_decoded(read: Featurised, ps: PreScreen, slide: Any, max_share: float) -> None:
+    """UnreadablePatchesError when no kept patch was decoded, or more than ``max_share``."""
+    n_failed, n_kept = len(read.failed), ps.n_kept
+    if not n_failed:
+        return
+    first = " ".join(str(read.failed[0][1]).split())
+    if n_failed == n_kept:
+        raise UnreadablePatchesError(
+            f"{printable(slide.path)}: none of the {n_kept} kept patches could be decoded, so there "
+            f"is no prediction (first error: {first})")
+    if n_failed / n_kept > max_share:
+        raise UnreadablePatchesError(
+            f"{printable(slide.path)}: {n_failed} of {n_kept} kept patches ({n_failed / n_kept:.0%}) "
+            f"could not be decoded, more than the {max_share:.0%} allowed (--max-failed-share), so "
+            f"there is no prediction (first error: {first})")
 
 
 def _nothing_kept(ps: PreScreen, slide: Any) -> list[str]:
