@@ -40,10 +40,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from hdmil.errors import CheckpointError, HDMILError
 from hdmil.files import atomic_path
-from hdmil.models import DMIN, LIPN, SLPD, create_model, list_models
+from hdmil.models import DMIN, LIPN, SLPD, SLPDConfig, create_model, list_models
 
 __all__ = [
     "FORMAT_VERSION",
@@ -61,6 +62,10 @@ __all__ = [
 FORMAT_VERSION = 1
 METADATA_KEY = "hdmil"
 _PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# The most parameter bytes a checkpoint's config may ask us to allocate: 2 GiB, a thousand times
+# the bundled model. Shapes come from the file's JSON, so without a limit a few edited numbers
+# (a 10^6-wide hidden layer) make torch allocate 160 GB before any weight is checked.
+MAX_MODEL_BYTES = 2 * 2**30
 
 
 DEMO_MODEL_NAME = "hdmil-demo-v1.safetensors"
@@ -387,10 +392,7 @@ def load_model(
         raise CheckpointError(f"{path}: no DMIN in this checkpoint (it holds {', '.join(names)})")
     modules: dict[str, nn.Module] = {}
     for name in names:
-        try:
-            module = create_model(name, **config["modules"][name])
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot build {name} from its config ({e})") from None
+        module = build_module(path, name, config["modules"][name])
         _load_module(path, name, module, state)
         modules[name] = module.to(device).eval()
     stray = sorted(k for k in state if k.split(".", 1)[0] not in modules)
@@ -419,6 +421,74 @@ def load_model(
         sha256=_sha256(path),
         modules=modules,
     )
+
+
+def build_module(
+    path: str | os.PathLike, name: str, config: Any, bad: str | None = None
+) -> nn.Module:
+    """``create_model(name, **config)``, once its shapes are known to fit ``MAX_MODEL_BYTES``.
+
+    The module is first built on torch's meta device (shapes, no storage, no random draws) to
+    count its parameter bytes; CheckpointError naming ``path`` for a bad (``bad`` says how) or
+    too large config.
+    """
+    bad = bad or f"cannot build {name} from its config"
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: {bad} (not a JSON object)")
+    try:
+        size = _param_bytes(name, config)
+    except Exception as e:  # noqa: BLE001 - any failure to build from the file's JSON
+        raise CheckpointError(f"{path}: {bad} ({_first_line(e)})") from None
+    if size > MAX_MODEL_BYTES:
+        raise CheckpointError(
+            f"{path}: the {name} config asks for {size / 1e9:,.1f} GB of parameters, over the "
+            f"{MAX_MODEL_BYTES / 1e9:.1f} GB limit; refused before allocating it"
+        )
+    try:
+        return create_model(name, **config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {bad} ({_first_line(e)})") from None
+
+
+class _CPUSchedules(TorchFunctionMode):
+    """Inside ``torch.device("meta")``: ``torch.linspace`` of up to ``_MAX_STEPS`` still runs on
+    the CPU, because init code reads such schedules as numbers (per-block drop-path rates)."""
+
+    _MAX_STEPS = 1 << 16
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.linspace:
+            steps = args[2] if len(args) > 2 else kwargs.get("steps", 0)
+            if isinstance(steps, int) and steps <= self._MAX_STEPS:
+                kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def _param_bytes(name: str, config: dict[str, Any]) -> int:
+    """Bytes of the state dict ``create_model(name, **config)`` would hold, built on "meta"."""
+    if name == "slpd":
+        # SLPD's teacher is a deep copy of its student, which meta tensors refuse: count the
+        # student twice (plus the small center buffer).
+        from hdmil.models.slpd import SLPDNet
+
+        cfg = SLPDConfig.from_dict(config)
+        cfg.validate()
+        with torch.device("meta"), _CPUSchedules():
+            parts = [SLPDNet(cfg)] * 2
+        extra = 4 * int(cfg.out_dim)
+    else:
+        with torch.device("meta"), _CPUSchedules():
+            parts = [create_model(name, **config)]
+        extra = 0
+    return extra + sum(
+        t.numel() * t.element_size() for m in parts for t in m.state_dict().values()
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- SLPD
@@ -523,9 +593,6 @@ def load_slpd(path: str | os.PathLike, device: str | torch.device | None = None)
     """An SLPD model (student + teacher, eval mode) from a checkpoint; executes no code."""
     path = Path(path)
     meta = read_slpd_metadata(path)
-    try:
-        model = create_model("slpd", **meta["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: bad SLPD config in checkpoint ({exc})") from exc
+    model = build_module(path, "slpd", meta.get("config"), bad="bad SLPD config in checkpoint")
     restore_slpd(path, model)
     return model.to(device or "cpu").eval()

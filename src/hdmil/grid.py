@@ -23,6 +23,7 @@ import numpy as np
 from scipy import sparse
 
 from hdmil.errors import SlideError, check_cancelled
+from hdmil.slide import MAX_WINDOW_PIXELS, MPP_RANGE, check_mpp, check_overview_size
 from hdmil.tissue import TissueParams, tissue_mask
 
 __all__ = ["PatchGrid", "build_grid", "patch_size_level0", "read_lr_image", "target_mpp"]
@@ -31,6 +32,10 @@ Progress = Callable[[str, int, int], Any]
 
 # Source pixels per band while streaming a level into the LR image (≈ 24 MB uint8, 96 MB float).
 _BAND_PIXELS = 8_000_000
+# A patch's side in level-0 px: below 16 px the LR patch (16 px) would be larger than the patch
+# it summarises (--mpp 100 gives 1 px patches, an LR image 256x the slide); above 16384 px one
+# patch is an 800 MB read (a unit mix-up the other way; 0.05 µm/px gives 2560 px at 20x).
+PATCH_LEVEL0_RANGE = (16, 16384)
 
 
 def target_mpp(magnification: float) -> float:
@@ -203,6 +208,7 @@ def build_grid(
     lr_px = _lr_patch_px(patch_px, magnification, lr_magnification)
 
     ps0 = patch_size_level0(mpp, patch_px, magnification, snap)
+    _check_patch_size(slide, ps0, mpp, patch_px, magnification)
     w, h = (int(v) for v in slide.dimensions)
     rows, cols = h // ps0, w // ps0
     name = str(getattr(slide, "name", "") or "")
@@ -258,12 +264,21 @@ def _grid_mpp(slide, mpp: float | None) -> float:
     """The level-0 µm/px to build the grid with: the one given, else the slide's own."""
     if mpp is None:
         mpp = slide.require_mpp()
-    mpp = float(mpp)
-    if not (math.isfinite(mpp) and mpp > 0):
-        raise SlideError(
-            f"{_where(slide)}: mpp must be a positive number of µm per pixel, not {mpp}"
-        )
-    return mpp
+    return check_mpp(mpp, _where(slide))
+
+
+def _check_patch_size(slide, ps0: int, mpp: float, patch_px: int, magnification: float) -> None:
+    """SlideError unless a patch is ``PATCH_LEVEL0_RANGE`` level-0 px: says which mpp would do."""
+    lo, hi = PATCH_LEVEL0_RANGE
+    if lo <= ps0 <= hi:
+        return
+    um = patch_px * target_mpp(magnification)  # the patch's side in µm
+    mpp_lo, mpp_hi = max(MPP_RANGE[0], um / hi), min(MPP_RANGE[1], um / lo)
+    raise SlideError(
+        f"{_where(slide)}: at {mpp:.6g} µm/px a {patch_px} px patch at {magnification:g}x "
+        f"({um:g} µm) is {ps0:.6g} level-0 px; it must be {lo} to {hi} px, so the level-0 mpp "
+        f"must be {mpp_lo:.3g} to {mpp_hi:.3g} µm/px for this magnification"
+    )
 
 
 def _lr_patch_px(patch_px: int, magnification: float, lr_magnification: float) -> int:
@@ -308,6 +323,7 @@ def read_lr_image(
     memory whole. Returns uint8 (H, W, 3).
     """
     out_h, out_w = (int(v) for v in size_hw)
+    check_overview_size(slide, (out_w, out_h), "low-resolution image")
     out = np.empty((out_h, out_w, 3), np.uint8)
     if out_h == 0 or out_w == 0:
         return out
@@ -316,6 +332,11 @@ def read_lr_image(
     ds = float(slide.level_downsamples[level])
     s = scale / ds  # source px of this level per output px
     src_w = math.ceil(out_w * s - 1e-9)
+    if src_w * max(s, 1.0) > MAX_WINDOW_PIXELS:  # even one output row is too much to decode
+        raise SlideError(
+            f"{_where(slide)}: one row of the low-resolution image needs {src_w} x {math.ceil(s)} "
+            f"px of level {level}, more than the {MAX_WINDOW_PIXELS // 2**20} MP decoded at once"
+        )
     ax = _area_matrix(out_w, s, 0, src_w)
     band_rows = max(1, int(_BAND_PIXELS // max(1, src_w * max(s, 1.0))))
     starts = list(range(0, out_h, band_rows))

@@ -27,10 +27,18 @@ import numpy as np
 from hdmil.errors import MissingMPPError, SlideError
 
 __all__ = [
+    "MAX_OVERVIEW_PIXELS",
+    "MAX_OVERVIEW_SIDE",
+    "MAX_THUMBNAIL_SOURCE_PIXELS",
+    "MAX_WINDOW_PIXELS",
+    "MPP_RANGE",
     "OPENSLIDE_EXTENSIONS",
     "SLIDE_EXTENSIONS",
     "TIFF_EXTENSIONS",
     "Slide",
+    "check_decodable",
+    "check_mpp",
+    "check_overview_size",
     "open_slide",
 ]
 
@@ -45,6 +53,24 @@ _OPENSLIDE_HINT = "install the OpenSlide backend: pip install napari-hdmil[opens
 # Out-of-bounds fill: white, like glass. (tiffslide pads with 0; OpenSlide gives transparent
 # pixels, which we composite on white.)
 _WHITE = 255
+
+# Level-0 µm per pixel a scan can plausibly have: 0.05 is finer than a 100x oil objective
+# (~0.1 µm/px), 20 coarser than any overview camera. Outside it an mpp is a typo (--mpp 100 gives
+# 1 px patches and an LR image larger than the slide) or a unit mix-up.
+MPP_RANGE = (0.05, 20.0)
+# The most pixels decoded for one overview (the tissue LR image, a thumbnail): 64 MP = 192 MB of
+# RGB. A whole 75 x 25 mm glass slide at 1.25x (8 µm/px) is 9375 x 3125 px = 29 MP, so only a
+# header lying about the slide's size reaches it; without this cap such a header (10^6 x 10^6 px)
+# makes us allocate an 11 GiB LR image.
+MAX_OVERVIEW_PIXELS = 64 * 2**20
+# ... and at most 65536 px a side (524 mm at 8 µm/px), so its resampling weights stay small too.
+MAX_OVERVIEW_SIDE = 65536
+# The most pixels one window or one tile may hold when decoded at once (same 64 MP): a level
+# stored as a single huge strip or tile would otherwise be decoded whole for any read.
+MAX_WINDOW_PIXELS = 64 * 2**20
+# The largest level a thumbnail decodes (strided, tile by tile): 1 GP, a 32k x 32k slide without
+# a pyramid. A header claiming 10^6 x 10^6 px with no pyramid would mean a million-tile graph.
+MAX_THUMBNAIL_SOURCE_PIXELS = 2**30
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None, backend: str = "auto") -> Slide:
@@ -73,8 +99,8 @@ class Slide:
         self.name = self.path.stem
         if backend not in ("auto", "tiffslide", "openslide"):
             raise ValueError(f"backend must be 'auto', 'tiffslide' or 'openslide': {backend!r}")
-        if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-            raise SlideError(f"{self.path}: mpp must be a positive number of µm/px, not {mpp}")
+        if mpp is not None:
+            check_mpp(mpp, self.path)
         _check_file(self.path)
 
         suffix = self.path.suffix.lower()
@@ -109,6 +135,8 @@ class Slide:
             w0 / w for w, _ in self.level_dimensions
         )
         self.tile_sizes: tuple[tuple[int, int], ...] = self._impl.tile_sizes
+        # Each level's codec ("JPEG, Compression tag 7"), None where the backend does not say.
+        self.compressions: tuple[str | None, ...] = self._impl.compressions
         self.mpp: float | None = float(mpp) if mpp is not None else self._impl.mpp
         self.objective_power: float | None = self._impl.objective_power
         self.vendor: str | None = self._impl.vendor
@@ -200,6 +228,7 @@ class Slide:
         # Level-0 → level coordinates the way tiffslide does (floor of x / downsample).
         x = math.floor(location[0] / ds)
         y = math.floor(location[1] / ds)
+        self._check_window(level, w, h)
         lw, lh = self.level_dimensions[level]
         out = np.full((h, w, 3), _WHITE, dtype=np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
@@ -220,7 +249,16 @@ class Slide:
         w0, h0 = self.dimensions
         scale = max(w0 / mw, h0 / mh, 1.0)
         out_w, out_h = max(1, round(w0 / scale)), max(1, round(h0 / scale))
+        check_overview_size(self, (out_w, out_h), "thumbnail")
         level = self.best_level_for_downsample(scale)
+        self._check_window(level, 0, 0)  # its tiles: dask decodes them one at a time
+        lw, lh = self.level_dimensions[level]
+        if lw * lh > MAX_THUMBNAIL_SOURCE_PIXELS:
+            raise SlideError(
+                f"{self.path}: a thumbnail would decode level {level} of {lw} x {lh} px, over the "
+                f"{_mp(MAX_THUMBNAIL_SOURCE_PIXELS)} cap; the slide has no pyramid level small "
+                "enough"
+            )
         arr = self.level_array(level)
         step = max(1, int(scale / self.level_downsamples[level]))
         # Stride first (cheap), then a proper resize to the exact size.
@@ -237,6 +275,22 @@ class Slide:
         if self._closed:
             raise SlideError(f"{self.path}: the slide was closed")
 
+    def _check_window(self, level: int, w: int, h: int) -> None:
+        """SlideError when a ``w`` x ``h`` window of ``level``, or one of the tiles it is decoded
+        from, holds more than ``MAX_WINDOW_PIXELS``: a header must not size our allocations."""
+        tw, th = self.tile_sizes[level]
+        if w * h > MAX_WINDOW_PIXELS:
+            raise SlideError(
+                f"{self.path}: a window of {w} x {h} px would be decoded at once, more than the "
+                f"{_mp(MAX_WINDOW_PIXELS)} cap; read it in tiles"
+            )
+        if tw * th > MAX_WINDOW_PIXELS:
+            raise SlideError(
+                f"{self.path}: level {level}'s tiles of {tw} x {th} px would be decoded whole for "
+                f"any read, more than the {_mp(MAX_WINDOW_PIXELS)} cap; the file is not a tiled "
+                "slide we can read"
+            )
+
     def _check_level(self, level: int) -> int:
         level = int(level)
         if level < 0:
@@ -248,6 +302,65 @@ class Slide:
 
 # ---------------------------------------------------------------------------------------------
 # input checks
+
+
+def check_mpp(mpp: float, where: object = "slide") -> float:
+    """``mpp`` as a float, or SlideError (naming ``where``) unless it is within ``MPP_RANGE``."""
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError):
+        raise SlideError(f"{where}: mpp must be a number of µm per pixel, not {mpp!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise SlideError(f"{where}: mpp must be a positive number of µm per pixel, not {value:.6g}")
+    lo, hi = MPP_RANGE
+    if not lo <= value <= hi:
+        raise SlideError(
+            f"{where}: mpp {value:.6g} µm/px is outside the plausible range of a scan's level-0 "
+            f"pixel size ({lo:g} to {hi:g} µm/px; 0.25 is 40x, 0.5 is 20x)"
+        )
+    return value
+
+
+def check_decodable(slide: Slide) -> None:
+    """Decode one tile of every level; SlideError naming the level and its codec when one fails.
+
+    Opening reads only the header, so a slide whose pixels no decoder here reads (an unknown or
+    unsupported compression) would otherwise open fine and fail on every patch later.
+    """
+    for level, (lw, lh) in enumerate(slide.level_dimensions):
+        tw, th = slide.tile_sizes[level]
+        size = (max(1, min(tw, lw)), max(1, min(th, lh)))
+        try:
+            slide.read_region((0, 0), level, size)
+        except SlideError as exc:
+            codec = slide.compressions[level]
+            why = _short(exc.__cause__) if exc.__cause__ is not None else str(exc)
+            using = f" (codec {codec})" if codec else ""
+            raise SlideError(
+                f"{slide.path}: the pixels of level {level} cannot be decoded{using}: {why}"
+            ) from exc
+
+
+def _mp(pixels: float) -> str:
+    """Pixels as megapixels for messages: ``64 MP``."""
+    return f"{pixels / 2**20:,.0f} MP"
+
+
+def check_overview_size(slide: Any, size_wh: tuple[int, int], what: str = "overview") -> None:
+    """SlideError when an overview of ``size_wh`` px of ``slide`` (its tissue LR image, a
+    thumbnail) is over ``MAX_OVERVIEW_PIXELS``: only a header lying about the size gets there."""
+    w, h = (int(v) for v in size_wh)
+    if w * h > MAX_OVERVIEW_PIXELS or max(w, h) > MAX_OVERVIEW_SIDE:
+        sw, sh = slide.dimensions
+        raise SlideError(
+            f"{_where_of(slide)}: its {what} would be {w} x {h} px ({_mp(w * h)}), over the cap "
+            f"of {_mp(MAX_OVERVIEW_PIXELS)} and {MAX_OVERVIEW_SIDE} px a side; the header claims "
+            f"{sw} x {sh} px, more than a glass slide holds at this mpp"
+        )
+
+
+def _where_of(slide: Any) -> str:
+    return str(getattr(slide, "path", None) or getattr(slide, "name", None) or "slide")
 
 
 def _check_file(path: Path) -> None:
@@ -334,6 +447,7 @@ class _Backend:
     level_dimensions: tuple[tuple[int, int], ...]
     level_downsamples: tuple[float, ...] | None
     tile_sizes: tuple[tuple[int, int], ...]
+    compressions: tuple[str | None, ...]
     mpp: float | None
     objective_power: float | None
     vendor: str | None
@@ -349,6 +463,9 @@ class _TiffSlideBackend(_Backend):
     def __init__(self, path: Path) -> None:
         import tiffslide
 
+        from hdmil.reading import quiet_zarr_orphans
+
+        quiet_zarr_orphans()  # a corrupt tile: one SlideError line, not zarr's orphaned tasks
         super().__init__()
         self.path = path
         try:
@@ -380,6 +497,7 @@ class _TiffSlideBackend(_Backend):
         self.level_downsamples = tuple(float(d) for d in self._ts.level_downsamples)
         yx = (0, 1) if axes != "CYX" else (1, 2)
         self.tile_sizes = tuple((int(a.chunks[yx[1]]), int(a.chunks[yx[0]])) for a in arrays)
+        self.compressions = _tiff_compressions(self._ts, props, len(arrays))
         self.mpp = _mpp_or_none(props.get("tiffslide.mpp-x"))
         self.objective_power = _float_or_none(props.get("tiffslide.objective-power"))
         vendor = props.get("tiffslide.vendor")
@@ -411,6 +529,9 @@ class _TiffSlideBackend(_Backend):
             else:
                 win = np.asarray(z[y0:y1, x0:x1])
         except Exception as exc:
+            from hdmil.reading import settle_zarr_reads
+
+            settle_zarr_reads()  # its other chunk reads, else each is a traceback at exit
             raise SlideError(
                 f"{self.path}: cannot decode level {level} at ({x0}, {y0}): {_short(exc)}"
             ) from exc
@@ -466,6 +587,7 @@ class _OpenSlideBackend(_Backend):
             # Chunks of whole tiles, at least 256 px (MRXS tiles can be tiny): a small graph.
             tiles.append((_whole_tiles(tw), _whole_tiles(th)))
         self.tile_sizes = tuple(tiles)
+        self.compressions = (None,) * len(tiles)
         self.mpp = _mpp_or_none(props.get("openslide.mpp-x"))
         self.objective_power = _float_or_none(props.get("openslide.objective-power"))
         self.vendor = props.get("openslide.vendor") or None
@@ -507,6 +629,24 @@ class _OpenSlideBackend(_Backend):
 
     def close(self) -> None:
         self._os.close()
+
+
+def _tiff_compressions(ts: Any, props: Mapping[str, Any], n: int) -> tuple[str | None, ...]:
+    """Each level's codec from its first page's Compression tag; None when it cannot be read."""
+    import tifffile
+
+    try:
+        series = ts.ts_tifffile.series[int(props.get("tiffslide.series-index") or 0)]
+        codes = [int(lv.pages[0].tags["Compression"].value) for lv in series.levels[:n]]
+    except Exception:  # noqa: BLE001 - only a label for messages: never stop a slide opening
+        return (None,) * n
+    names: list[str | None] = []
+    for code in codes:
+        try:
+            names.append(f"{tifffile.COMPRESSION(code).name}, Compression tag {code}")
+        except ValueError:
+            names.append(f"unknown, Compression tag {code}")
+    return tuple(names + [None] * (n - len(names)))
 
 
 def _try_openslide(path: Path) -> _OpenSlideBackend | None:

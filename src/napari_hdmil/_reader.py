@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from hdmil.errors import HDMILError
-from hdmil.slide import SLIDE_EXTENSIONS, Slide, open_slide
+from hdmil.errors import HDMILError, SlideError
+from hdmil.slide import SLIDE_EXTENSIONS, Slide, check_decodable, open_slide
 
 LayerData = tuple[Any, dict[str, Any], str]
 ReaderFunction = Callable[[Any], list[LayerData]]
@@ -23,6 +24,10 @@ ReaderFunction = Callable[[Any], list[LayerData]]
 # changed on disk gets a new key (the old Slide stays alive only while a layer still uses it).
 _SLIDES: dict[tuple[str, int, int], Slide] = {}
 _LOCK = threading.Lock()
+# napari decodes a multiscale layer's smallest level whole (its overview and thumbnail): 256 MP
+# is 768 MB of RGB. A real pyramid ends far below it; a header claiming 10^6 x 10^6 px with no
+# pyramid would hang napari for minutes and exhaust memory.
+MAX_SMALLEST_LEVEL_PIXELS = 256 * 2**20
 
 
 def get_reader(path: str | os.PathLike | list) -> ReaderFunction | None:
@@ -31,7 +36,11 @@ def get_reader(path: str | os.PathLike | list) -> ReaderFunction | None:
         p = _single_path(path)
         if p is None or p.suffix.lower() not in SLIDE_EXTENSIONS or not p.is_file():
             return None
-        cached_slide(p)  # the cheap check: the header parses, the levels are there
+        cached_slide(p)  # the header parses, one tile per level decodes, the pyramid is viewable
+    except HDMILError as exc:
+        # napari then says no reader opens the file; the warning says why (a notification)
+        warnings.warn(str(exc), stacklevel=2)
+        return None
     except Exception:  # noqa: BLE001 - a reader check must never raise into napari
         return None
     return read_slide
@@ -93,8 +102,27 @@ def cached_slide(path: str | os.PathLike) -> Slide:
         if slide is None or slide._closed:
             for old in [k for k in _SLIDES if k[0] == key[0]]:
                 del _SLIDES[old]  # stale version of a changed file; layers keep their own ref
-            slide = open_slide(p)
+            slide = _open_viewable(p)
             _SLIDES[key] = slide
+    return slide
+
+
+def _open_viewable(path: Path) -> Slide:
+    """The open slide, or SlideError when napari could not show it: a level that does not
+    decode (``check_decodable``) or a smallest level too large to be decoded whole."""
+    slide = open_slide(path)
+    try:
+        check_decodable(slide)
+        w, h = slide.level_dimensions[-1]
+        if w * h > MAX_SMALLEST_LEVEL_PIXELS:
+            raise SlideError(
+                f"{slide.path}: its smallest pyramid level is {w} x {h} px, which napari would "
+                f"decode whole; over the {MAX_SMALLEST_LEVEL_PIXELS // 2**20} MP cap (the slide "
+                "has no usable pyramid)"
+            )
+    except BaseException:
+        slide.close()
+        raise
     return slide
 
 

@@ -60,9 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def slide_info(path: Path, mpp: float | None = None, tissue: bool = True) -> dict[str, Any]:
     """Everything ``hdmil info`` shows, as a JSON-able dict."""
-    from hdmil.slide import open_slide
+    from hdmil.slide import check_decodable, open_slide
 
     with open_slide(path, mpp=mpp) as slide:
+        check_decodable(slide)  # one tile per level: an unreadable codec fails here, not later
         w, h = slide.dimensions
         info: dict[str, Any] = {
             "path": str(slide.path),

@@ -12,8 +12,8 @@ import numpy as np
 from hdmil.errors import CheckpointError, HDMILError
 
 __all__ = [
-    "check_model", "check_slpd_dims", "encoder_for", "fit_encoder", "instances_of", "lipn_applies",
-    "slpd_for", "slpd_label", "warm_up",
+    "check_model", "check_slpd_dims", "encoder_for", "encoder_weights_path", "fit_encoder",
+    "instances_of", "lipn_applies", "slpd_for", "slpd_label", "warm_up",
 ]
 
 
@@ -43,8 +43,8 @@ def encoder_for(model: Any, device: Any) -> Any:
     """The encoder the checkpoint's DMIN was trained on.
 
     The config names the architecture (``encoder``); when it also names a weights file
-    (``encoder_weights``, relative to the checkpoint's folder) those weights are loaded, and a
-    missing file is an error rather than a silent fall-back to other weights.
+    (``encoder_weights``, see ``encoder_weights_path``) those weights are loaded, and a missing
+    file is an error rather than a silent fall-back to other weights.
     """
     from hdmil.features import create_encoder
 
@@ -56,17 +56,45 @@ def encoder_for(model: Any, device: Any) -> Any:
         )
     try:
         if weights:
-            path = Path(str(ckpt)).parent / str(weights)
-            if not path.is_file():
-                raise CheckpointError(
-                    f"{ckpt}: the encoder weights it names ({weights}) are not beside it at {path}"
-                )
+            path = encoder_weights_path(model)
             return create_encoder(name, weights=path, device=device)
         return create_encoder(name, pretrained=model.encoder_pretrained, device=device)
     except CheckpointError:
         raise
     except HDMILError as exc:
         raise CheckpointError(f"{ckpt}: encoder {name!r}: {exc}") from exc
+
+
+def encoder_weights_path(model: Any) -> Path:
+    """The encoder weights file a checkpoint names, checked before anything opens it.
+
+    ``encoder_weights`` must be a plain file name, resolved beside the checkpoint: a config is
+    data from the file, and must not make us read ``/etc/passwd`` or ``../../x``. A path (absolute,
+    with a separator or ``..``) is accepted only when the config also records the file's SHA-256
+    (``encoder_weights_sha256``) and the file matches it. A recorded hash is checked either way.
+    """
+    from hdmil.checkpoint import file_sha256
+
+    ckpt, weights = model.path, str(model.encoder_weights)
+    expected = str(model.config.get("encoder_weights_sha256") or "").lower()
+    plain = weights not in ("", ".", "..") and Path(weights).name == weights and "\\" not in weights
+    if not plain and not expected:
+        raise CheckpointError(
+            f"{ckpt}: the encoder weights it names ({weights!r}) must be a plain file name beside "
+            "the checkpoint (no folder, no '..'), or come with encoder_weights_sha256; refused"
+        )
+    path = Path(weights) if Path(weights).is_absolute() else Path(str(ckpt)).parent / weights
+    if not path.is_file():
+        where = "beside it at" if plain else "at"
+        raise CheckpointError(
+            f"{ckpt}: the encoder weights it names ({weights}) are not {where} {path}"
+        )
+    if expected and file_sha256(path) != expected:
+        raise CheckpointError(
+            f"{ckpt}: the encoder weights at {path} do not match the SHA-256 the checkpoint "
+            f"records ({expected[:12]}...); refused"
+        )
+    return path
 
 
 def _named_slpd_path(model: Any) -> Path:

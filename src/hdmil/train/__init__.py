@@ -8,14 +8,31 @@
     print(table.format())
 """
 
-from hdmil.train.data import Bag, BagDataset, Cohort, load_cohort, read_labels
-from hdmil.train.config import AttentionShare, DMINTrainConfig, LIPNTrainConfig, RecallShare
-from hdmil.train.dmin_trainer import train_dmin
-from hdmil.train.evaluate import EvalResult, FoldTable, evaluate_folds, evaluate_model
-from hdmil.train.lipn_trainer import train_lipn
-from hdmil.train.loop import TrainResult
-from hdmil.train.metrics import auc, classification_metrics, mean_std
-from hdmil.train.splits import Split, make_splits, read_split_csv, read_splits, write_splits
+import importlib
+from typing import Any
+
+# Names load on first use (PEP 562): the CLI reads the configs and options table to build its
+# parser without importing torch, so `hdmil info` stays small.
+_HOME = {
+    "hdmil.train.data": ("Bag", "BagDataset", "Cohort", "load_cohort", "read_labels"),
+    "hdmil.train.config": ("AttentionShare", "DMINTrainConfig", "LIPNTrainConfig", "RecallShare"),
+    "hdmil.train.dmin_trainer": ("train_dmin",),
+    "hdmil.train.evaluate": ("EvalResult", "FoldTable", "evaluate_folds", "evaluate_model"),
+    "hdmil.train.lipn_trainer": ("train_lipn",),
+    "hdmil.train.loop": ("TrainResult",),
+    "hdmil.train.metrics": ("auc", "classification_metrics", "mean_std"),
+    "hdmil.train.splits": ("Split", "make_splits", "read_split_csv", "read_splits", "write_splits"),
+}
+_MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'hdmil.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AttentionShare",
