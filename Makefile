@@ -55,7 +55,7 @@ model: venv
 	$(PY) -m hdmil.cli recipe demo --out out/demo-model --install
 
 # Every benchmark in turn, each printing its table (the viewer starts its own Xvfb when needed).
-BENCHMARKS := viewer reading features hierarchical accuracy batch slpd
+BENCHMARKS := viewer reading features allocator hierarchical accuracy batch slpd
 benchmarks: venv system-deps
 	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done
 
