@@ -222,6 +222,15 @@ def test_top_k_and_points_at_patch_centres():
     np.testing.assert_allclose(centre_px, (y0 + (PS0 - 1) / 2, x0 + (PS0 - 1) / 2), atol=1e-6)
 
 
+def test_bottom_k_never_repeats_a_top_k_patch():
+    r = _result()  # tumor pooled rows 1, 3, 5 (attention 0.2, 0.5, 0.3)
+    assert list(_layers.top_k(r, "tumor", 2)) == [3, 5]
+    assert list(_layers.bottom_k(r, "tumor", 2)) == [1]  # the lowest two would repeat row 5
+    assert list(_layers.bottom_k(r, "tumor", 1)) == [1]
+    data, kwargs, _ = _layers.topk_layer(r, "tumor", 2, lowest=True)
+    assert kwargs["metadata"]["rows"] == [1] and data.shape == (1, 2)
+
+
 def test_result_layers_names_and_visibility():
     r = _result()
     layers = _layers.result_layers(r, k=2)
@@ -229,6 +238,11 @@ def test_result_layers_names_and_visibility():
     assert names == ["LIPN decision", "attention: normal", "attention: tumor", "bottom-k: tumor", "top-k: tumor"]
     visible = {kw["name"]: kw["visible"] for _, kw, kind in layers if kind == "image"}
     assert visible == {"attention: normal": False, "attention: tumor": True}  # the predicted class
+    lipn = layers[0][1]
+    assert not lipn["visible"] and lipn["metadata"]["outline"]  # one overlay at a time: the heatmap
+    assert all(kw["units"] == ("µm", "µm") for _, kw, _ in layers)
+    r.use_lipn = False  # HDMIL†: no LIPN decision to show
+    assert [kw["name"] for _, kw, _ in _layers.result_layers(r, k=2)][0] == "attention: normal"
 
 
 def test_result_warnings():

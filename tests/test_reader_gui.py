@@ -141,3 +141,10 @@ def test_viewer_open_bad_file_is_an_error_not_a_crash(make_napari_viewer, broken
     with pytest.raises(Exception, match="broken.svs"):
         viewer.open(str(broken_slide), plugin="napari-hdmil")
     assert len(viewer.layers) == 0
+
+
+def test_slide_layer_is_in_micrometres_when_the_file_has_mpp(cmu_slide):
+    from napari_hdmil._reader import read_slide
+
+    (_, kwargs, _), = read_slide(str(cmu_slide))
+    assert kwargs["units"] == ("µm", "µm") and kwargs["scale"][0] < 1.0

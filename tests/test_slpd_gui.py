@@ -17,6 +17,7 @@ from hdmil.features.io import write_features
 from hdmil.models.slpd import slpd_config
 from hdmil.slpd_index import prototype_map, similar_slides
 from hdmil.train.slpd_trainer import pretrain_slpd
+from napari_hdmil._qt.layer_store import layer_name
 from napari_hdmil._widget import HDMILWidget
 
 pytestmark = pytest.mark.gui
@@ -102,7 +103,7 @@ def test_prototype_map_similar_list_and_open(viewer_widget, cohort, qtbot, error
     # ---- prototype map: values of prototype_map, one pixel per region, aligned in µm
     _click(qtbot, w.protomap_button)
     assert errors() == []
-    layer = viewer.layers["prototype map"]
+    layer = viewer.layers[layer_name("prototype map", "slide_a")]  # named for its slide
     assert type(layer).__name__ == "Labels"
     pmap = prototype_map(feats / "slide_a.h5")
     np.testing.assert_array_equal(np.asarray(layer.data), pmap.labels)
@@ -121,7 +122,7 @@ def test_prototype_map_similar_list_and_open(viewer_widget, cohort, qtbot, error
 
     # pressing it again replaces the layer instead of stacking a second one
     _click(qtbot, w.protomap_button)
-    assert [lay.name for lay in viewer.layers].count("prototype map") == 1
+    assert [lay.name for lay in viewer.layers].count(layer_name("prototype map", "slide_a")) == 1
 
     # ---- similar slides: the other slides, scores of similar_slides, best first
     _click(qtbot, w.similar_button)
@@ -157,7 +158,7 @@ def test_slide_without_slpd_outputs_notifies_and_widget_stays_usable(viewer_widg
     _click(qtbot, w.protomap_button)
     msgs = errors()[before:]
     assert len(msgs) == 1 and "lonely" in msgs[0] and "pretrain-slpd" in msgs[0]
-    assert "prototype map" not in [lay.name for lay in viewer.layers]
+    assert not any(lay.name.startswith("prototype map") for lay in viewer.layers)
 
     before = len(errors())
     _click(qtbot, w.similar_button)
@@ -173,7 +174,7 @@ def test_slide_without_slpd_outputs_notifies_and_widget_stays_usable(viewer_widg
     _click(qtbot, w.similar_button)
     msgs = errors()[before:]
     assert len(msgs) == 2 and all("small.h5" in m and "no SLPD prototypes" in m for m in msgs)
-    assert "prototype map" not in [lay.name for lay in viewer.layers]
+    assert not any(lay.name.startswith("prototype map") for lay in viewer.layers)
     assert w.similar_list.count() == 0
 
     # still usable: open a slide with outputs, pick it, and both actions work
@@ -183,5 +184,5 @@ def test_slide_without_slpd_outputs_notifies_and_widget_stays_usable(viewer_widg
     _click(qtbot, w.protomap_button)
     _click(qtbot, w.similar_button)
     assert errors()[before:] == []
-    assert "prototype map" in [lay.name for lay in viewer.layers]
+    assert layer_name("prototype map", "slide_b") in [lay.name for lay in viewer.layers]
     assert w.similar_list.count() == 2  # a and c; small has no prototypes

@@ -15,10 +15,18 @@ from qtpy.QtCore import QTimer
 
 from napari_hdmil import _layers
 from napari_hdmil._messages import Progress
+from napari_hdmil._qt.layer_store import layer_name
 from napari_hdmil._widget import HDMILWidget
 from test_layers import SLOW, SLOW_CALLS, make_checkpoint
 
 pytestmark = pytest.mark.gui
+
+CMU = "CMU-1-Small-Region"
+
+
+def _n(base: str, slide: str = CMU) -> str:
+    """A result layer's name: named for its slide."""
+    return layer_name(base, slide)
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +72,11 @@ def test_run_all_layers_aligned_panel_and_controls(viewer_widget, qtbot, ckpts, 
     assert r is not None and 0 < r.n_kept < r.n_patches
 
     names = {layer.name for layer in viewer.layers}
-    assert {"LIPN decision", "attention: normal", "attention: tumor", "top-k: " + r.prediction,
-            "bottom-k: " + r.prediction} <= names  # fmt: skip
-    lipn = viewer.layers["LIPN decision"]
-    heat = viewer.layers[f"attention: {r.prediction}"]
-    assert heat.visible and not viewer.layers[f"attention: {r.classes[1 - r.prediction_index]}"].visible
+    assert {_n("LIPN decision"), _n("attention: normal"), _n("attention: tumor"), _n("top-k: " + r.prediction),
+            _n("bottom-k: " + r.prediction)} <= names  # fmt: skip
+    lipn = viewer.layers[_n("LIPN decision")]
+    heat = viewer.layers[_n(f"attention: {r.prediction}")]
+    assert heat.visible and not viewer.layers[_n(f"attention: {r.classes[1 - r.prediction_index]}")].visible
     assert tuple(heat.contrast_limits) == (0.0, 1.0) and heat.metadata["model_sha256"] == r.model_sha256
 
     # a kept patch's world position equals its level-0 coordinates x mpp (the slide layer's pixels)
@@ -83,7 +91,7 @@ def test_run_all_layers_aligned_panel_and_controls(viewer_widget, qtbot, ckpts, 
             world = slide.data_to_world((y0 + dy, x0 + dy))
             assert _cell(heat, world) == (row, col) and _cell(lipn, world) == (row, col)
         assert lipn.data[row, col] == 2 and np.isfinite(heat.data[row, col]) == r.lipn_mask[i, r.prediction_index]
-    top = viewer.layers["top-k: " + r.prediction]
+    top = viewer.layers[_n("top-k: " + r.prediction)]
     assert len(top.data) == min(8, np.isfinite(r.attention[:, r.prediction_index]).sum())
     np.testing.assert_allclose(top.features["attention"], np.sort(r.attention[:, r.prediction_index][
         np.isfinite(r.attention[:, r.prediction_index])])[::-1][: len(top.data)])  # fmt: skip
@@ -101,8 +109,8 @@ def test_run_all_layers_aligned_panel_and_controls(viewer_widget, qtbot, ckpts, 
     # heatmap controls update the same layers in place
     other = r.classes[1 - r.prediction_index]
     w.class_box.value = other
-    assert viewer.layers[f"attention: {other}"].visible and not heat.visible
-    assert top in viewer.layers and top.name == f"top-k: {other}"
+    assert viewer.layers[_n(f"attention: {other}")].visible and not heat.visible
+    assert top in viewer.layers and top.name == _n(f"top-k: {other}")
     np.testing.assert_array_equal(top.metadata["rows"], _layers.top_k(r, other, 8))
     before = heat.data.copy()
     w.threshold_slider.value = 0.5
@@ -111,7 +119,7 @@ def test_run_all_layers_aligned_panel_and_controls(viewer_widget, qtbot, ckpts, 
     w.norm_box.value = "raw"
     w.colormap_box.value = "viridis"
     w.opacity_slider.value = 0.3
-    assert heat.colormap.name == "viridis" and heat.opacity == pytest.approx(0.3)
+    assert heat.metadata["colormap"] == "viridis" and heat.colormap.name.startswith("viridis") and heat.opacity == pytest.approx(0.3)
     assert heat.metadata["normalisation"] == "raw"
 
     # gallery: thumbnails of the top and bottom patches; a click goes there
@@ -133,7 +141,9 @@ def test_screenshot_shows_heatmap_over_tissue(viewer_widget, qtbot, ckpts):
             layer.visible = False
     w.colormap_box.value = "viridis"
     w.opacity_slider.value = 1.0
-    heat = viewer.layers[f"attention: {w.result.prediction}"]
+    heat = viewer.layers[_n(f"attention: {w.result.prediction}")]
+    assert heat.colorbar.visible
+    heat.colorbar.visible = False  # its legend is drawn in heatmap colours beside the tissue
     viewer.reset_view()
 
     def shot():
@@ -212,14 +222,14 @@ def test_prescreen_then_classify(viewer_widget, qtbot, ckpts, errors):
     ps = w.prescreened
     assert ps is not None and w.result is None and errors() == []
     names = [layer.name for layer in viewer.layers]
-    assert "LIPN decision" in names and not any(n.startswith("attention") for n in names)
-    assert (viewer.layers["LIPN decision"].data == 2).sum() == ps.n_kept > 0
+    assert _n("LIPN decision") in names and not any(n.startswith("attention") for n in names)
+    assert (viewer.layers[_n("LIPN decision")].data == 2).sum() == ps.n_kept > 0
     assert w.progress_bars["features"].value() == 0  # nothing read at 20x
     assert w.classify_button.isEnabled()
     _run(qtbot, w, "classify")
     assert w.result is not None and w.result.n_kept == ps.n_kept
-    assert f"attention: {w.result.prediction}" in [layer.name for layer in viewer.layers]
-    assert [layer.name for layer in viewer.layers].count("LIPN decision") == 1
+    assert _n(f"attention: {w.result.prediction}") in [layer.name for layer in viewer.layers]
+    assert [layer.name for layer in viewer.layers].count(_n("LIPN decision")) == 1
 
 
 def test_cancel_stops_within_one_batch_and_gui_keeps_ticking(viewer_widget, qtbot, ckpts):
@@ -287,7 +297,7 @@ def test_errors_become_notifications_and_the_widget_runs_again(viewer_widget, qt
     _run(qtbot, w)
     assert len(errors()) == 3 and w.result is not None
     assert w.result.slide_path == str(cmu_slide.resolve())
-    assert f"attention: {w.result.prediction}" in [layer.name for layer in viewer.layers]
+    assert _n(f"attention: {w.result.prediction}") in [layer.name for layer in viewer.layers]
 
 
 @pytest.mark.slow
@@ -304,4 +314,4 @@ def test_region_model_runs_without_lipn(viewer_widget, qtbot, tmp_path, errors):
     r = w.result
     assert r is not None and r.instances == "region" and not r.use_lipn
     assert r.n_read == r.n_patches and len(r.regions.coords) > 0
-    assert f"attention: {r.prediction}" in [layer.name for layer in viewer.layers]
+    assert _n(f"attention: {r.prediction}") in [layer.name for layer in viewer.layers]

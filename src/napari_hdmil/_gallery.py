@@ -34,7 +34,7 @@ def read_thumbnails(slide: Any, coords: np.ndarray, patch_size_level0: int, px: 
 
 def gallery_rows(result: Any, cls: int, k: int) -> np.ndarray:
     """int64 patch rows the gallery shows for class ``cls``: its top-k, then its bottom-k (once each)."""
-    rows = np.concatenate([_layers.top_k(result, cls, k), _layers.top_k(result, cls, k, lowest=True)])
+    rows = np.concatenate([_layers.top_k(result, cls, k), _layers.bottom_k(result, cls, k)])
     return np.array(list(dict.fromkeys(rows.tolist())), dtype=np.int64)
 
 

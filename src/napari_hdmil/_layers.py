@@ -14,6 +14,8 @@ hence ``translate = origin·mpp + (S − mpp)/2`` (see ``grid_placement``).
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,11 +26,17 @@ __all__ = [
     "LIPN_COLORS",
     "LIPN_LEGEND",
     "NORMALISATIONS",
+    "NORMALISATION_TITLES",
+    "UNITS",
+    "HeatmapImage",
     "LayerData",
     "PreScreen",
     "grid_placement",
+    "heatmap_colormap",
     "heatmap_data",
+    "heatmap_hover",
     "heatmap_layer",
+    "heatmap_limits",
     "layer_metadata",
     "lipn_decision",
     "lipn_layer",
@@ -37,13 +45,25 @@ __all__ = [
     "prototype_layer",
     "result_layers",
     "result_warnings",
+    "bottom_k",
     "top_k",
     "topk_layer",
 ]
 
 LayerData = tuple[Any, dict[str, Any], str]
 
-NORMALISATIONS = ("percentile", "raw")
+# The heatmap's scales. percentile and raw are per slide (0 = this slide's lowest, 1 = its
+# highest); relative and logit mean the same on every slide (see ``heatmap_values``).
+NORMALISATIONS = ("percentile", "raw", "relative", "logit")
+NORMALISATION_TITLES = {
+    "percentile": "rank on this slide (0-1)",
+    "raw": "attention, min-max on this slide (0-1)",
+    "relative": "attention × pooled patches (1 = average; same on every slide)",
+    "logit": "raw attention logit (same on every slide)",
+}
+RELATIVE_MAX = 4.0  # colour scale top of "relative": four times an average patch's attention
+# Every layer we make is in micrometres: the scale bar reads µm and layers mix with other µm layers.
+UNITS = ("µm", "µm")
 # LIPN decision values of the Labels layer; 0 is background, so "no tissue" stays transparent.
 NO_TISSUE, DISCARDED, KEPT, NEIGHBOUR = 0, 1, 2, 3
 LIPN_LEGEND = {
@@ -95,6 +115,7 @@ def layer_metadata(result: Any, class_name: str | None = None, kind: str = "") -
     return {
         "hdmil_layer": kind,
         "slide_path": result.slide_path,
+        "slide_name": slide_name_of(result),
         "class": class_name,
         "patch_size_um": float(grid.patch_size_level0) * mpp,
         "patch_size_level0": int(grid.patch_size_level0),
@@ -103,6 +124,12 @@ def layer_metadata(result: Any, class_name: str | None = None, kind: str = "") -
         "model_sha256": result.model_sha256,
         "method": "HDMIL" if result.use_lipn else "HDMIL†",
     }
+
+
+def slide_name_of(result: Any) -> str:
+    """The slide's name as our reader names its layer (the grid's), else the file's stem."""
+    name = result.grid.slide_name if result.grid is not None else ""
+    return str(name or (Path(str(result.slide_path)).stem if result.slide_path else ""))
 
 
 def _class_index(result: Any, cls: int | str) -> int:
@@ -128,8 +155,10 @@ def lipn_decision(result: Any) -> np.ndarray:
     return result.grid.to_raster(values, fill=NO_TISSUE).astype(np.uint8)
 
 
-def lipn_layer(result: Any, name: str = "LIPN decision") -> LayerData:
-    """Labels layer of LIPN's decision with a legend (``features``: the words for each value)."""
+def lipn_layer(result: Any, name: str = "LIPN decision", outline: bool = False, visible: bool = True) -> LayerData:
+    """Labels layer of LIPN's decision with a legend (``features``: the words for each value).
+    ``outline``: draw only the borders of the decision's areas (beside a heatmap, whose colours
+    filled areas would mix with)."""
     scale, translate = grid_placement(result.grid, result.mpp)
     meta = layer_metadata(result, kind="lipn")
     meta["legend"] = {int(k): v for k, v in LIPN_LEGEND.items()}
@@ -142,13 +171,18 @@ def lipn_layer(result: Any, name: str = "LIPN decision") -> LayerData:
         "name": name,
         "scale": scale,
         "translate": translate,
+        "units": UNITS,
         "colormap": dict(LIPN_COLORS),
         "opacity": 0.45,
         "blending": "translucent",
         "metadata": meta,
+        "visible": visible,
         # one row per label value: napari shows "decision: kept" in the status bar on hover
         "features": {"index": values, "decision": [LIPN_LEGEND[v] for v in values]},
     }
+    if outline:  # napari's Labels takes ``contour`` only once made: the layer store sets it
+        kwargs["opacity"] = 0.8
+        meta["outline"] = True
     return lipn_decision(result), kwargs, "labels"
 
 
@@ -177,18 +211,81 @@ def normalise_attention(values: np.ndarray, mode: str = "percentile", threshold:
 
             y = (rankdata(x) - 1.0) / (x.size - 1) if x.size > 1 else np.ones_like(x)
         else:
-            raise ValueError(f"normalisation must be one of {NORMALISATIONS}, not {mode!r}")
+            raise ValueError(f"normalisation must be one of {NORMALISATIONS[:2]}, not {mode!r}")
         out[ok] = y.astype(np.float32)
     if threshold > 0:
         out[out < threshold] = np.nan  # comparisons with NaN are False: NaN stays
     return out
 
 
-def heatmap_data(result: Any, cls: int | str, normalisation: str = "percentile", threshold: float = 0.0) -> np.ndarray:
-    """float32 (rows, cols) of class ``cls``'s normalised attention; NaN where it did not pool."""
+def heatmap_values(result: Any, cls: int | str, normalisation: str = "percentile") -> np.ndarray:
+    """float32 [N] what class ``cls``'s heatmap shows per patch, NaN where it did not pool.
+
+    percentile / raw: ``normalise_attention``. relative: attention × the number of pooled patches
+    (1 = the attention every patch would get if DMIN looked at all alike; independent of the
+    slide's size). logit: DMIN's raw attention logit before the softmax.
+    """
     c = _class_index(result, cls)
-    att = normalise_attention(np.asarray(result.attention)[:, c], normalisation, threshold)
-    return result.grid.to_raster(att, fill=np.nan).astype(np.float32)
+    att = np.asarray(result.attention, dtype=np.float64)[:, c]
+    pooled = np.isfinite(att)
+    if normalisation == "relative":
+        return (att * pooled.sum()).astype(np.float32)
+    if normalisation == "logit":
+        return np.where(pooled, np.asarray(result.scores, np.float64)[:, c], np.nan).astype(np.float32)
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, not {normalisation!r}")
+    return normalise_attention(att, normalisation)
+
+
+def heatmap_limits(result: Any, cls: int | str, normalisation: str = "percentile") -> tuple[float, float]:
+    """The heatmap's contrast limits: (0, 1) per slide, (0, RELATIVE_MAX) for relative, and for
+    logit the range of the class's logits on this slide (the colorbar says which)."""
+    if normalisation == "relative":
+        return (0.0, RELATIVE_MAX)
+    if normalisation != "logit":
+        return (0.0, 1.0)
+    v = heatmap_values(result, cls, "logit")
+    v = v[np.isfinite(v)]
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
+    return (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
+
+
+def heatmap_data(result: Any, cls: int | str, normalisation: str = "percentile", threshold: float = 0.0) -> np.ndarray:
+    """float32 (rows, cols) of class ``cls``'s heatmap values; NaN where it did not pool and below
+    ``threshold`` (a share of the colour scale: 0.5 hides the lower half)."""
+    c = _class_index(result, cls)
+    values = heatmap_values(result, c, normalisation)
+    if threshold > 0:
+        lo, hi = heatmap_limits(result, c, normalisation)
+        values[values < lo + threshold * (hi - lo)] = np.nan
+    return result.grid.to_raster(values, fill=np.nan).astype(np.float32)
+
+
+def heatmap_colormap(name: str) -> Any:
+    """napari colormap ``name`` whose lowest step is transparent: the bottom of the scale (rank 0,
+    the slide's least attended patch) shows the tissue, never a dark colour that reads as stain."""
+    from napari.utils.colormaps import AVAILABLE_COLORMAPS, Colormap, ensure_colormap
+
+    key = f"{name} (lowest clear)"
+    if key not in AVAILABLE_COLORMAPS:
+        colors = ensure_colormap(name).map(np.linspace(0.0, 1.0, 256))
+        colors[0, 3] = 0.0
+        controls = np.linspace(0.0, 1.0, 257)
+        ensure_colormap(Colormap(colors, controls=controls, interpolation="zero", name=key))
+    return AVAILABLE_COLORMAPS[key]
+
+
+def heatmap_hover(result: Any, cls: int | str) -> dict[str, Any]:
+    """What hovering a heatmap cell says: per grid cell the patch's attention (NaN: not pooled),
+    its rank (1 = most attention, 0 = not pooled), and the number of pooled patches."""
+    c = _class_index(result, cls)
+    att = np.asarray(result.attention, np.float64)[:, c]
+    order = top_k(result, c, len(att))
+    rank = np.zeros(len(att), np.int64)
+    rank[order] = np.arange(1, len(order) + 1)
+    return {"class": result.classes[c], "n": int(len(order)),
+            "attention": result.grid.to_raster(att, fill=np.nan).astype(np.float64),
+            "rank": result.grid.to_raster(rank, fill=0).astype(np.int64)}  # fmt: skip
 
 
 def heatmap_layer(
@@ -201,18 +298,20 @@ def heatmap_layer(
     visible: bool = True,
 ) -> LayerData:
     """Image layer "attention: <class>": float32, NaN (transparent) outside the pooled tissue,
-    ``contrast_limits`` fixed to (0, 1) so the colours mean the same on every slide."""
+    ``contrast_limits`` fixed per scale (``heatmap_limits``) so the colours mean the same on
+    every slide, the lowest step transparent, a colorbar."""
     c = _class_index(result, cls)
     name = result.classes[c]
     scale, translate = grid_placement(result.grid, result.mpp)
     meta = layer_metadata(result, name, kind="heatmap")
-    meta.update(class_index=c, normalisation=normalisation, threshold=float(threshold))
+    meta.update(class_index=c, normalisation=normalisation, threshold=float(threshold), colormap=colormap)
     kwargs = {
         "name": f"attention: {name}",
         "scale": scale,
         "translate": translate,
-        "colormap": colormap,
-        "contrast_limits": (0.0, 1.0),
+        "units": UNITS,
+        "colormap": heatmap_colormap(colormap),
+        "contrast_limits": heatmap_limits(result, c, normalisation),
         "opacity": float(opacity),
         "blending": "translucent",
         "interpolation2d": "nearest",
@@ -220,6 +319,43 @@ def heatmap_layer(
         "metadata": meta,
     }
     return heatmap_data(result, c, normalisation, threshold), kwargs, "image"
+
+
+@functools.lru_cache(maxsize=None)
+def _heatmap_image_class() -> type:
+    from napari.layers import Image
+
+    class HeatmapImage(Image):
+        """A heatmap layer whose status line (hover) names the patch's attention, rank and class
+        beside the scale's value; ``hover`` is ``heatmap_hover``'s dict (None: plain Image)."""
+
+        hover: dict[str, Any] | None = None
+
+        def get_status(self, position=None, *, view_direction=None, dims_displayed=None, world=False, value=None):
+            status = super().get_status(position, view_direction=view_direction, dims_displayed=dims_displayed,
+                                        world=world, value=value)  # fmt: skip
+            if position is not None and self.hover is not None:
+                status["coordinates"] += hover_text(self, position, world)
+            return status
+
+    return HeatmapImage
+
+
+def hover_text(layer: Any, position: Any, world: bool) -> str:
+    """" · tumor: attention 0.0123, rank 3 of 40" for the grid cell under ``position``."""
+    h = layer.hover
+    data = np.asarray(layer.world_to_data(position) if world else position, np.float64)[-2:]
+    r, c = (int(v) for v in np.floor(data + 0.5))
+    att = h["attention"]
+    if not (0 <= r < att.shape[0] and 0 <= c < att.shape[1]) or not np.isfinite(att[r, c]):
+        return ""
+    return f" · {h['class']}: attention {att[r, c]:.4g}, rank {int(h['rank'][r, c])} of {h['n']}"
+
+
+def __getattr__(name: str) -> Any:  # HeatmapImage imports napari's layers only when used
+    if name == "HeatmapImage":
+        return _heatmap_image_class()
+    raise AttributeError(name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,12 +372,21 @@ def top_k(result: Any, cls: int | str, k: int = 8, lowest: bool = False) -> np.n
     return rows[order[: max(0, int(k))]].astype(np.int64)
 
 
+def bottom_k(result: Any, cls: int | str, k: int = 8) -> np.ndarray:
+    """int64 [≤ k] rows of the ``k`` lowest attention for ``cls``, lowest first, never one of its
+    top ``k`` (fewer than ``k`` when the class pooled fewer than 2k patches)."""
+    top = set(top_k(result, cls, k).tolist())
+    low = top_k(result, cls, len(result.attention), lowest=True)
+    return np.array([r for r in low.tolist() if r not in top][: max(0, int(k))], dtype=np.int64)
+
+
 def topk_layer(result: Any, cls: int | str, k: int = 8, lowest: bool = False) -> LayerData:
     """Points layer "top-k: <class>" (or "bottom-k") at patch centres: a square outline the size
-    of a patch, the rank as text, attention / rank / row / col / x / y as features."""
+    of a patch, the rank as text, attention / rank / row / col / x / y as features. The bottom-k
+    never repeat a top-k patch (``bottom_k``)."""
     c = _class_index(result, cls)
     name = result.classes[c]
-    rows = top_k(result, c, k, lowest)
+    rows = bottom_k(result, c, k) if lowest else top_k(result, c, k)
     centres = patch_centres_um(result, rows)
     meta = layer_metadata(result, name, kind="bottomk" if lowest else "topk")
     meta.update(class_index=c, rows=rows.tolist())
@@ -256,6 +401,7 @@ def topk_layer(result: Any, cls: int | str, k: int = 8, lowest: bool = False) ->
     }
     kwargs = {
         "name": f"{'bottom' if lowest else 'top'}-k: {name}",
+        "units": UNITS,
         "symbol": "square",
         "size": s,
         "face_color": "transparent",
@@ -282,10 +428,12 @@ def result_layers(
     k: int = 8,
     shown_class: int | str | None = None,
 ) -> list[LayerData]:
-    """LIPN decision, one heatmap per class (only ``shown_class`` visible, default the predicted
-    one) and the top-k points of the shown class, bottom order first."""
+    """LIPN decision (HDMIL only, hidden), one heatmap per class (only ``shown_class`` visible,
+    default the predicted one) and the top-k points of the shown class, bottom order first."""
     shown = _class_index(result, result.prediction_index if shown_class is None else shown_class)
-    layers = [lipn_layer(result)]
+    # one overlay at a time: LIPN's decision as outlines, hidden while the heatmap shows; none
+    # under HDMIL† (every patch read: there is no decision to show)
+    layers = [lipn_layer(result, outline=True, visible=False)] if result.use_lipn else []
     for c in range(len(result.classes)):
         layers.append(heatmap_layer(result, c, normalisation, threshold, colormap, opacity, visible=c == shown))
     layers.append(topk_layer(result, shown, k, lowest=True))
@@ -306,7 +454,8 @@ def result_warnings(result: Any) -> list[str]:
             if not np.isfinite(att[:, c]).any():
                 out.append(f"class {name!r} pooled no patch: its score comes from an empty embedding")
     if len(result.failed):
-        out.append(f"{len(result.failed)} kept patches could not be decoded and were skipped")
+        out.append(f"{len(result.failed)} of the {result.n_kept} kept patches ({result.failed_share:.1%}) "
+                   "could not be decoded and were skipped")
     for e in result.errors:
         if "LIPN kept no patch" in e or "pooled no patch" in e or "could not be decoded" in e:
             continue  # said above, in shorter words
@@ -318,7 +467,8 @@ def result_warnings(result: Any) -> list[str]:
 # SLPD prototype map
 
 
-def prototype_layer(pmap: Any, mpp: float, slide_path: str | None = None, name: str = "prototype map") -> LayerData:
+def prototype_layer(pmap: Any, mpp: float, slide_path: str | None = None, name: str = "prototype map",
+                    slide_name: str = "") -> LayerData:  # fmt: skip
     """Labels layer of an SLPD ``PrototypeMap`` (0 = no region, k + 1 = prototype k), aligned in µm
     like the patch layers (one pixel per region of ``region_size_level0`` level-0 px)."""
     size = int(pmap.region_size_level0)
@@ -328,10 +478,12 @@ def prototype_layer(pmap: Any, mpp: float, slide_path: str | None = None, name: 
     meta = {
         "hdmil_layer": "prototypes",
         "slide_path": slide_path,
+        "slide_name": slide_name or (Path(slide_path).stem if slide_path else ""),
         "mpp": float(mpp),
         "region_size_level0": size,
         "region_size_um": s,
         "n_prototypes": int(labels.max()) if labels.size else 0,
     }
-    kwargs = {"name": name, "scale": (s, s), "translate": (half, half), "opacity": 0.5, "metadata": meta}
+    kwargs = {"name": name, "scale": (s, s), "translate": (half, half), "units": UNITS, "opacity": 0.5,
+              "metadata": meta}  # fmt: skip
     return labels, kwargs, "labels"

@@ -75,6 +75,8 @@ def read_slide(path: str | os.PathLike | list) -> list[LayerData]:
         "scale": scale,
         "metadata": metadata,
     }
+    if mpp:  # in µm like our result layers, so napari's scale bar measures µm (pixels: no units)
+        add_kwargs["units"] = ("µm", "µm")
     return [(slide.pyramid(), add_kwargs, "image")]
 
 

@@ -1,24 +1,19 @@
 """The HDMIL dock widget: one click from an opened slide to a prediction, heatmaps and exports.
 
 This module only assembles the panels of ``napari_hdmil._qt`` (inputs and run, progress,
-prediction, heatmap, gallery, export, similar slides) and runs the work. Classify and Run all call
-``hdmil.pipeline.run_slide``, Pre-screen ``hdmil.pipeline.prescreen``, in a napari thread worker
-(``_runner.Runner``). Widget and worker exchange the typed messages of ``_messages``: the worker's
-``Progress`` reaches the progress bars through a Qt signal (queued into the GUI thread); its
-return value is one ``Outcome``. Cancel sets the pipeline's ``cancel`` event, checked between
-batches.
+prediction, heatmap, gallery, export, similar slides) and shows what the work returns: Classify
+and Run all call ``hdmil.pipeline.run_slide``, Pre-screen ``hdmil.pipeline.prescreen``, in a
+thread worker (``_qt.run_control``) that answers with the typed messages of ``_messages``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import threading
 from pathlib import Path
 from typing import Any
 
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QVBoxLayout, QWidget
 
 from hdmil.errors import HDMILError
 from hdmil.pipeline import PreScreen
@@ -27,15 +22,16 @@ from napari_hdmil import _layers
 from napari_hdmil._messages import (
     JOB_KINDS, Job, Outcome, PrescreenDone, ResultDone, RunCancelled, RunFailed,
 )
+from napari_hdmil._qt.column import ScrollColumn
 from napari_hdmil._qt.export import ExportPanel
 from napari_hdmil._qt.gallery import GalleryPanel, go_to_patch
 from napari_hdmil._qt.heatmap import HeatmapPanel
 from napari_hdmil._qt.inputs import InputsPanel
-from napari_hdmil._qt.layer_store import LayerStore
+from napari_hdmil._qt.layer_store import LayerStore, slide_key
 from napari_hdmil._qt.prediction import PredictionPanel
 from napari_hdmil._qt.progress import ProgressPanel
+from napari_hdmil._qt.run_control import RunControl
 from napari_hdmil._qt.similar import SimilarPanel
-from napari_hdmil._runner import Runner
 
 __all__ = ["HDMILWidget", "prescreen"]
 
@@ -53,32 +49,25 @@ _FROM_PANELS = {
 }  # fmt: skip
 
 
-class _Bridge(QObject):
-    """Carries the worker's ``Progress`` messages into the GUI thread (a queued Qt connection)."""
-
-    progress = Signal(object)
-
-
 class HDMILWidget(QWidget):
     """Dock widget: choose slide, model, mpp; Pre-screen / Classify / Run all / Cancel; see the
     prediction, steer the heatmaps, browse the top-k gallery, export, find similar slides.
 
-    Public for scripts and tests: ``run(kind)`` returns the worker; ``result`` is the last
-    ``Result``; ``export_*``; ``go_to_patch(row)``; ``batch_size`` and ``device``.
+    Results are kept per slide (``results``, ``prescreens``: slide key -> the last of each, see
+    ``layer_store.slide_key``), with their layers; the panels show the chosen slide's.
+
+    Public for scripts and tests: ``run(kind)`` returns the worker; ``result`` is the chosen
+    slide's last ``Result``; ``export_*``; ``go_to_patch(row)``; ``batch_size`` and ``device``.
     """
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = napari_viewer
-        self.result: Any = None
-        self.prescreened: PreScreen | None = None
-        self.worker: Any = None
+        self.results: dict[str, Any] = {}
+        self.prescreens: dict[str, PreScreen] = {}
         self.batch_size = 64
         self.device: Any = None  # encoder device; None: CUDA when available
-        self._cancel = threading.Event()
-        self._runner = Runner()
         self._store = LayerStore(napari_viewer)
-        self._bridge = _Bridge()
 
         self.inputs = InputsPanel(napari_viewer)
         self.progress = ProgressPanel()
@@ -87,48 +76,46 @@ class HDMILWidget(QWidget):
         self.gallery_panel = GalleryPanel(self.go_to_patch)
         self.exports = ExportPanel(napari_viewer, lambda: self.result, self._top_k)
         self.similar = SimilarPanel(self.inputs, self._store)
+        self._run = RunControl(self._on_returned, self._set_running, self.progress.set_status)
+        self._bridge = self._run.bridge
         for panel, names in _FROM_PANELS.items():
             for name in names:
                 setattr(self, name, getattr(getattr(self, panel), name))
         self.gallery = self.gallery_panel.gallery
-        self._lay_out(self.inputs, self.progress, self.prediction, self.heatmap, self.gallery_panel,
-                      self.exports, self.similar)  # fmt: skip
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(ScrollColumn(self.inputs, self.progress, self.prediction, self.heatmap,
+                                      self.gallery_panel, self.exports, self.similar))  # fmt: skip
 
         self._bridge.progress.connect(self.progress.show_progress)
         self.heatmap.class_changed.connect(self._on_class_changed)
         self.prescreen_button.clicked.connect(lambda: self.run("prescreen"))
         self.classify_button.clicked.connect(lambda: self.run("classify"))
         self.run_all_button.clicked.connect(lambda: self.run("all"))
-        self.cancel_button.clicked.connect(self.cancel)
+        self.cancel_button.clicked.connect(self._run.cancel)
         for ev in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             ev.connect(self._on_layers_changed)
+        napari_viewer.layers.selection.events.active.connect(self._on_active_layer)
+        self.slide_box.changed.connect(self._show_slide)
         self._on_layers_changed()
         self._set_running(False)
+
+    @property
+    def result(self) -> Any:
+        """The chosen slide's last Result (None before its first)."""
+        return self.results.get(slide_key(self.inputs.current_slide_path()))
+
+    @property
+    def prescreened(self) -> PreScreen | None:
+        """The chosen slide's pre-screen waiting for Classify (None when there is none)."""
+        return self.prescreens.get(slide_key(self.inputs.current_slide_path()))
 
     def _top_k(self) -> int:
         return int(self.k_box.value)
 
-    def _lay_out(self, *panels: QWidget) -> None:
-        """The panels top to bottom in a scroll area (the dock can be shorter than the widget)."""
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        scroll = QScrollArea(self)
-        scroll.setWidgetResizable(True)
-        outer.addWidget(scroll)
-        body = QWidget()
-        scroll.setWidget(body)
-        column = QVBoxLayout(body)
-        for panel in panels:
-            column.addWidget(panel)
-        column.addStretch(1)
-
-    # -- running -------------------------------------------------------------------------------
-
     def run(self, kind: str = "all") -> Any:
         """Start ``kind`` ("prescreen", "classify" or "all") in a thread worker; returns it
         (None when a run is already going or the inputs are wrong: that is shown as an error)."""
-        from napari.qt.threading import create_worker
-
         if kind not in JOB_KINDS:
             raise ValueError(f"kind must be 'prescreen', 'classify' or 'all', not {kind!r}")
         if self.worker is not None:
@@ -138,41 +125,25 @@ class HDMILWidget(QWidget):
         except HDMILError as exc:
             show_error(str(exc))
             return None
-        self._cancel = threading.Event()
         self.progress.reset()
         verb = {"prescreen": "pre-screening", "classify": "classifying", "all": "running"}[kind]
         self.progress.set_status(f"{verb} {Path(job.slide_path).name} …")
-        worker = create_worker(self._runner.work, job, self._cancel, self._bridge.progress.emit,
-                               _start_thread=False, _ignore_errors=True)  # fmt: skip
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_errored)  # a bug, not bad input (that is returned)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
-        self._set_running(True)
-        worker.start()
-        return worker
-
-    def prescreen(self) -> Any:
-        return self.run("prescreen")
-
-    def classify(self) -> Any:
-        return self.run("classify")
-
-    def run_all(self) -> Any:
-        return self.run("all")
+        return self._run.start(job)
 
     def cancel(self) -> None:
-        """Ask the running work to stop; the pipeline checks between batches."""
-        self._cancel.set()
-        if self.worker is not None:
-            self.progress.set_status("cancelling …")
+        self._run.cancel()
+
+    @property
+    def worker(self) -> Any:
+        """The running thread worker, None when idle."""
+        return self._run.worker
 
     def _job(self, kind: str) -> Job:
         """The inputs as a job; Classify reuses a pre-screen of the same slide, model and LIPN."""
         job = self.inputs.job(kind, self.batch_size, self.device)
         ps = self.prescreened
         if (kind == "classify" and ps is not None and str(ps.slide_path) == job.slide_path
-                and ps.use_lipn == job.use_lipn and ps.model_sha256 == self._runner.model_sha(job.model_path)):
+                and ps.use_lipn == job.use_lipn and ps.model_sha256 == self._run.runner.model_sha(job.model_path)):
             job = dataclasses.replace(job, prescreened=ps)
         return job
 
@@ -188,14 +159,6 @@ class HDMILWidget(QWidget):
         elif isinstance(outcome, ResultDone):
             self.show_result(outcome.result, outcome.thumbnails)
 
-    def _on_errored(self, exc: BaseException) -> None:
-        self.progress.set_status("failed: see the notification")
-        show_error(f"HDMIL: unexpected {type(exc).__name__}: {exc}")
-
-    def _on_finished(self) -> None:
-        self.worker = None
-        self._set_running(False)
-
     def _set_running(self, running: bool) -> None:
         self.inputs.set_running(running, can_classify=self.prescreened is not None)
         has = self.result is not None and not running
@@ -205,37 +168,76 @@ class HDMILWidget(QWidget):
     # -- showing -------------------------------------------------------------------------------
 
     def _on_layers_changed(self, event: Any = None) -> None:
-        self.inputs.refresh()
+        added = event.value if event is not None and event.type == "inserted" else None
         self._store.forget_removed()
+        self.inputs.refresh(added)  # a slide just opened becomes the chosen one
+
+    def _on_active_layer(self, event: Any = None) -> None:
+        """The widget follows the selected slide layer (or one of its result layers)."""
+        layer = self.viewer.layers.selection.active
+        path = (layer.metadata or {}).get("slide_path") if layer is not None else None
+        slide = self.inputs.slide_layer_for(path) if path else None
+        if slide is not None and slide is not self.slide_box.value:
+            self.slide_box.value = slide
 
     def show_prescreen(self, ps: PreScreen) -> None:
-        """LIPN decision layer and counts of a pre-screen."""
-        self.prescreened = ps
-        self.result = None
-        self.heatmap.clear()
+        """LIPN decision layer and counts of a pre-screen (its slide becomes the chosen one)."""
+        key = slide_key(ps.slide_path)
+        self.prescreens[key] = ps
+        self.results.pop(key, None)
         self.inputs.align_slide_layer(ps)
-        self._store.clear()
+        self._store.clear(key)
         self._store.put(*_layers.lipn_layer(ps))
-        self.prediction.show_prescreen(ps)
-        self.gallery_panel.clear()
+        self._choose_slide(ps.slide_path)
         self.progress.set_status(f"pre-screen done: {ps.n_kept} of {ps.n_patches} patches to read at 20x")
 
     def show_result(self, result: Any, thumbnails: dict | None = None) -> None:
         """All layers of a ``Result``, the prediction panel and the gallery (``thumbnails``:
-        patch row -> image, read in the worker; without them they are read now)."""
-        self.result = result
-        self.prescreened = None
+        patch row -> image, read in the worker; without them they are read now). Its slide
+        becomes the chosen one; other slides' results and layers stay."""
+        key = slide_key(result.slide_path)
+        self.results[key] = result
+        self.prescreens.pop(key, None)
+        self.gallery_panel.set_thumbnails(key, thumbnails)  # before the layers: adding one selects it
         self.inputs.align_slide_layer(result)
-        self._store.clear()
+        self._store.clear(key)
         for layer in self.heatmap.set_result(result):
             self._store.put(*layer)
-        self.prediction.show_result(result)
-        self.gallery_panel.show_class(result, result.prediction_index, self._top_k(), thumbnails)
+        self.heatmap.attach()
+        self._choose_slide(result.slide_path)
         self.progress.set_status(f"done in {result.timings.get('total', 0.0):.1f} s")
 
-    def heatmap_layers(self) -> dict[str, Any]:
-        """class name -> its heatmap layer."""
-        return self.heatmap.heatmap_layers()
+    def _choose_slide(self, slide_path: Any) -> None:
+        """Make ``slide_path``'s layer the chosen slide, show what it has, and select the slide
+        layer (napari selected the last layer added, with its tools: a paint brush for labels)."""
+        slide = self.inputs.slide_layer_for(slide_path)
+        if slide is not None and slide is not self.slide_box.value:
+            self.slide_box.value = slide  # emits changed: _show_slide
+        else:
+            self._show_slide()
+        if slide is not None:
+            self.viewer.layers.selection.active = slide
+
+    def _show_slide(self, *_: Any) -> None:
+        """The chosen slide and its layers are shown, other slides' hidden (they lie at the same
+        place); the panels show its result or pre-screen (or nothing yet)."""
+        chosen = self.slide_box.value
+        for _, slide in self.inputs.slide_choices():
+            slide.visible = slide is chosen
+        self._store.show_only(self.inputs.current_slide_path())
+        result, ps = self.result, self.prescreened
+        if result is not None:
+            self.heatmap.show(result)
+            self.prediction.show_result(result)
+            self.gallery_panel.show_class(result, self.heatmap.shown_class(), self._top_k())
+        else:
+            self.heatmap.clear()
+            self.gallery_panel.clear()
+            if ps is not None:
+                self.prediction.show_prescreen(ps)
+            else:
+                self.prediction.show_nothing()
+        self._set_running(self.worker is not None)
 
     def _on_class_changed(self, cls: int) -> None:
         self.gallery_panel.show_class(self.result, cls, self._top_k())

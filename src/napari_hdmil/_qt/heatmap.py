@@ -1,4 +1,4 @@
-"""Heatmap: which class to show, normalisation, threshold, colormap and opacity.
+"""Heatmap: which class to show, its scale, threshold, colormap and opacity.
 
 The controls change the result's layers in place (same layers, new data or style), so the user's
 own changes to other layers and the layer order stay.
@@ -19,6 +19,8 @@ from napari_hdmil._qt.layer_store import LayerStore
 __all__ = ["COLORMAPS", "HeatmapPanel"]
 
 COLORMAPS = ("inferno", "viridis", "magma", "plasma", "turbo", "jet", "hot")
+NORM_LABELS = {"percentile": "rank (this slide)", "raw": "min-max (this slide)",
+               "relative": "× pooled (all slides)", "logit": "logit (all slides)"}  # fmt: skip
 
 
 class HeatmapPanel(QGroupBox):
@@ -36,8 +38,11 @@ class HeatmapPanel(QGroupBox):
         self._k = k
         self.result: Any = None
         self.class_box = ComboBox(label="class", choices=[])
-        self.norm_box = ComboBox(label="normalisation", choices=list(_layers.NORMALISATIONS), value="percentile")
+        self.norm_box = ComboBox(label="scale", choices=[(NORM_LABELS[m], m) for m in _layers.NORMALISATIONS],
+                                 value="percentile")  # fmt: skip
+        self.norm_box.tooltip = "\n".join(f"{NORM_LABELS[m]}: {t}" for m, t in _layers.NORMALISATION_TITLES.items())
         self.threshold_slider = FloatSlider(label="threshold", min=0.0, max=1.0, step=0.01, value=0.0)
+        self.threshold_slider.tooltip = "hide the patches below this share of the colour scale (transparent)"
         self.colormap_box = ComboBox(label="colormap", choices=list(COLORMAPS), value="inferno")
         self.opacity_slider = FloatSlider(label="opacity", min=0.0, max=1.0, step=0.05, value=0.6)
         self.controls = Container(
@@ -51,15 +56,31 @@ class HeatmapPanel(QGroupBox):
         QVBoxLayout(self).addWidget(self.controls.native)
 
     def set_result(self, result: Any) -> list[_layers.LayerData]:
-        """Show ``result``'s predicted class; returns its layers drawn with the current settings."""
-        self.result = result
-        with self.class_box.changed.blocked():  # the layers are built for this class
-            self.class_box.choices = list(result.classes)
-            self.class_box.value = result.prediction
+        """Show ``result``'s predicted class; returns its layers drawn with the current settings
+        (put them in the store, then call ``attach``)."""
+        self.show(result, result.prediction)
         return _layers.result_layers(
             result, self.norm_box.value, float(self.threshold_slider.value), self.colormap_box.value,
             float(self.opacity_slider.value), int(self._k()), result.prediction_index,
         )
+
+    def attach(self) -> None:
+        """The result's heatmap layers in the store say attention, rank and class on hover; the
+        shown one has a colorbar."""
+        for layer in self.heatmap_layers().values():
+            layer.hover = _layers.heatmap_hover(self.result, int(layer.metadata["class_index"]))
+            layer.colorbar.visible = layer.visible
+
+    def show(self, result: Any, class_name: str | None = None) -> None:
+        """Steer ``result``'s layers (already in the store); the class box shows ``class_name``,
+        else the class whose heatmap is visible, else the predicted one."""
+        self.result = result
+        if class_name is None:
+            shown = [c for c, layer in self.heatmap_layers().items() if layer.visible]
+            class_name = shown[0] if shown else result.prediction
+        with self.class_box.changed.blocked():  # the layers are built for this class
+            self.class_box.choices = list(result.classes)
+            self.class_box.value = class_name
 
     def clear(self) -> None:
         self.result = None
@@ -68,14 +89,16 @@ class HeatmapPanel(QGroupBox):
         return list(self.result.classes).index(self.class_box.value)
 
     def heatmap_layers(self) -> dict[str, Any]:
-        """class name -> its heatmap layer."""
-        return {layer.metadata["class"]: layer for layer in self._store.of_kind("heatmap")}
+        """class name -> its heatmap layer (of the shown result's slide)."""
+        if self.result is None:
+            return {}
+        return {layer.metadata["class"]: layer for layer in self._store.of_kind("heatmap", self.result.slide_path)}
 
     def _on_class_changed(self, *_: Any) -> None:
         if self.result is None or self.class_box.value is None:
             return
         for name, layer in self.heatmap_layers().items():
-            layer.visible = name == self.class_box.value
+            layer.visible = layer.colorbar.visible = name == self.class_box.value
         c = self.shown_class()
         for lowest in (False, True):
             self._redraw_points(c, lowest)
@@ -83,7 +106,7 @@ class HeatmapPanel(QGroupBox):
 
     def _redraw_points(self, c: int, lowest: bool) -> None:
         """The top-k (or bottom-k) points layer, in place, for class ``c``."""
-        layers = self._store.of_kind("bottomk" if lowest else "topk")
+        layers = self._store.of_kind("bottomk" if lowest else "topk", self.result.slide_path)
         if not layers:
             return
         layer = layers[0]
@@ -100,10 +123,12 @@ class HeatmapPanel(QGroupBox):
         for layer in self.heatmap_layers().values():
             c = int(layer.metadata["class_index"])
             layer.data = _layers.heatmap_data(self.result, c, mode, thr)
-            layer.contrast_limits = (0.0, 1.0)
+            layer.contrast_limits = _layers.heatmap_limits(self.result, c, mode)
             layer.metadata = {**layer.metadata, "normalisation": mode, "threshold": thr}
 
     def _update_style(self, *_: Any) -> None:
+        name = self.colormap_box.value
         for layer in self.heatmap_layers().values():
-            layer.colormap = self.colormap_box.value
+            layer.colormap = _layers.heatmap_colormap(name)
             layer.opacity = float(self.opacity_slider.value)
+            layer.metadata = {**layer.metadata, "colormap": name}

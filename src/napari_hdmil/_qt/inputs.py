@@ -12,7 +12,7 @@ from hdmil.errors import CheckpointError, HDMILError
 from hdmil.export import DEFAULT_TOP_K
 from napari_hdmil._messages import Job
 
-__all__ = ["InputsPanel"]
+__all__ = ["InputsPanel", "file_mpp"]
 
 
 class InputsPanel(QWidget):
@@ -27,6 +27,7 @@ class InputsPanel(QWidget):
         from hdmil.checkpoint import default_model_path
 
         self.viewer = viewer
+        self._mpp_slide: Any = None  # the slide layer the mpp box was last filled for
         self.slide_box = ComboBox(label="slide", choices=self.slide_choices, nullable=False)
         default = default_model_path()
         self.model_edit = FileEdit(
@@ -36,7 +37,8 @@ class InputsPanel(QWidget):
         self.model_edit.tooltip = f"checkpoint file; default: the bundled demo model ({default})"
         self.mpp_box = FloatSpinBox(label="mpp (µm/px)", min=0.0, max=100.0, step=0.001, value=0.0)
         self.mpp_box.tooltip = "level-0 µm per pixel; needed only when the slide file has none"
-        self.lipn_box = CheckBox(text="use LIPN (hierarchical; off = HDMIL†, read all patches)", value=True)
+        self.lipn_box = CheckBox(text="use LIPN (off: HDMIL†)", value=True)
+        self.lipn_box.tooltip = "hierarchical: LIPN picks the patches to read at 20x; off = HDMIL†, read all patches"
         self.k_box = SpinBox(label="top-k", min=1, max=64, value=DEFAULT_TOP_K)
         self.form = Container(widgets=[self.slide_box, self.model_edit, self.mpp_box, self.lipn_box, self.k_box])
         self.slide_box.changed.connect(self.on_slide_changed)
@@ -68,34 +70,50 @@ class InputsPanel(QWidget):
                 out.append((layer.name, layer))
         return out
 
-    def refresh(self) -> None:
-        """The viewer's layers changed: list the slides again."""
+    def refresh(self, added: Any = None) -> None:
+        """The viewer's layers changed: list the slides again; a slide just opened (``added``)
+        becomes the chosen one."""
         self.slide_box.reset_choices()
+        if added is not None and any(layer is added for _, layer in self.slide_choices()):
+            self.slide_box.value = added  # emits changed when it differs
         self.on_slide_changed()
 
     def on_slide_changed(self, *_: Any) -> None:
+        """The mpp box follows the slide: the file's mpp (locked), else the one the user gave
+        this slide (editable: another mpp may be tried), else empty and required."""
         layer = self.slide_box.value
-        mpp = (layer.metadata or {}).get("mpp") if layer is not None else None
-        needs = layer is not None and not mpp
+        meta = (layer.metadata or {}) if layer is not None else {}
+        needs = layer is not None and not file_mpp(meta)
         self.mpp_box.enabled = needs
         self.mpp_box.label = "mpp (µm/px, required)" if needs else "mpp (µm/px)"
-        if mpp:
-            self.mpp_box.value = float(mpp)
+        if needs and layer is self._mpp_slide:
+            return  # the same slide (other layers changed): keep what the user is typing
+        self._mpp_slide = layer
+        if meta.get("mpp"):
+            self.mpp_box.value = float(meta["mpp"])
+        elif needs:
+            self.mpp_box.value = 0.0  # not another slide's
 
     def slide_layer_for(self, slide_path: str | None) -> Any:
         """The slide layer showing ``slide_path``, or None."""
+        from napari_hdmil._qt.layer_store import slide_key
+
         for _, layer in self.slide_choices():
-            if str((layer.metadata or {}).get("slide_path")) == str(slide_path):
+            if slide_key((layer.metadata or {}).get("slide_path")) == slide_key(slide_path):
                 return layer
         return None
 
     def align_slide_layer(self, res: Any) -> None:
-        """A slide without mpp was shown in pixels; once the user gave one (``res.mpp`` of a run
-        on it), show it in µm like the result's layers."""
+        """A slide without mpp in its file is shown in pixels; once the user gave one (``res.mpp``
+        of a run on it), show it in µm like the result's layers (again when they change it)."""
+        from napari_hdmil._layers import UNITS
+
         layer = self.slide_layer_for(res.slide_path)
-        if layer is not None and not (layer.metadata or {}).get("mpp") and res.mpp:
+        meta = (layer.metadata or {}) if layer is not None else {}
+        if layer is not None and not file_mpp(meta) and res.mpp and meta.get("mpp") != float(res.mpp):
             layer.scale = (res.mpp, res.mpp)
-            layer.metadata = {**layer.metadata, "mpp": float(res.mpp), "mpp_from": "widget"}
+            layer.units = UNITS
+            layer.metadata = {**meta, "mpp": float(res.mpp), "mpp_from": "user"}
 
     def current_slide(self) -> tuple[str, float | None]:
         """(slide path, mpp: the file's, else the box's, else None) of the chosen slide."""
@@ -103,8 +121,12 @@ class InputsPanel(QWidget):
         if layer is None or not (layer.metadata or {}).get("slide_path"):
             raise HDMILError("no slide: open a slide and pick its layer first")
         meta = layer.metadata
-        mpp = meta.get("mpp") or (self.mpp_box.value if self.mpp_box.value > 0 else None)
+        mpp = file_mpp(meta) or (self.mpp_box.value if self.mpp_box.value > 0 else None)
         return str(meta["slide_path"]), mpp
+
+    def current_slide_path(self) -> str | None:
+        layer = self.slide_box.value
+        return (layer.metadata or {}).get("slide_path") if layer is not None else None
 
     def current_slide_dir(self) -> Path | None:
         layer = self.slide_box.value
@@ -137,8 +159,8 @@ class InputsPanel(QWidget):
         if not path:
             raise HDMILError(f"layer {layer.name!r}: no slide file behind it (metadata has no slide_path)")
         mpp = None
-        if not meta.get("mpp") and self.mpp_box.value > 0:
-            mpp = float(self.mpp_box.value)  # the file has none: the pipeline needs it
+        if not file_mpp(meta) and self.mpp_box.value > 0:
+            mpp = float(self.mpp_box.value)  # the file has none: the pipeline needs it, every run
         return Job(kind, str(path), mpp, self.model_path(), bool(self.lipn_box.value), int(batch_size),
                    int(self.k_box.value), device)  # fmt: skip
 
@@ -148,6 +170,12 @@ class InputsPanel(QWidget):
         self.classify_button.setEnabled(not running and can_classify)
         self.cancel_button.setEnabled(running)
         self.form.enabled = not running
+
+
+def file_mpp(meta: dict[str, Any]) -> float | None:
+    """The mpp the slide file has (a slide layer's metadata), None when the user gave it."""
+    mpp = meta.get("mpp")
+    return float(mpp) if mpp and meta.get("mpp_from") != "user" else None
 
 
 def _button(text: str, tip: str) -> QPushButton:

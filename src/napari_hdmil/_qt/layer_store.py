@@ -1,47 +1,92 @@
-"""The layers the widget put in the viewer, by name, so a new result replaces them."""
+"""The layers the widget put in the viewer, per slide, so a new result replaces only its slide's."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-__all__ = ["LayerStore"]
+__all__ = ["LayerStore", "layer_name", "slide_key"]
+
+
+def slide_key(slide_path: Any) -> str:
+    """The key of a slide's results and layers: its resolved path ("" for none)."""
+    return str(Path(str(slide_path)).expanduser().resolve()) if slide_path else ""
+
+
+def layer_name(base: str, slide_name: str) -> str:
+    """A result layer's name: what it shows, then its slide ("attention: tumor · CMU-1")."""
+    return f"{base} · {slide_name}" if slide_name else base
 
 
 class LayerStore:
-    """Our layers in ``viewer``: a layer of the same name replaces its predecessor; layers the
-    user deleted are forgotten (``forget_removed``)."""
+    """Our layers in ``viewer``, keyed by (slide, what they show): a layer of the same slide and
+    kind replaces its predecessor, other slides' layers stay; layers the user deleted are
+    forgotten (``forget_removed``). The slide comes from the layer's ``slide_path`` metadata."""
 
     def __init__(self, viewer: Any) -> None:
         self.viewer = viewer
-        self.layers: dict[str, Any] = {}
+        self.layers: dict[tuple[str, str], Any] = {}
+        self._hidden: list[Any] = []  # layers ``show_only`` hid, shown again with their slide
 
     def put(self, data: Any, kwargs: dict[str, Any], kind: str) -> Any:
-        """Add a layer (``LayerData`` of ``napari_hdmil._layers``), replacing ours of that name."""
-        name = kwargs["name"]
-        old = self.layers.pop(name, None)
+        """Add a layer (``LayerData`` of ``napari_hdmil._layers``), replacing ours of that slide
+        and name; the layer is named for its slide."""
+        meta = kwargs.get("metadata") or {}
+        key = (slide_key(meta.get("slide_path")), kwargs["name"])
+        old = self.layers.pop(key, None)
         if old is not None and old in self.viewer.layers:
             self.viewer.layers.remove(old)
-        layer = getattr(self.viewer, f"add_{kind}")(data, **kwargs)
-        self.layers[name] = layer
+        kwargs = {**kwargs, "name": layer_name(kwargs["name"], meta.get("slide_name") or "")}
+        if kind == "image" and meta.get("hdmil_layer") == "heatmap":  # says attention and rank on hover
+            from napari_hdmil._layers import HeatmapImage
+
+            layer = self.viewer.add_layer(HeatmapImage(data, **kwargs))
+        else:
+            layer = getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+        if kind == "labels" and meta.get("outline"):
+            layer.contour = 1  # the areas' borders only (``_layers.lipn_layer(outline=True)``)
+        self.layers[key] = layer
         return layer
 
-    def clear(self) -> None:
-        """Remove all our layers from the viewer."""
-        for name in list(self.layers):
-            layer = self.layers.pop(name)
+    def clear(self, slide_path: Any = None) -> None:
+        """Remove our layers of ``slide_path`` (all slides' when None) from the viewer."""
+        for key in self._keys(slide_path):
+            layer = self.layers.pop(key)
             if layer in self.viewer.layers:
                 self.viewer.layers.remove(layer)
 
-    def of_kind(self, kind: str) -> list[Any]:
-        """Our layers whose metadata says ``hdmil_layer == kind`` ("heatmap", "topk", ...)."""
-        return [layer for layer in self.layers.values() if (layer.metadata or {}).get("hdmil_layer") == kind]
+    def of_slide(self, slide_path: Any) -> list[Any]:
+        return [self.layers[key] for key in self._keys(slide_path)]
 
-    def rename(self, layer: Any, name: str) -> None:
-        """Rename one of our layers, keeping it ours."""
-        old = layer.name
-        layer.name = name
-        self.layers[layer.name] = self.layers.pop(old)
+    def of_kind(self, kind: str, slide_path: Any = None) -> list[Any]:
+        """Our layers of ``slide_path`` (all when None) whose metadata says
+        ``hdmil_layer == kind`` ("heatmap", "topk", ...)."""
+        return [self.layers[key] for key in self._keys(slide_path)
+                if (self.layers[key].metadata or {}).get("hdmil_layer") == kind]  # fmt: skip
+
+    def rename(self, layer: Any, base: str) -> None:
+        """Show ``base`` (named for its slide) on one of our layers, keeping it ours."""
+        key = next(k for k, v in self.layers.items() if v is layer)
+        layer.name = layer_name(base, (layer.metadata or {}).get("slide_name") or "")
+        self.layers[(key[0], base)] = self.layers.pop(key)
+
+    def show_only(self, slide_path: Any) -> None:
+        """Hide other slides' layers (remembering which were shown); show again those of
+        ``slide_path`` that ``show_only`` hid."""
+        want = slide_key(slide_path)
+        for (slide, _), layer in self.layers.items():
+            if slide != want and layer.visible:
+                layer.visible = False
+                self._hidden.append(layer)
+            elif slide == want and any(layer is h for h in self._hidden):
+                layer.visible = True
+                self._hidden = [h for h in self._hidden if h is not layer]
 
     def forget_removed(self) -> None:
-        for name in [n for n, layer in self.layers.items() if layer not in self.viewer.layers]:
-            del self.layers[name]
+        for key in [k for k, layer in self.layers.items() if layer not in self.viewer.layers]:
+            del self.layers[key]
+        self._hidden = [h for h in self._hidden if h in self.viewer.layers]
+
+    def _keys(self, slide_path: Any) -> list[tuple[str, str]]:
+        want = None if slide_path is None else slide_key(slide_path)
+        return [k for k in self.layers if want is None or k[0] == want]

@@ -23,7 +23,7 @@ class PredictionPanel(QGroupBox):
     def __init__(self, parent: QWidget | None = None):
         super().__init__("prediction", parent)
         v = QVBoxLayout(self)
-        self.prediction_label = _label("no result yet", rich=True)
+        self.prediction_label = _label("no result yet", rich=True, wrap=True)  # long slide names wrap
         v.addWidget(self.prediction_label)
         self._prob_grid = QGridLayout()
         v.addLayout(self._prob_grid)
@@ -56,12 +56,20 @@ class PredictionPanel(QGroupBox):
             f"{Path(str(result.slide_path)).name})"
         )
         self.set_probabilities(list(result.classes), [float(p) for p in result.probabilities])
+        failed = f" · failed to decode {result.failed_share:.1%}" if result.failed_share > 0 else ""
         self.counts_label.setText(
             f"kept ratio {result.kept_ratio:.1%} · tissue patches {result.n_patches} · "
-            f"kept {result.n_kept} · read {result.n_read}"
+            f"kept {result.n_kept} · read {result.n_read}{failed}"
         )
         self.timings_label.setText(timings_html(result.timings))
         self.warnings_label.setText("\n".join(f"⚠ {w}" for w in _layers.result_warnings(result)))
+
+    def show_nothing(self) -> None:
+        """The chosen slide has no result yet."""
+        self.prediction_label.setText("no result yet")
+        self.set_probabilities([], [])
+        for label in (self.counts_label, self.timings_label, self.warnings_label):
+            label.setText("")
 
     def set_probabilities(self, classes: list[str], probs: list[float]) -> None:
         """One bar per class (0.1 % steps); the dict ``probability_bars`` is refilled in place."""

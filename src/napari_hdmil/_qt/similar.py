@@ -8,7 +8,7 @@ from typing import Any
 from magicgui.widgets import Container, FileEdit
 from napari.utils.notifications import show_error
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QLineEdit, QListWidget, QListWidgetItem, QPushButton, QVBoxLayout, QWidget
 
 from hdmil.errors import HDMILError
 from napari_hdmil import _layers
@@ -29,7 +29,10 @@ class SimilarPanel(QGroupBox):
         v = QVBoxLayout(self)
         self.index_edit = FileEdit(label="index folder", mode="d", value="")
         self.index_edit.tooltip = "folder of feature files (<slide>.h5) with SLPD prototypes"
-        v.addWidget(Container(widgets=[self.index_edit]).native)
+        # no label column: the dock is narrow; the field says what it wants
+        v.addWidget(Container(widgets=[self.index_edit], labels=False).native)
+        for line in self.index_edit.native.findChildren(QLineEdit):
+            line.setPlaceholderText("index folder")
         row = QHBoxLayout()
         self.protomap_button = QPushButton("Prototype map")
         self.similar_button = QPushButton("Find similar")
