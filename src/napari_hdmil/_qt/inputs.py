@@ -10,6 +10,7 @@ from qtpy.QtWidgets import QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
 from hdmil.errors import CheckpointError, HDMILError
 from hdmil.export import DEFAULT_TOP_K
+from hdmil.slide import MPP_RANGE  # 0 means "from the file"; above the range open_slide refuses
 from napari_hdmil._messages import Job
 
 __all__ = ["InputsPanel", "file_mpp"]
@@ -35,7 +36,7 @@ class InputsPanel(QWidget):
             value=str(default) if default.is_file() else "",
         )
         self.model_edit.tooltip = f"checkpoint file; default: the bundled demo model ({default})"
-        self.mpp_box = FloatSpinBox(label="mpp (µm/px)", min=0.0, max=100.0, step=0.001, value=0.0)
+        self.mpp_box = FloatSpinBox(label="mpp (µm/px)", min=0.0, max=MPP_RANGE[1], step=0.001, value=0.0)
         self.mpp_box.tooltip = "level-0 µm per pixel; needed only when the slide file has none"
         self.lipn_box = CheckBox(text="use LIPN (off: HDMIL†)", value=True)
         self.lipn_box.tooltip = "hierarchical: LIPN picks the patches to read at 20x; off = HDMIL†, read all patches"
