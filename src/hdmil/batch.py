@@ -111,11 +111,26 @@ def _load_model_cached(model_path: str | None):
     return _MODEL_CACHE[key]
 
 
-def expected_key(model: Any, use_lipn: bool, mpp: float | None, slide_path: str | os.PathLike) -> dict:
-    """The ``run_key`` a batch run of this slide gives (the encoder the checkpoint names)."""
+def expected_key(model: Any, use_lipn: bool, mpp: float | None, slide_path: str | os.PathLike,
+                 roi: Any = None) -> dict:
+    """The ``run_key`` a batch run of this slide gives (the encoder the checkpoint names);
+    ``roi``: its ``hdmil.annotations.Annotations`` (``--roi-dir``)."""
+    from hdmil.annotations import roi_key
     from hdmil.pipeline import lipn_applies
 
-    return run_key(model, lipn_applies(model, use_lipn), mpp, model.encoder, slide_path)
+    key = run_key(model, lipn_applies(model, use_lipn), mpp, model.encoder, slide_path)
+    key["roi"] = roi_key(roi, None)
+    return key
+
+
+def slide_roi(roi_dir: str | os.PathLike | None, slide_path: str | os.PathLike) -> Any:
+    """The slide's ROI from ``roi_dir`` (``<stem>.geojson``, ``.json`` or ``.xml``); None without
+    a folder; AnnotationError when the folder has none for this slide."""
+    if roi_dir is None:
+        return None
+    from hdmil.annotations import find_annotation_file, read_annotations
+
+    return read_annotations(find_annotation_file(roi_dir, Path(slide_path).stem))
 
 
 @dataclass
@@ -129,6 +144,7 @@ class SlideTask:
     batch_size: int = 64
     max_failed_share: float = 0.5
     force: bool = False
+    roi_dir: str | None = None
 
 
 def process_slide(
@@ -141,8 +157,10 @@ def process_slide(
     name: str | None = None,
     max_failed_share: float = 0.5,
     force: bool = False,
+    roi_dir: str | None = None,
 ) -> dict:
     """Run one slide and write its results into ``out_dir/<name>``; return its summary row.
+    With ``roi_dir``, only the patches inside the slide's annotation file there are analysed.
 
     The slide's lock is held while it runs; results made with the same settings (``run_key``)
     are reused (``skipped``), others are recomputed and replaced (said in the row's ``note``).
@@ -150,7 +168,7 @@ def process_slide(
     fit, a full disk) are recorded in the row as ``failed``, a slide another run holds as
     ``busy``; other exceptions propagate so that Dask can retry the task.
     """
-    task = SlideTask(out_dir, model_path, use_lipn, mpp, batch_size, max_failed_share, force)
+    task = SlideTask(out_dir, model_path, use_lipn, mpp, batch_size, max_failed_share, force, roi_dir)
     path = Path(slide_path)
     entry = SlideEntry(path, os.path.realpath(path), name or safe_name(path))
     row: dict[str, Any] = {"slide": entry.name, "path": entry.shown}
@@ -175,11 +193,12 @@ def _process_locked(entry: SlideEntry, task: SlideTask, row: dict) -> dict:
     folder = entry.folder(task.out_dir)
     remove_dead_temps(folder)
     model, encoder = _load_model_cached(task.model_path)
-    state, why = result_state(folder, expected_key(model, task.use_lipn, task.mpp, entry.path))
+    roi = slide_roi(task.roi_dir, entry.path)
+    state, why = result_state(folder, expected_key(model, task.use_lipn, task.mpp, entry.path, roi))
     if state == "done" and not task.force:
         return _row_from_report(row, folder / "report.json", "skipped")
     options = RunOptions(use_lipn=lipn_applies(model, task.use_lipn), mpp=task.mpp,
-                         batch_size=task.batch_size, max_failed_share=task.max_failed_share)
+                         batch_size=task.batch_size, max_failed_share=task.max_failed_share, roi=roi)
     result = run_slide(entry.path, model, options, encoder=encoder)
     result.save(folder)
     row = _row_from_report(row, folder / "report.json", "ok")
@@ -393,7 +412,12 @@ def _precheck(entry: SlideEntry, task: SlideTask, key_for: Callable[[Path], dict
     if task.force:
         return None
     folder = Path(task.out_dir) / entry.name
-    if result_state(folder, key_for(entry.path))[0] == "done":
+    try:
+        key = key_for(entry.path)
+    except HDMILError as exc:  # its --roi-dir file is missing or unreadable: no task
+        row.update(status="failed", error=printable(exc))
+        return row
+    if result_state(folder, key)[0] == "done":
         return _row_from_report(row, folder / "report.json", "skipped")
     return None
 
@@ -411,6 +435,7 @@ def run_batch(
     on_result: Callable[[dict, int, int], None] | None = None,
     max_failed_share: float = 0.5,
     force: bool = False,
+    roi_dir: str | os.PathLike | None = None,
 ) -> BatchSummary:
     """Process every slide as one Dask task and write ``summary.csv``.
 
@@ -419,7 +444,8 @@ def run_batch(
     thresholds, encoder, mpp: ``run_key``) are skipped without submitting work; results made
     with other settings are recomputed into the same folder, replacing them; ``force``
     recomputes every slide. ``on_result(row, done, total)`` is called as each slide finishes
-    (the CLI draws its progress bar with it).
+    (the CLI draws its progress bar with it). ``roi_dir``: one annotation file per slide, by
+    stem (``slide_roi``), restricts each slide's run to it; a slide without one fails.
     """
     from hdmil.checkpoint import load_model
 
@@ -428,10 +454,12 @@ def run_batch(
     t0 = time.perf_counter()
     entries, repeats = plan_slides(slides, out_dir)
     summary = BatchSummary(repeats=repeats)
+    roi_dir = os.fspath(roi_dir) if roi_dir is not None else None
     task = SlideTask(str(out_dir), str(model_path) if model_path else None, use_lipn, mpp,
-                     max_failed_share=max_failed_share, force=force)
+                     max_failed_share=max_failed_share, force=force, roi_dir=roi_dir)
     model = load_model(_model_file(model_path))  # for the settings key; workers load their own
-    pre = [(e, _precheck(e, task, lambda p: expected_key(model, use_lipn, mpp, p))) for e in entries]
+    pre = [(e, _precheck(e, task, lambda p: expected_key(model, use_lipn, mpp, p, slide_roi(roi_dir, p))))
+           for e in entries]
     todo = [e for e, row in pre if row is None]
     total = len(entries)
 
@@ -449,8 +477,8 @@ def run_batch(
             [e.path for e in todo], process_slide,
             (task.out_dir, task.model_path, use_lipn, mpp, task.batch_size),
             scheduler=scheduler, workers=workers, retries=retries, client=client, on_result=record,
-            item_kwargs=[{"name": e.name, "max_failed_share": max_failed_share, "force": force}
-                         for e in todo],
+            item_kwargs=[{"name": e.name, "max_failed_share": max_failed_share, "force": force,
+                          "roi_dir": roi_dir} for e in todo],
         )
         if not summary.cancelled:  # every task has ended: no writer of this run is left
             _remove_partial_writes(out_dir, entries)

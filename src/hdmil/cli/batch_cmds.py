@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-failed-share", type=float, default=0.5, metavar="S",
                    help="a slide fails when more than this share of its kept patches cannot be "
                    "decoded (default 0.5); one with none decoded always fails")
+    p.add_argument("--roi-dir", metavar="DIR",
+                   help="analyse each slide only inside its annotation file DIR/<slide stem>.geojson "
+                   "(or .json, .xml: QuPath GeoJSON or ASAP XML); a slide without one fails")
     p.add_argument("--force", action="store_true",
                    help="recompute every slide, even those with results of the same settings")
     p.set_defaults(func=_batch)
@@ -57,7 +60,7 @@ def _batch(args: argparse.Namespace) -> int:
     summary = run_batch(
         slides, args.out, model_path=args.model, use_lipn=not args.no_lipn, mpp=args.mpp,
         scheduler=args.scheduler, workers=args.workers, retries=args.retries, on_result=on_result,
-        max_failed_share=args.max_failed_share, force=args.force,
+        max_failed_share=args.max_failed_share, force=args.force, roi_dir=args.roi_dir,
     )
     bar.close()
     print(summary.table())

@@ -47,6 +47,7 @@ class PreScreen:
     model_sha256: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     neighbour: np.ndarray | None = None  # None: no patch was kept only as a neighbour
+    roi: dict[str, Any] | None = None  # the ROI / exclusions the grid was restricted to (restrict_grid)
 
     def __post_init__(self) -> None:
         self.neighbour = neighbour_flags(self.neighbour, self.kept)
@@ -88,6 +89,7 @@ class PreScreen:
             },
             "timings": dict(self.timings),
             "model": {"name": self.model_name, "sha256": self.model_sha256},
+            "roi": self.roi,
         }
 
 
@@ -107,6 +109,23 @@ def _require_tissue(grid: Any, slide: Any) -> None:
         raise NoTissueError(f"{slide.path}: no tissue found ({why})")
 
 
+def _restrict(grid: Any, slide: Any, roi: Any, exclude: Any) -> tuple[Any, dict[str, Any] | None]:
+    """The grid cut to the ROI and outside the exclusions (``hdmil.annotations``), and what the
+    report records of it; the grid as it is when neither is given."""
+    if roi is None and exclude is None:
+        return grid, None
+    from hdmil.annotations import restrict_grid
+
+    grid, info = restrict_grid(grid, roi.for_slide(slide) if roi is not None else None,
+                               exclude.for_slide(slide) if exclude is not None else None)
+    if len(grid.coords) == 0:
+        what = f"inside the ROI {printable(info['file'])}" if info["file"] else "outside the exclusions"
+        raise NoTissueError(
+            f"{slide.path}: none of its {info['n_tissue_patches']} tissue patches lies {what} by at "
+            f"least {info['threshold']:.0%} of its area (is the annotation for this slide?)")
+    return grid, info
+
+
 def prescreen_open(
     slide: Any,
     model: Any,
@@ -115,14 +134,18 @@ def prescreen_open(
     report: ProgressFn,
     cancel: threading.Event | None,
     t_start: float,
+    roi: Any = None,
+    exclude: Any = None,
 ) -> PreScreen:
-    """Tissue grid and LIPN mask on an open slide; ``t_start`` is when opening it began."""
+    """Tissue grid and LIPN mask on an open slide; ``t_start`` is when opening it began.
+    ``roi`` / ``exclude``: ``hdmil.annotations.Annotations`` the grid is restricted to / by."""
     check_cancelled(cancel, f"{slide.path}: finding tissue")
     report("tissue", 0, 1)
     grid = _tissue_grid(slide, model, mpp)
     t_tissue = time.perf_counter() - t_start  # opening the file belongs here
     report("tissue", 1, 1)
     _require_tissue(grid, slide)
+    grid, roi_info = _restrict(grid, slide, roi, exclude)
     n = len(grid.coords)
     check_cancelled(cancel, f"{slide.path}: LIPN")
     report("lipn", 0, n)
@@ -137,7 +160,7 @@ def prescreen_open(
         grid=grid, classes=list(model.classes), lipn_mask=screen.mask, kept=screen.kept,
         neighbour=screen.neighbour, slide_path=str(slide.path), mpp=float(grid.mpp),
         use_lipn=use_lipn, model_name=model.name, model_sha256=str(model.sha256 or ""),
-        timings={"tissue": t_tissue, "lipn": t_lipn},
+        timings={"tissue": t_tissue, "lipn": t_lipn}, roi=roi_info,
     )
 
 
@@ -148,10 +171,13 @@ def prescreen(
     mpp: float | None = None,
     progress: ProgressFn | None = None,
     cancel: threading.Event | None = None,
+    roi: Any = None,
+    exclude: Any = None,
 ) -> PreScreen:
     """Tissue + LIPN only: which patches a run would read at 20x, without reading any.
 
     Pass the result to ``run_slide(..., prescreened=ps)`` to classify without redoing it.
+    ``roi`` / ``exclude`` (``hdmil.annotations.Annotations``) restrict the grid first.
     Raises the same errors as ``run_slide``'s first two stages.
     """
     from hdmil.slide import open_slide
@@ -161,7 +187,8 @@ def prescreen(
     own = isinstance(slide_or_path, (str, os.PathLike))
     slide = open_slide(slide_or_path, mpp=mpp) if own else slide_or_path
     try:
-        return prescreen_open(slide, model, use_lipn, mpp, progress or _no_progress, cancel, t_start)
+        return prescreen_open(slide, model, use_lipn, mpp, progress or _no_progress, cancel, t_start,
+                              roi=roi, exclude=exclude)
     finally:
         if own:
             slide.close()

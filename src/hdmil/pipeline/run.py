@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from hdmil.annotations import roi_key
 from hdmil.errors import CheckpointError, HDMILError
 from hdmil.pipeline.featurise import Featurised, featurise
 from hdmil.pipeline.folders import printable, run_key
@@ -33,6 +34,9 @@ class RunOptions:
     max_failed_share: the slide fails (``UnreadablePatchesError``) when more than this share of
     the kept patches cannot be decoded; below it the share is reported (``Result.failed_share``).
     A run that decodes none of its kept patches always fails.
+    roi / exclude: ``hdmil.annotations.Annotations`` (``read_annotations``): only the tissue
+    patches with at least the tissue threshold of their footprint inside ``roi`` and outside
+    ``exclude`` are analysed; the report records them (``Result.roi``).
     """
 
     use_lipn: bool = True
@@ -41,6 +45,8 @@ class RunOptions:
     workers: int | None = None
     device: Any = None
     max_failed_share: float = 0.5
+    roi: Any = None
+    exclude: Any = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= float(self.max_failed_share) <= 1.0:
@@ -137,7 +143,8 @@ def _run_open(slide: Any, model: Any, encoder: Any, pooler: Pooler, opts: RunOpt
               t_start: float) -> Result:
     """The three stages on an open slide; ``t_start`` is when opening it began."""
     if prescreened is None:
-        ps = prescreen_open(slide, model, opts.use_lipn, opts.mpp, report, cancel, t_start)
+        ps = prescreen_open(slide, model, opts.use_lipn, opts.mpp, report, cancel, t_start,
+                            roi=opts.roi, exclude=opts.exclude)
     else:
         ps = prescreened
         report("tissue", 1, 1)
@@ -155,6 +162,7 @@ def _run_open(slide: Any, model: Any, encoder: Any, pooler: Pooler, opts: RunOpt
     timings = _timings(ps, read, t_dmin, t_start)
     result = _result(slide, model, encoder, ps, read, pooled, timings, errors)
     result.run_key = run_key(model, ps.use_lipn, opts.mpp, encoder.name, slide.path or None)
+    result.run_key["roi"] = roi_key(opts.roi, opts.exclude)
     return result
 
 
@@ -228,4 +236,5 @@ def _result(slide: Any, model: Any, encoder: Any, ps: PreScreen, read: Featurise
         encoder=str(encoder.name),
         reading=read.reading,
         regions=pooled.regions,
+        roi=ps.roi,
     )
