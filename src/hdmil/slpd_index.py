@@ -28,6 +28,7 @@ from hdmil.models.slpd import prototype_matching, prototype_similarity
 
 __all__ = [
     "feature_file_for",
+    "index_folder",
     "INDEX_NAME",
     "SlideIndex",
     "PrototypeMap",
@@ -96,6 +97,25 @@ def read_prototypes(path: str | os.PathLike) -> tuple[str, np.ndarray | None]:
     return sid, (p if len(p) else None)
 
 
+def index_folder(directory: str | os.PathLike) -> Path:
+    """The folder that holds a cohort's h5 feature files, found as every command finds feature
+    files (``hdmil.features.io.find_feature_files``): the folder itself, CLAM's ``h5_files/``, or
+    a TRIDENT job's ``features_<encoder>/``. The index cache lives beside the files."""
+    from hdmil.features.io import find_feature_files
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FeatureFileError(f"{directory}: index folder not found")
+    if _h5_files(directory):
+        return directory
+    try:
+        found = find_feature_files(directory)
+    except FeatureFileError:
+        return directory  # nothing there: an empty index, as before
+    h5 = [p for p in found.values() if p.suffix.lower() in H5_SUFFIXES]
+    return h5[0].parent if h5 else directory
+
+
 def _h5_files(directory: Path) -> list[Path]:
     if not directory.is_dir():
         raise FeatureFileError(f"{directory}: index folder not found")
@@ -111,7 +131,7 @@ def _mtimes(files: list[Path]) -> np.ndarray:
 
 def build_index(directory: str | os.PathLike, write: bool = True) -> SlideIndex:
     """Read the prototypes of every ``*.h5`` in a folder; cache them in ``slpd_index.npz``."""
-    directory = Path(directory)
+    directory = index_folder(directory)
     files = _h5_files(directory)
     index = SlideIndex()
     for p in files:
@@ -147,7 +167,7 @@ def _write_cache(directory: Path, files: list[Path], index: SlideIndex) -> None:
 
 def load_index(directory: str | os.PathLike) -> SlideIndex:
     """The cohort index of a folder: the cache when fresh, else the files (cache not rewritten)."""
-    directory = Path(directory)
+    directory = index_folder(directory)
     files = _h5_files(directory)
     cache = directory / INDEX_NAME
     if cache.is_file():
@@ -173,7 +193,7 @@ def load_index(directory: str | os.PathLike) -> SlideIndex:
 def feature_file_for(slide: str | os.PathLike, directory: str | os.PathLike) -> Path | None:
     """A slide's feature file in ``directory``: ``<stem>.h5``, else the file whose ``slide``
     attribute is the stem (files named otherwise, e.g. by case). None when there is none."""
-    directory, stem = Path(directory), Path(slide).stem
+    directory, stem = index_folder(directory), Path(slide).stem
     for suffix in H5_SUFFIXES:
         direct = directory / f"{stem}{suffix}"
         if direct.is_file():

@@ -79,8 +79,9 @@ class Runner:
     def encoder(self, model: Any, device: Any = None) -> Any:
         """The encoder ``model`` was trained on, built once per (architecture, weights, device)."""
         from hdmil.pipeline import encoder_for, warm_up
+        from hdmil.pipeline.setup import encoder_key
 
-        key = (model.encoder, bool(model.config.get("encoder_pretrained", False)), str(device))
+        key = (encoder_key(model), str(device))
         if key not in self._encoders:
             self._encoders = {key: encoder_for(model, device)}
         encoder = self._encoders[key]

@@ -32,6 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="use timm's pretrained weights (downloaded once; otherwise weights are random)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument(
+        "--layout", choices=("hdmil", "clam"), default="hdmil",
+        help="hdmil: <out>/<slide>.h5 (default); clam: CLAM's <out>/h5_files/<slide>.h5 and "
+        "<out>/pt_files/<slide>.pt (a plain tensor), which CLAM's training reads as they are",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="patches per forward pass (default 64)")
     p.add_argument("--mpp", type=float, default=None, help="µm per level-0 pixel (overrides the files)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
@@ -53,6 +58,8 @@ def features(args: argparse.Namespace) -> int:
         raise HDMILError(f"--batch-size must be at least 1, got {args.batch_size}")
     _check_writable(args.out)
     if args.workers or args.scheduler:
+        if args.layout != "hdmil":
+            raise HDMILError("--layout clam runs in this process: not with --workers / --scheduler")
         return _features_on_dask(args)
     encoder = create_encoder(
         str(args.encoder), pretrained=args.pretrained, weights=args.weights, device=args.device,
@@ -100,13 +107,14 @@ def _check_writable(out: Path) -> None:
 def _one_slide(path: Path, encoder, args: argparse.Namespace) -> str:
     from tqdm import tqdm
 
-    from hdmil.features import extract_slide_features, write_features
+    from hdmil.features import extract_slide_features
+    from hdmil.features.io import feature_path
     from hdmil.grid import build_grid
     from hdmil.slide import open_slide
 
     with open_slide(path, mpp=args.mpp) as slide:
-        out = args.out / f"{slide.name}.h5"
-        if out.exists() and not args.overwrite and _same_encoder(out, encoder.name):
+        out = feature_path(args.out, slide.name, args.layout)
+        if out.exists() and not args.overwrite and _same_encoder(out, encoder):
             print(f"{slide.name}: {out} exists (encoder {encoder.name}), skipped", file=sys.stderr)
             return "skipped"
         grid = build_grid(slide, mpp=args.mpp)
@@ -120,22 +128,42 @@ def _one_slide(path: Path, encoder, args: argparse.Namespace) -> str:
                 bar.update(done - bar.n)
 
             bag = extract_slide_features(slide, grid, encoder, batch_size=args.batch_size, progress=progress)
-        write_features(out, bag)
+        _write(args.out, out, bag, args.layout)
         failed = bag.attrs.get("n_failed", 0)
         note = f" ({failed} patches could not be read)" if failed else ""
         print(f"{slide.name}: {len(bag)} patches → {out}{note}", file=sys.stderr)
         return "written"
 
 
-def _same_encoder(path: Path, name: str) -> bool:
+def _write(root: Path, out: Path, bag, layout: str) -> None:
+    from hdmil.features.io import write_clam_features, write_features
+
+    if layout == "clam":
+        write_clam_features(root, bag)
+    else:
+        write_features(out, bag)
+
+
+def _same_encoder(path: Path, encoder) -> bool:
+    """Whether ``path`` holds features of this very encoder: same recipe (architecture and
+    weights), or for files written before recipes, the same name."""
     import h5py
+
+    from hdmil.features.recipe import EncoderRecipe, recipe_of
+
+    def plain(v):
+        return v.decode() if isinstance(v, bytes) else v
 
     try:
         with h5py.File(path, "r") as f:
-            found = f.attrs.get("encoder")
-            return "features" in f and (found.decode() if isinstance(found, bytes) else found) == name
+            if "features" not in f:
+                return False
+            recipe, name = plain(f.attrs.get("encoder_recipe")), plain(f.attrs.get("encoder"))
     except OSError:
         return False  # unreadable: recompute
+    if recipe:
+        return EncoderRecipe.from_dict(recipe).same_encoder(recipe_of(encoder))
+    return name == encoder.name
 
 
 def _features_on_dask(args: argparse.Namespace) -> int:

@@ -42,6 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slpd", metavar="CKPT",
                    help="SLPD checkpoint for a DMIN trained on region embeddings (train-dmin "
                    "--instances region); default: the one its config names, beside it")
+    p.add_argument("--encoder", metavar="NAME|FILE",
+                   help="patch encoder to use instead of the one the checkpoint records: a weights "
+                   "file, or a name (built with its pretrained weights); refused unless its name and "
+                   "feature width are the recorded ones (needed for DMINs trained on CLAM features)")
     p.add_argument("--geojson", metavar="PATH",
                    help="also write each slide's QuPath GeoJSON (tissue, patches with kept and attention, "
                    "top-8 per class), the file the widget's Export GeoJSON writes; {slide} in PATH "
@@ -49,6 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", metavar="PATH",
                    help="also write each slide's per-patch CSV, the file the widget's Export CSV writes; "
                    "{slide} in PATH becomes the slide's name (needed with several slides)")
+    p.add_argument("--roi", metavar="FILE",
+                   help="analyse only the tissue patches with at least the tissue threshold (25%%) of "
+                   "their area inside these annotations (QuPath GeoJSON or ASAP XML; ASAP group _2 is "
+                   "cut out); {slide} in FILE becomes the slide's file stem")
+    p.add_argument("--exclude", metavar="FILE",
+                   help="leave out the patches inside these annotations (artefacts: folds, pen, "
+                   "bubbles), same formats and {slide} as --roi")
     p.add_argument("--prescreen-only", action="store_true",
                    help="tissue + LIPN only (nothing read at 20x): writes DIR/<slide>/prescreen.json "
                    "with the kept ratio overall and per class")
@@ -132,7 +143,7 @@ def _encoder(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
 
     if args.prescreen_only:
         return None, None
-    encoder = encoder_for(model, args.device)
+    encoder = encoder_for(model, args.device, override=args.encoder)
     slpd = fit_encoder(model, encoder, args.slpd, source=f"encoder {encoder.name} named in {model.path}")
     warm_up(model, encoder, patch_px=model.patch_px)  # one-time torch setup out of slide timings
     return encoder, slpd
@@ -177,11 +188,20 @@ class _Predictor:
     encoder: Any
     slpd: Any
 
+    def annotations(self, path: Path) -> dict[str, Any]:
+        """The slide's --roi and --exclude annotations (read here: {slide} is its stem)."""
+        from hdmil.annotations import read_annotations
+        from hdmil.export import slide_path_template
+
+        return {key: read_annotations(slide_path_template(arg, path.stem)) if arg else None
+                for key, arg in (("roi", self.args.roi), ("exclude", self.args.exclude))}
+
     def prescreen(self, path: Path, folder: Path, progress: Callable) -> str:
         from hdmil.files import write_json_atomic
         from hdmil.pipeline import prescreen
 
-        ps = prescreen(path, self.model, use_lipn=self.use_lipn, mpp=self.args.mpp, progress=progress)
+        ps = prescreen(path, self.model, use_lipn=self.use_lipn, mpp=self.args.mpp, progress=progress,
+                       **self.annotations(path))
         target = write_json_atomic(folder / "prescreen.json", ps.to_report())
         return (f"{printable(path.name)}: LIPN keeps {ps.n_kept}/{ps.n_patches} patches "
                 f"({ps.kept_ratio:.0%}) -> {printable(target)}")
@@ -192,7 +212,8 @@ class _Predictor:
 
         a = self.args
         options = RunOptions(use_lipn=self.use_lipn, mpp=a.mpp, batch_size=a.batch_size,
-                             workers=a.workers, max_failed_share=a.max_failed_share)
+                             workers=a.workers, max_failed_share=a.max_failed_share,
+                             **self.annotations(path))
         result = run_slide(path, self.model, options, encoder=self.encoder, slpd=self.slpd, progress=progress)
         target = result.save(folder)
         write_result_files(result, name, a.geojson, a.csv)

@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "region_coords, region_prototype and prototypes into each slide's .h5. Slides with too few "
         "regions get no prototypes (reported, not an error).",
     )
-    p.add_argument("--features", type=Path, required=True, help="folder of <slide>.h5 feature files")
+    p.add_argument("--features", type=Path, required=True,
+                   help="folder of <slide>.h5 feature files (a CLAM root or TRIDENT job folder too)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
     p.add_argument(
         "--preset", default="small", choices=("small", "reference"),
@@ -46,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "out unless --include-self.",
     )
     s.add_argument("slide", metavar="SLIDE_OR_H5", help="a feature file, or a slide whose .h5 is in --index")
-    s.add_argument("--index", type=Path, required=True, help="folder of feature files with prototypes")
+    s.add_argument("--index", type=Path, required=True,
+                   help="folder of feature files with prototypes (a CLAM root or TRIDENT job folder too)")
     s.add_argument("--top", type=int, default=5, help="how many to list (default 5)")
     s.add_argument("--include-self", action="store_true", help="keep the query in its own results")
     s.set_defaults(func=similar)

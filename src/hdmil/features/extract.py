@@ -104,6 +104,7 @@ def extract_slide_features(
     lr = np.asarray(grid.lr_patches(), dtype=np.uint8) if n else np.zeros((0, 16, 16, 3), np.uint8)
     attrs = {
         "encoder": encoder.name,
+        "encoder_recipe": _recipe(encoder),  # what rebuilds exactly these weights (predict)
         "dim": encoder.dim,
         "patch_size_level0": int(grid.patch_size_level0),
         "patch_px": patch_px,
@@ -113,6 +114,7 @@ def extract_slide_features(
         # lets the viewer open a slide found by SLPD similarity from its feature file
         "slide_path": str(Path(slide.path).resolve()) if getattr(slide, "path", None) else None,
         "n_failed": int(n - ok.sum()),
+        "level0_magnification": _level0_magnification(slide, grid),
         **_slide_size(slide),
     }
     return FeatureBag(features[ok], coords[ok], attrs, lr[ok], slide.name, None)
@@ -124,3 +126,19 @@ def _slide_size(slide: Any) -> dict[str, int]:
     if dims is None or len(dims) != 2:
         return {}
     return {"slide_width": int(dims[0]), "slide_height": int(dims[1])}
+
+
+def _recipe(encoder: Encoder) -> dict[str, Any] | None:
+    from hdmil.features.recipe import recipe_of
+
+    return recipe_of(encoder).to_dict() if isinstance(encoder, Encoder) else None
+
+
+def _level0_magnification(slide: Any, grid: Any) -> float | None:
+    """The slide's level-0 magnification (TRIDENT's ``level0_magnification``): its objective
+    power, else from the grid's mpp at 10 µm/px per 1x (0.25 µm/px = 40x)."""
+    power = getattr(slide, "objective_power", None)  # SimpleNamespace slides in tests have none
+    if power:
+        return float(power)
+    mpp = float(grid.mpp) if grid.mpp else 0.0
+    return round(10.0 / mpp, 2) if mpp > 0 else None

@@ -99,9 +99,86 @@ def write_features(
         datasets["lr_patches"] = lr_patches
     attrs = {k: v for k, v in (attrs or {}).items() if v is not None}
     attrs = {"slide": path.stem, **attrs, "dim": int(feats.shape[1])}  # dim always the real one
+    peers = _peer_attributes(path, attrs, "coords" in datasets)
     carry = _carry_over(path, datasets.get("coords"), attrs.get("encoder"))
-    _write_atomic(path, datasets, attrs, carry)
+    _write_atomic(path, datasets, attrs, carry, peers)
     return path
+
+
+def coords_attributes(attrs: dict[str, Any], folder: str | os.PathLike = "") -> dict[str, Any]:
+    """The attributes CLAM and TRIDENT write on ``coords``, from a feature file's own attributes.
+
+    CLAM (``Whole_Slide_Bag_FP``, ``StitchCoords``) reads ``patch_size`` px at ``patch_level``:
+    our patches are cut at level 0, so ``patch_level`` 0, ``patch_size`` = ``patch_size_level0``,
+    ``downsample`` [1, 1], ``level_dim`` = ``downsampled_level_dim`` = the slide's size. TRIDENT
+    (``read_coords``, ``visualize_coords``, slide encoders) reads ``patch_size_level0``,
+    ``level0_magnification``, ``target_magnification``, ``overlap``, ``level0_width`` /
+    ``level0_height``. Both read ``name`` (the slide) and where the file went (``save_path``,
+    ``savetodir``). On a slide whose level 0 is at the target magnification (20x), ``patch_size``
+    is also TRIDENT's size at that magnification; on others TRIDENT's patch readers should use
+    ``patch_size_level0``. Empty without ``patch_size_level0``.
+    """
+    ps0 = attrs.get("patch_size_level0")
+    if not ps0:
+        return {}
+    ps0 = int(ps0)
+    out: dict[str, Any] = {
+        "patch_size": ps0, "patch_level": 0, "downsample": np.array([1.0, 1.0]),
+        "patch_size_level0": ps0, "overlap": 0, "name": str(attrs.get("slide") or ""),
+        "save_path": str(folder), "savetodir": str(folder),
+    }
+    w, h = attrs.get("slide_width"), attrs.get("slide_height")
+    if w and h:
+        dims = np.array([int(w), int(h)], dtype=np.int64)
+        out.update(level_dim=dims, downsampled_level_dim=dims, level0_width=int(w), level0_height=int(h))
+    if attrs.get("magnification"):
+        out["target_magnification"] = float(attrs["magnification"])
+    if attrs.get("level0_magnification"):
+        out["level0_magnification"] = float(attrs["level0_magnification"])
+    return out
+
+
+def _peer_attributes(path: Path, attrs: dict[str, Any], has_coords: bool) -> dict[str, dict[str, Any]]:
+    """Attributes on the datasets themselves, where CLAM's and TRIDENT's code looks for them:
+    ``coords`` (``coords_attributes``; a CLAM / TRIDENT file's own ones kept first) and
+    ``features`` (``encoder``, as TRIDENT writes it). ``coords_attrs`` leaves the root."""
+    theirs = attrs.pop("coords_attrs", None)
+    theirs = json.loads(theirs) if isinstance(theirs, str) else dict(theirs or {})
+    out: dict[str, dict[str, Any]] = {}
+    if has_coords:
+        out["coords"] = {**coords_attributes(attrs, path.parent.resolve()), **theirs}
+    if attrs.get("encoder"):
+        out["features"] = {"encoder": str(attrs["encoder"])}
+    return out
+
+
+LAYOUTS = ("hdmil", "clam")
+
+
+def feature_path(out: str | os.PathLike, slide: str, layout: str = "hdmil") -> Path:
+    """Where ``hdmil features --layout`` puts a slide's h5: ``<out>/<slide>.h5``, or CLAM's
+    ``<out>/h5_files/<slide>.h5``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, not {layout!r}")
+    out = Path(out)
+    return out / "h5_files" / f"{slide}.h5" if layout == "clam" else out / f"{slide}.h5"
+
+
+def write_clam_features(out: str | os.PathLike, bag: FeatureBag) -> tuple[Path, Path]:
+    """CLAM's layout under ``out``: ``h5_files/<slide>.h5`` (ours, with the attributes its code
+    reads) and ``pt_files/<slide>.pt``: a plain float32 tensor [N, D], as CLAM's
+    ``extract_features_fp.py`` saves it (``torch.save(features, ...)``) and ``Generic_MIL_Dataset``
+    loads it. Returns (h5, pt)."""
+    import torch
+
+    h5 = feature_path(out, bag.slide_id, "clam")
+    pt = Path(out) / "pt_files" / f"{bag.slide_id}.pt"
+    h5.parent.mkdir(parents=True, exist_ok=True)
+    pt.parent.mkdir(parents=True, exist_ok=True)
+    write_features(h5, bag)
+    with atomic_write(pt, "wb") as fh:
+        torch.save(torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32)), fh)
+    return h5, pt
 
 
 def update_feature_file(
@@ -129,6 +206,7 @@ def _write_atomic(
     datasets: dict[str, np.ndarray],
     attrs: dict[str, Any],
     carry: tuple[str, list[str]] | None = None,
+    dataset_attrs: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     import h5py
 
@@ -138,7 +216,9 @@ def _write_atomic(
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as f:
         for name, data in datasets.items():
-            f.create_dataset(name, data=data)
+            ds = f.create_dataset(name, data=data)
+            for key, value in (dataset_attrs or {}).get(name, {}).items():
+                ds.attrs[key] = _h5_attr(value)
         for key, value in attrs.items():
             f.attrs[key] = _h5_attr(value)
         if carry is not None:
@@ -239,8 +319,10 @@ def _read_h5(path: Path, with_lr: bool) -> FeatureBag:
                         f"{path}: {feats.shape[0]} feature rows but {coords.shape[0]} coords"
                     )
                 coords = coords.astype(np.int64)
-                cattrs = {k: _attr_value(v) for k, v in f["coords"].attrs.items()}
-                attrs = _geometry_from_coords_attrs(attrs, cattrs)
+                if "patch_size_level0" not in attrs:  # a CLAM / TRIDENT file: geometry on coords
+                    cattrs = {k: _attr_value(v) for k, v in f["coords"].attrs.items()}
+                    attrs = _geometry_from_coords_attrs(attrs, cattrs)
+            attrs = _encoder_from_features(attrs, f["features"])
             lr = None
             if with_lr and "lr_patches" in f:
                 lr = np.asarray(f["lr_patches"][()], dtype=np.uint8)
@@ -290,6 +372,14 @@ def _refuse_rows(path: Any, coords: np.ndarray, bad: np.ndarray, what: str) -> N
             f"{path}: {int(bad.sum())} of {len(coords)} patch coords are {what}, first row {i} "
             f"at ({x}, {y}); these features do not belong to this slide's patch grid"
         )
+
+
+def _encoder_from_features(attrs: dict[str, Any], features: Any) -> dict[str, Any]:
+    """TRIDENT names its encoder on the ``features`` dataset (``encoder="uni_v1"``): keep it."""
+    name = _attr_value(features.attrs.get("encoder")) if "encoder" in features.attrs else None
+    if name and not attrs.get("encoder"):
+        attrs = {**attrs, "encoder": str(name)}
+    return attrs
 
 
 def _geometry_from_coords_attrs(attrs: dict[str, Any], cattrs: dict[str, Any]) -> dict[str, Any]:

@@ -12,8 +12,9 @@ import numpy as np
 from hdmil.errors import CheckpointError, HDMILError
 
 __all__ = [
-    "check_model", "check_slpd_dims", "encoder_for", "encoder_weights_path", "fit_encoder",
-    "instances_of", "lipn_applies", "slpd_for", "slpd_label", "warm_up",
+    "check_model", "check_slpd_dims", "encoder_for", "encoder_key", "encoder_override",
+    "encoder_weights_path", "fit_encoder", "instances_of", "lipn_applies", "recorded_recipe",
+    "slpd_for", "slpd_label", "warm_up",
 ]
 
 
@@ -39,20 +40,27 @@ def lipn_applies(model: Any, use_lipn: bool = True) -> bool:
     return bool(use_lipn) and model.instances != "region"
 
 
-def encoder_for(model: Any, device: Any) -> Any:
+def encoder_for(model: Any, device: Any, override: str | os.PathLike | None = None) -> Any:
     """The encoder the checkpoint's DMIN was trained on.
 
-    The config names the architecture (``encoder``); when it also names a weights file
-    (``encoder_weights``, see ``encoder_weights_path``) those weights are loaded, and a missing
-    file is an error rather than a silent fall-back to other weights.
+    ``override`` (``--encoder NAME|FILE``): that encoder instead, checked against the recorded
+    name and width (``encoder_override``). Else, a config with an ``encoder_recipe`` (recorded
+    by ``train-dmin`` from the feature files) gets exactly that encoder rebuilt, or a
+    CheckpointError saying what is missing: never other weights. Older configs name the
+    architecture (``encoder``) and maybe a weights file (``encoder_weights``, see
+    ``encoder_weights_path``), built as before; a missing file is an error.
     """
     from hdmil.features import create_encoder
 
+    if override is not None:
+        return encoder_override(model, override, device)
     ckpt, name, weights = model.path, model.encoder, model.encoder_weights
+    if model.config.get("encoder_recipe") and not weights:
+        return _from_recipe(model, device)
     if not name:
         raise CheckpointError(
-            f"{ckpt}: the checkpoint does not name the encoder its DMIN was trained on; "
-            "pass the encoder explicitly"
+            f"{ckpt}: the checkpoint does not name the encoder its DMIN was trained on (CLAM's "
+            "feature files record none); pass the encoder that made them (--encoder NAME|FILE)"
         )
     try:
         if weights:
@@ -63,6 +71,88 @@ def encoder_for(model: Any, device: Any) -> Any:
         raise
     except HDMILError as exc:
         raise CheckpointError(f"{ckpt}: encoder {name!r}: {exc}") from exc
+
+
+def encoder_key(model: Any) -> str:
+    """What decides which encoder ``encoder_for`` builds for ``model``, as one string: models
+    with equal keys share an encoder (a cache key), models with other weights never do."""
+    from hdmil.files import dumps
+
+    keys = ("encoder", "encoder_pretrained", "encoder_weights", "encoder_weights_sha256", "encoder_recipe")
+    return dumps({k: model.config.get(k) for k in keys}, sort_keys=True)
+
+
+def recorded_recipe(model: Any) -> Any:
+    """The checkpoint's ``EncoderRecipe``, or None (older checkpoints, CLAM features)."""
+    from hdmil.features.recipe import EncoderRecipe
+
+    raw = model.config.get("encoder_recipe")
+    if not raw:
+        return None
+    try:
+        return EncoderRecipe.from_dict(raw)
+    except HDMILError as exc:
+        raise CheckpointError(f"{model.path}: {exc}") from exc
+
+
+def _from_recipe(model: Any, device: Any) -> Any:
+    """Exactly the recorded encoder; its weights file is looked for beside the checkpoint, then
+    where it was when the features were made, and only with the recorded SHA-256."""
+    from hdmil.features.recipe import build_from_recipe
+
+    recipe = recorded_recipe(model)
+    try:
+        return build_from_recipe(recipe, device, search=[Path(str(model.path)).parent], where=str(model.path))
+    except CheckpointError:
+        raise
+    except HDMILError as exc:
+        msg = str(exc)
+        if not msg.startswith(str(model.path)):
+            msg = (f"{model.path}: cannot rebuild its encoder {recipe.describe()} ({msg}); "
+                   "pass the encoder that made its features (--encoder NAME|FILE)")
+        raise CheckpointError(msg) from exc
+
+
+def _build_override(spec: str, recorded: str | None, device: Any) -> Any:
+    """``--encoder``: a weights file (its metadata's architecture, else the recorded one), or a
+    name built with its pretrained weights (never random)."""
+    from hdmil.features.encoders import WEIGHT_SUFFIXES, EncoderError, create_encoder
+
+    if Path(spec).is_file() or spec.lower().endswith(WEIGHT_SUFFIXES):
+        try:
+            return create_encoder(spec, device=device)
+        except EncoderError as exc:
+            if not recorded or "cannot tell which architecture" not in str(exc):
+                raise
+            return create_encoder(spec, arch=recorded, device=device)
+    return create_encoder(spec, pretrained=True, device=device)
+
+
+def encoder_override(model: Any, spec: str | os.PathLike, device: Any) -> Any:
+    """The encoder ``--encoder NAME|FILE`` names, refused (CheckpointError) when its width is not
+    the DMIN's or its architecture is not the one the checkpoint records (when it records one
+    whose weights are known)."""
+    recipe = recorded_recipe(model)
+    recorded = recipe.name if recipe is not None else model.encoder
+    try:
+        encoder = _build_override(str(spec), recorded, device)
+    except HDMILError as exc:
+        raise CheckpointError(f"--encoder {spec}: {exc}") from exc
+    known = recipe is not None and recipe.weights != "unknown"
+    if known and encoder.name != recipe.name:
+        raise CheckpointError(
+            f"--encoder {spec}: it is encoder {encoder.name!r}, but the DMIN in {model.path} was "
+            f"trained on features of {recipe.describe()}; refused"
+        )
+    want = recipe.dim if recipe is not None and recipe.dim else None
+    if model.instances == "patch":
+        want = model.feature_dim or want
+    if want is not None and int(encoder.dim) != int(want):
+        raise CheckpointError(
+            f"--encoder {spec}: it gives {encoder.dim}-d features, but the DMIN in {model.path} "
+            f"was trained on {want}-d ones ({recorded or 'encoder not recorded'}); refused"
+        )
+    return encoder
 
 
 def encoder_weights_path(model: Any) -> Path:

@@ -209,4 +209,5 @@ def train_demo_encoder(
             stain_jitter=cfg.encoder_stain_jitter, run_dir=out / "encoder_hard_negatives")
         fit = {**fit, "loss": more["loss"], "hard_negatives": int(sum(len(y) for y in hard_y)),
                "hard_negative_epochs": more["epochs"]}
+    encoder.weights = "trained by the recipe"  # no longer the seeded random ones: feature files say so
     return encoder, fit

@@ -249,7 +249,8 @@ class _Run:
 def _checkpoint_config(model: Any, encoder: Any, enc_path: Path, cfg: RecipeConfig,
                        skipped: dict[str, str], heldout: dict[str, Any]) -> dict[str, Any]:
     """LIPN's checkpoint config, plus the demo's: its encoder file, its use, how it was made."""
-    config = {k: v for k, v in model.config.items() if k not in ("modules", "model_type")}
+    # the features' recipe says "trained by the recipe": the encoder file below replaces it
+    config = {k: v for k, v in model.config.items() if k not in ("modules", "model_type", "encoder_recipe")}
     config.update({
         "encoder": encoder.name,  # the architecture; its weights are the file below
         "encoder_pretrained": False,

@@ -323,6 +323,8 @@ class BagDataset:
                     else None
                 )
                 attrs = {k: _plain(v) for k, v in h5.attrs.items()}
+                if not attrs.get("encoder") and "features" in h5 and "encoder" in h5["features"].attrs:
+                    attrs["encoder"] = _plain(h5["features"].attrs["encoder"])  # TRIDENT names it there
         except OSError as exc:
             raise FeatureFileError(f"{path}: cannot read feature file ({exc})") from exc
         return emb, coords, attrs

@@ -82,9 +82,21 @@ def feature_provenance(cohort: Cohort) -> dict[str, Any]:
         info["patch_dim"], info["dim"] = info["dim"], int(bags.dim)
         if attrs.get("slpd_checkpoint"):
             info["slpd_checkpoint"] = str(attrs["slpd_checkpoint"])  # what `hdmil predict` embeds with
+    info.update(_encoder_record(attrs))
     first = next(iter(bags.files.values()), None)
     info["features_dir"] = str(first.parent.resolve()) if first is not None else None
     return info
+
+
+def _encoder_record(attrs: dict[str, Any]) -> dict[str, Any]:
+    """``encoder`` and ``encoder_recipe`` for the checkpoint, from the feature file's attributes
+    (ours, or TRIDENT's ``encoder`` on ``features``): what ``hdmil predict`` rebuilds."""
+    from hdmil.features.recipe import recipe_from_attrs
+
+    recipe = recipe_from_attrs(attrs)
+    if recipe is None:
+        return {}  # CLAM writes no encoder: predict asks for --encoder
+    return {"encoder": recipe.name, "encoder_recipe": recipe.to_dict()}
 
 
 def build_dmin(cfg: DMINTrainConfig, in_dim: int, n_classes: int) -> nn.Module:
@@ -275,6 +287,7 @@ def _checkpoint_config(
     config: dict[str, Any] = {
         "classes": list(cohort.classes),
         "encoder": features.get("encoder"),
+        "encoder_recipe": features.get("encoder_recipe"),
         "feature_dim": int(features["dim"]),
         "instances": features["instances"],
         **{k: features[k] for k in ("patch_dim", "slpd_checkpoint") if k in features},
