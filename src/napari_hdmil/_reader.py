@@ -1,4 +1,5 @@
-"""napari reader: a whole-slide image as one multiscale RGB layer in µm.
+"""napari reader: a whole-slide image as one multiscale RGB layer in µm; a saved result (its
+folder, ``report.json`` or ``patches.h5``) as its slide plus every result layer, no model run.
 
 The layer's data is exactly the plain approach (tiffslide zarr array → ``dask.array.from_zarr``
 per level, chunks = the file's tiles), so opening and panning cost the same; the reader only adds
@@ -46,15 +47,74 @@ def get_reader(path: str | os.PathLike | list) -> ReaderFunction | None:
     return read_slide
 
 
+def get_result_reader(path: str | os.PathLike | list) -> ReaderFunction | None:
+    """The reader for a saved result (a folder with ``report.json`` and ``patches.h5``, or one of
+    those files), or None (never raises; a result whose slide cannot be used warns why)."""
+    from hdmil.pipeline.result import result_folder
+
+    try:
+        p = _single_path(path)
+        if p is None or not (p.is_dir() or p.name in ("report.json", "patches.h5")):
+            return None
+        result_folder(p)
+    except HDMILError:
+        return None  # not a result (a plain folder): another reader may open it
+    except Exception:  # noqa: BLE001 - a reader check must never raise into napari
+        return None
+    return read_result
+
+
+def read_result(path: str | os.PathLike | list, slide_dirs: tuple = ()) -> list[LayerData]:
+    """The slide of a saved result (found where the report says, or beside the results, or in
+    ``slide_dirs``; refused when the file changed) and every result layer of
+    ``napari_hdmil._layers.result_layers``. Nothing is computed: no model, no encoder."""
+    from hdmil.pipeline.result import load_result
+    from napari_hdmil._layers import result_layers
+
+    p = _single_path(path)
+    if p is None:
+        raise HDMILError(f"{path}: the HDMIL reader opens one result at a time")
+    result = load_result(p, slide_dirs=slide_dirs)
+    layers = read_slide(result.slide_path)
+    layers[0][1]["metadata"]["result_folder"] = str(Path(p if p.is_dir() else p.parent).resolve())
+    if _hand_to_widget(result):
+        return layers  # the widget adds the result layers (its own, with their controls)
+    return layers + result_layers(result)
+
+
+def _hand_to_widget(result: Any) -> bool:
+    """When the current viewer has the HDMIL widget docked, have it show ``result`` (prediction
+    panel, heatmap controls, gallery) once napari added the slide layer; False when it has none."""
+    try:
+        import napari
+        from qtpy.QtCore import QTimer
+
+        from napari_hdmil._qt.review import docked_widget
+
+        viewer = napari.current_viewer()
+        widget = docked_widget(viewer) if viewer is not None else None
+    except ImportError:
+        return False
+    if widget is None:
+        return False
+    QTimer.singleShot(0, lambda: widget.show_result(result))
+    return True
+
+
 def read_slide(path: str | os.PathLike | list) -> list[LayerData]:
-    """One multiscale RGB image layer for the slide at ``path`` (µm scale when mpp is known)."""
+    """One multiscale RGB image layer for the slide at ``path`` (µm scale when mpp is known).
+    Its metadata records the file's size and mtime when opened (``file_size``, ``file_mtime_ns``):
+    a file changed on disk since then no longer matches them."""
     p = _single_path(path)
     if p is None:
         raise HDMILError(f"{path}: the HDMIL reader opens one slide at a time")
     slide = cached_slide(p)
     mpp = slide.mpp
+    st = Path(slide.path).stat()
     metadata: dict[str, Any] = {
         "slide_path": str(slide.path),
+        "file_size": int(st.st_size),
+        "file_mtime_ns": int(st.st_mtime_ns),
         "mpp": mpp,
         "objective_power": slide.objective_power,
         "vendor": slide.vendor,

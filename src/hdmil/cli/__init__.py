@@ -17,6 +17,8 @@ COMMAND_MODULES = (
     "hdmil.cli.batch_cmds",  # batch
     "hdmil.cli.cohort_cmds",  # synth-cohort, recipe
     "hdmil.cli.slpd_cmds",  # pretrain-slpd, similar
+    "hdmil.cli.annotation_cmds",  # evaluate-annotations
+    "hdmil.cli.review_cmds",  # review-summary
 )
 
 

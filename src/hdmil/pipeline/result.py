@@ -19,9 +19,16 @@ import numpy as np
 from hdmil.errors import HDMILError, SlideError
 from hdmil.pipeline.folders import printable
 
-__all__ = ["STAGES", "NoTissueError", "RegionDetails", "Result", "UnreadablePatchesError", "neighbour_flags"]
+__all__ = [
+    "STAGES", "NoTissueError", "RegionDetails", "Result", "UnreadablePatchesError", "neighbour_flags",
+    "SavedResultError", "SlideChangedError", "SlideNotFoundError", "find_slide", "load_result",
+    "read_report", "result_folder", "slide_candidates", "slide_fingerprint",
+]
 
 STAGES = ("tissue", "lipn", "crop", "features", "dmin", "total")
+# The slide file's fingerprint hashes this many leading bytes (plus its size): cheap on a 5 GB
+# slide, and the header and first tiles change when the file is rewritten or replaced.
+FINGERPRINT_BYTES = 1 << 20
 
 
 class NoTissueError(HDMILError):
@@ -116,6 +123,9 @@ class Result:
     regions: RegionDetails | None = None  # None: DMIN pooled patches
     neighbour: np.ndarray | None = None  # None: no patch was kept only as a neighbour
     run_key: dict[str, Any] = field(default_factory=dict)
+    roi: dict[str, Any] | None = None  # the ROI / exclusions the run was restricted to (file, mm², patches)
+    # the slide file when the result was made (``slide_fingerprint``); {} when not known
+    slide_file: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.neighbour = neighbour_flags(self.neighbour, self.kept)
@@ -184,6 +194,9 @@ class Result:
             **(self.regions.to_report() if self.regions is not None else {}),
             "errors": [printable(e) for e in self.errors],
             "run_key": dict(self.run_key),
+            "roi": self.roi,
+            "slide_file": dict(self.slide_file),
+            "grid": _grid_report(self.grid),
             "hdmil_version": __version__,
         }
 
@@ -202,9 +215,36 @@ class Result:
             (out / "report.json").unlink(missing_ok=True)
         except OSError as exc:
             raise WriteError(f"{out}: cannot write the results folder ({exc.strerror or exc})") from exc
+        if not self.slide_file and self.slide_path:
+            self.slide_file = slide_fingerprint(self.slide_path)
         write_patches_h5(out / "patches.h5", self)
         write_json_atomic(out / "report.json", self.to_report())
         return out
+
+
+def slide_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """What identifies a slide file cheaply: its resolved path, size and the SHA-256 of its first
+    ``FINGERPRINT_BYTES`` bytes ({} when it cannot be read: the result then cannot check it)."""
+    import hashlib
+
+    p = Path(path).expanduser()
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(FINGERPRINT_BYTES)
+            size = os.fstat(fh.fileno()).st_size
+    except OSError:
+        return {}
+    return {"path": printable(p.resolve()), "size": int(size),
+            "sha256_head": hashlib.sha256(head).hexdigest(), "head_bytes": FINGERPRINT_BYTES}
+
+
+def _grid_report(grid: Any) -> dict[str, Any]:
+    """The grid's geometry, so a saved result is drawn again without its slide ({} without one)."""
+    if grid is None:
+        return {}
+    return {"shape": [int(v) for v in grid.shape], "origin": [int(v) for v in grid.origin],
+            "dimensions": [int(v) for v in grid.dimensions], "lr_patch_px": int(grid.lr_patch_px),
+            "patch_px": int(grid.patch_px), "magnification": float(grid.magnification)}
 
 
 def neighbour_flags(neighbour: np.ndarray | None, kept: np.ndarray) -> np.ndarray:
@@ -235,6 +275,8 @@ def write_patches_h5(path: Path, r: Result) -> None:
         f.create_dataset("features", data=r.features.astype(np.float32))
         f.create_dataset("feature_index", data=r.feature_index.astype(np.int64))
         f.create_dataset("failed", data=r.failed.astype(np.int64))
+        if r.grid is not None and len(r.grid.tissue_fraction) == len(r.coords):
+            f.create_dataset("tissue_fraction", data=np.asarray(r.grid.tissue_fraction, np.float32))
         if r.regions is not None:
             r.regions.write_h5(f)
         f.attrs["instances"] = r.instances
@@ -246,3 +288,186 @@ def write_patches_h5(path: Path, r: Result) -> None:
         f.attrs["encoder"] = r.encoder
         f.attrs["model"] = r.model_name
         f.attrs["model_sha256"] = r.model_sha256
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a saved result back (no model, no encoder: the files hold everything)
+
+
+class SavedResultError(HDMILError):
+    """A results folder, ``report.json`` or ``patches.h5`` that cannot be read back."""
+
+
+class SlideNotFoundError(SlideError):
+    """The slide of a saved result is neither where the report says nor beside the results."""
+
+
+class SlideChangedError(SlideError):
+    """The slide file found for a saved result is not the file the result was made from."""
+
+
+def result_folder(path: str | os.PathLike) -> Path:
+    """The results folder of ``path`` (the folder itself, its ``report.json`` or ``patches.h5``);
+    SavedResultError when it holds no complete result (no report, or no patches beside it)."""
+    p = Path(path).expanduser()
+    folder = p if p.is_dir() else p.parent
+    if not p.is_dir() and p.name not in ("report.json", "patches.h5"):
+        raise SavedResultError(f"{printable(p)}: not a results file (report.json or patches.h5)")
+    for name in ("report.json", "patches.h5"):
+        if not (folder / name).is_file():
+            raise SavedResultError(f"{printable(folder)}: no {name}, so no complete result to open "
+                                   "(hdmil predict or hdmil batch writes report.json and patches.h5)")
+    return folder
+
+
+def read_report(folder: str | os.PathLike) -> dict[str, Any]:
+    """``folder/report.json`` as a dict; SavedResultError naming the file when it does not parse."""
+    path = Path(folder) / "report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SavedResultError(f"{printable(path)}: cannot be read as a report ({exc})") from exc
+    if not isinstance(report, dict) or "classes" not in report or "probabilities" not in report:
+        raise SavedResultError(f"{printable(path)}: not an HDMIL report (no classes or probabilities)")
+    return report
+
+
+def slide_candidates(report: dict[str, Any], folder: Path, slide_dirs: tuple = ()) -> list[Path]:
+    """Where the slide of a saved result may be, in order: the recorded paths (resolved first),
+    then a file of the recorded name beside the results (the folder, its parent and the parent's
+    parent: a batch's OUT beside its slides) and in each of ``slide_dirs``."""
+    recorded = [(report.get("slide_file") or {}).get("path"), (report.get("run_key") or {}).get("slide"),
+                report.get("path")]
+    paths = [Path(p).expanduser() for p in recorded if p]
+    names = list(dict.fromkeys(p.name for p in paths)) or [f"{report.get('slide', 'slide')}.svs"]
+    folder = folder.resolve()
+    beside = [*map(Path, slide_dirs), folder, folder.parent, folder.parent.parent]
+    out = paths + [d / n for d in beside for n in names]
+    return list(dict.fromkeys(out))
+
+
+def find_slide(report: dict[str, Any], folder: Path, slide_dirs: tuple = ()) -> Path:
+    """The first existing candidate (``slide_candidates``) whose file matches the recorded
+    fingerprint. SlideNotFoundError listing every place looked at; SlideChangedError when only
+    files that differ from the recorded one were found."""
+    changed: list[str] = []
+    candidates = slide_candidates(report, folder, slide_dirs)
+    for path in candidates:
+        if not path.is_file():
+            continue
+        why = fingerprint_mismatch(report.get("slide_file") or {}, path)
+        if why is None:
+            return path
+        changed.append(why)
+    if changed:
+        raise SlideChangedError(f"{printable(folder)}: the slide file no longer matches the results: "
+                                + "; ".join(changed) + " (run hdmil predict on it again)")
+    looked = ", ".join(printable(p) for p in candidates)
+    raise SlideNotFoundError(f"{printable(folder)}: slide {report.get('slide')!r} not found; looked at "
+                             f"{looked} (name the folder that holds it)")
+
+
+def fingerprint_mismatch(recorded: dict[str, Any], path: Path) -> str | None:
+    """Why ``path`` is not the recorded slide file (None: it is, or nothing was recorded)."""
+    if not recorded.get("size"):
+        return None  # an older report: nothing to check against
+    now = slide_fingerprint(path)
+    if not now:
+        return f"{printable(path)} cannot be read"
+    if now["size"] != recorded["size"]:
+        return f"{printable(path)} is {now['size']} bytes, the results were made from {recorded['size']}"
+    if now["sha256_head"] != recorded.get("sha256_head"):
+        return f"{printable(path)} has the recorded size but other content (SHA-256 of its first MiB)"
+    return None
+
+
+def load_result(path: str | os.PathLike, slide_dirs: tuple = (), find: bool = True) -> Result:
+    """A saved result (folder, ``report.json`` or ``patches.h5``) as a ``Result``, without any
+    model. ``find``: locate the slide (``find_slide``: refused when it changed) and put its path
+    in ``slide_path``; else the recorded path is kept as it is."""
+    folder = result_folder(path)
+    report = read_report(folder)
+    slide_path = find_slide(report, folder, tuple(slide_dirs)) if find else report.get("path")
+    arrays, attrs = _read_h5(folder / "patches.h5")
+    return _result_from(report, arrays, attrs, str(slide_path) if slide_path else None)
+
+
+_H5_ARRAYS = ("coords", "grid_index", "lipn_mask", "kept", "kept_as_neighbour", "attention", "scores",
+              "features", "feature_index", "failed", "tissue_fraction", "region_coords",
+              "region_attention", "region_scores", "region_prototype", "patch_region")
+
+
+def _read_h5(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            arrays = {k: f[k][()] for k in _H5_ARRAYS if k in f}
+            attrs = dict(f.attrs)
+    except (OSError, KeyError, ValueError) as exc:
+        raise SavedResultError(f"{printable(path)}: cannot be read ({' '.join(str(exc).split())})") from exc
+    missing = [k for k in _H5_ARRAYS[:4] + ("attention", "scores") if k not in arrays]
+    if missing:
+        raise SavedResultError(f"{printable(path)}: not an HDMIL patches file (no {', '.join(missing)})")
+    return arrays, attrs
+
+
+def _result_from(report: dict[str, Any], a: dict[str, np.ndarray], attrs: dict[str, Any],
+                 slide_path: str | None) -> Result:
+    classes = list(report["classes"])
+    n = len(a["coords"])
+    res = Result(
+        slide_name=str(report.get("slide") or ""), slide_path=slide_path, classes=classes,
+        probabilities=np.asarray(report["probabilities"], np.float32),
+        prediction_index=int(report.get("prediction_index", int(np.argmax(report["probabilities"])))),
+        coords=a["coords"].astype(np.int64).reshape(-1, 2), grid_index=a["grid_index"].astype(np.int64).reshape(-1, 2),
+        lipn_mask=a["lipn_mask"].astype(bool).reshape(n, -1), kept=a["kept"].astype(bool),
+        neighbour=a.get("kept_as_neighbour"), attention=a["attention"].astype(np.float32),
+        scores=a["scores"].astype(np.float32),
+        features=a.get("features", np.zeros((0, 0), np.float32)).astype(np.float32),
+        feature_index=a.get("feature_index", np.zeros(0, np.int64)).astype(np.int64),
+        failed=a.get("failed", np.zeros(0, np.int64)).astype(np.int64),
+        use_lipn=bool(report.get("use_lipn", True)), timings=dict(report.get("timings") or {}),
+        errors=list(report.get("errors") or []), mpp=report.get("mpp"),
+        patch_size_level0=int(report.get("patch_size_level0") or attrs.get("patch_size_level0", 0)),
+        model_name=str((report.get("model") or {}).get("name", "")),
+        model_sha256=str((report.get("model") or {}).get("sha256", "")),
+        encoder=str(report.get("encoder", "")), reading=dict(report.get("reading") or {}),
+        regions=_regions_from(a, attrs), run_key=dict(report.get("run_key") or {}),
+        slide_file=dict(report.get("slide_file") or {}), roi=report.get("roi"),
+    )
+    res.grid = saved_grid(res, report.get("grid") or {}, a.get("tissue_fraction"))
+    return res
+
+
+def _regions_from(a: dict[str, np.ndarray], attrs: dict[str, Any]) -> RegionDetails | None:
+    if "region_coords" not in a:
+        return None
+    return RegionDetails(
+        coords=a["region_coords"].astype(np.int64), attention=a["region_attention"].astype(np.float32),
+        scores=a["region_scores"].astype(np.float32), prototype=a["region_prototype"].astype(np.int64),
+        patch_region=a["patch_region"].astype(np.int64), size_level0=int(attrs.get("region_size_level0", 0)),
+        slpd_name=str(attrs.get("slpd", "")))
+
+
+def saved_grid(res: Result, info: dict[str, Any], tissue_fraction: np.ndarray | None) -> Any:
+    """The PatchGrid of a saved result: its geometry from the report (older reports: the smallest
+    grid holding every patch), no LR image or tissue mask (zeros: nothing is read to draw it)."""
+    from hdmil.grid import PatchGrid
+
+    index = res.grid_index
+    fit = tuple(int(v) + 1 for v in index.max(axis=0)) if len(index) else (0, 0)
+    rows, cols = (int(v) for v in info.get("shape", fit))
+    lr = int(info.get("lr_patch_px", 16))
+    ps0 = int(res.patch_size_level0)
+    return PatchGrid(
+        coords=res.coords, index=index, shape=(rows, cols), patch_size_level0=ps0,
+        mpp=float(res.mpp) if res.mpp else float("nan"),
+        tissue_fraction=(np.asarray(tissue_fraction, np.float32) if tissue_fraction is not None
+                         else np.full(res.n_patches, np.nan, np.float32)),
+        mask=np.zeros((rows * lr, cols * lr), bool), lr_image=np.zeros((rows * lr, cols * lr, 3), np.uint8),
+        message=f"{res.n_patches} patches of a saved result", lr_patch_px=lr,
+        patch_px=int(info.get("patch_px", 256)), magnification=float(info.get("magnification", 20.0)),
+        origin=tuple(info.get("origin", (0, 0))), dimensions=tuple(info.get("dimensions", (cols * ps0, rows * ps0))),
+        slide_name=res.slide_name,
+    )
