@@ -246,13 +246,23 @@ def test_result_layers_names_and_visibility():
 
 
 def test_result_warnings():
+    """The panel's words are a pathologist's; the report's (``result.errors``) are not repeated."""
     assert _layers.result_warnings(_result()) == []
     nothing = _result(kept=np.zeros(6, bool), att=np.full((6, 2), np.nan, np.float32))
-    assert any("LIPN kept no patch" in w for w in _layers.result_warnings(nothing))
+    nothing.errors = ["warning: LIPN kept no patch of /s.svs: no HR patch was read and every class "
+                      "was scored from an empty (zero) embedding"]
+    assert _layers.result_warnings(nothing) == [
+        "The pre-screen chose no patch to read at high magnification, so no tissue was looked at "
+        "closely and every class's score is uninformative."
+    ]
     att = _result().attention.copy()
     att[:, 1] = np.nan
-    w = _layers.result_warnings(_result(att=att))
-    assert w == ["class 'tumor' pooled no patch: its score comes from an empty embedding"]
+    one = _result(att=att)
+    one.errors = ["warning: class 'tumor' pooled no patch of /s.svs; its score comes from an empty (zero) embedding",
+                  "warning: something else"]
+    w = _layers.result_warnings(one)
+    assert w == ["No patch was kept for tumor, so its score is uninformative.", "something else"]
+    assert not any("embedding" in line or "pooled" in line for line in w)
 
 
 def test_prototype_layer_alignment():
@@ -287,3 +297,28 @@ def test_layers_from_a_real_run_on_the_cmu_slide(cmu_slide, tmp_path):
     row, col = np.floor(np.asarray(d) + 0.5).astype(int)
     assert lipn[row, col] == 2
 
+
+
+def test_rank_labels_are_readable_at_every_zoom():
+    # a 128 µm patch: at 2 px/µm (256 px on screen) the largest label, at 0.5 a share of it
+    assert _layers.rank_text_size(128.0, 2.0) == (_layers.RANK_TEXT_PX[1], True)
+    assert _layers.rank_text_size(128.0, 0.5) == (pytest.approx(0.3 * 64), True)
+    # small on screen: never below the smallest readable size, hidden once neighbours would overlap
+    assert _layers.rank_text_size(128.0, 0.15) == (_layers.RANK_TEXT_PX[0], True)  # 19 px patch
+    assert _layers.rank_text_size(128.0, 0.1) == (_layers.RANK_TEXT_PX[0], False)  # 12.8 px patch
+
+
+def test_an_empty_heatmap_says_why_in_plain_words():
+    from types import SimpleNamespace
+
+    att = _result().attention.copy()
+    att[:, 1] = np.nan  # tumor pooled no patch
+    r = _result(att=att)
+    _, kwargs, _ = _layers.heatmap_layer(r, "tumor")
+    assert kwargs["metadata"]["note"] == "No patch was kept for tumor, so its score is uninformative."
+    assert "note" not in _layers.heatmap_layer(r, "normal")[1]["metadata"]
+    empty = SimpleNamespace(hover=_layers.heatmap_hover(r, "tumor"))
+    assert _layers.hover_text(empty, (1, 1), world=False) == " · No patch was kept for tumor, so its score is uninformative."
+    assert _layers.hover_text(empty, (40, 40), world=False) == ""  # off the grid: nothing
+    full = SimpleNamespace(hover=_layers.heatmap_hover(r, "normal"))
+    assert _layers.hover_text(full, (1, 1), world=False).startswith(" · normal: attention ")

@@ -162,6 +162,7 @@ def test_every_layer_we_make_is_in_micrometres(viewer_widget, qtbot, nompp_slide
 
 def test_the_gallery_shows_each_runs_patches(viewer_widget, qtbot):
     viewer, w = viewer_widget
+    w.sections["top-k gallery"].set_expanded(True)  # closed by default (tests/test_panels_gui.py)
     for k in (3, 4):  # a second run on the same slide, another top-k
         w.k_box.value = k
         _run(qtbot, w)
@@ -264,7 +265,8 @@ def test_prediction_panel_shows_the_share_that_failed_to_decode(qtbot):
     r.failed = np.array([1], np.int64)  # one of the 4 kept patches
     panel.show_result(r)
     assert "failed to decode 25.0%" in panel.counts_label.text()
-    assert "1 of the 4 kept patches (25.0%) could not be decoded" in panel.warnings_label.text()
+    assert ("1 of the 4 kept patches (25.0%) could not be read from the file (damaged image data) "
+            "and were left out") in panel.warnings_label.text()
 
 
 def test_the_gallery_says_when_a_class_pooled_fewer_patches_than_asked(qtbot):

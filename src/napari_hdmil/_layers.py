@@ -43,7 +43,10 @@ __all__ = [
     "normalise_attention",
     "patch_centres_um",
     "prototype_layer",
+    "rank_text_size",
     "result_layers",
+    "NOTHING_KEPT",
+    "no_patch_for",
     "result_warnings",
     "bottom_k",
     "top_k",
@@ -305,6 +308,8 @@ def heatmap_layer(
     scale, translate = grid_placement(result.grid, result.mpp)
     meta = layer_metadata(result, name, kind="heatmap")
     meta.update(class_index=c, normalisation=normalisation, threshold=float(threshold), colormap=colormap)
+    if not np.isfinite(np.asarray(result.attention, np.float64)[:, c]).any():
+        meta["note"] = no_patch_for(name)  # an empty layer says why (its hover too)
     kwargs = {
         "name": f"attention: {name}",
         "scale": scale,
@@ -347,7 +352,11 @@ def hover_text(layer: Any, position: Any, world: bool) -> str:
     data = np.asarray(layer.world_to_data(position) if world else position, np.float64)[-2:]
     r, c = (int(v) for v in np.floor(data + 0.5))
     att = h["attention"]
-    if not (0 <= r < att.shape[0] and 0 <= c < att.shape[1]) or not np.isfinite(att[r, c]):
+    if not (0 <= r < att.shape[0] and 0 <= c < att.shape[1]):
+        return ""
+    if h["n"] == 0:
+        return f" · {no_patch_for(h['class'])}"
+    if not np.isfinite(att[r, c]):
         return ""
     return f" · {h['class']}: attention {att[r, c]:.4g}, rank {int(h['rank'][r, c])} of {h['n']}"
 
@@ -378,6 +387,19 @@ def bottom_k(result: Any, cls: int | str, k: int = 8) -> np.ndarray:
     top = set(top_k(result, cls, k).tolist())
     low = top_k(result, cls, len(result.attention), lowest=True)
     return np.array([r for r in low.tolist() if r not in top][: max(0, int(k))], dtype=np.int64)
+
+
+RANK_TEXT_PX = (11.0, 28.0)  # rank labels: never smaller (unreadable), never larger (covers the patch)
+RANK_TEXT_SHARE = 0.3  # of the patch's width on screen
+
+
+def rank_text_size(patch_um: float, zoom: float) -> tuple[float, bool]:
+    """(font px, shown) of the rank labels when a patch of ``patch_um`` µm is drawn at ``zoom``
+    screen px per µm: a share of the patch, within ``RANK_TEXT_PX``; hidden when the patch is
+    narrower than the smallest label (labels of neighbouring patches would overlap)."""
+    patch_px = float(patch_um) * float(zoom)
+    lo, hi = RANK_TEXT_PX
+    return float(np.clip(RANK_TEXT_SHARE * patch_px, lo, hi)), patch_px >= 1.5 * lo
 
 
 def topk_layer(result: Any, cls: int | str, k: int = 8, lowest: bool = False) -> LayerData:
@@ -441,21 +463,30 @@ def result_layers(
     return layers
 
 
+# The prediction panel's words for what the CLI and report.json say in the model's terms
+# ("pooled no patch: its score comes from an empty (zero) embedding"; those stay as they are).
+NOTHING_KEPT = ("The pre-screen chose no patch to read at high magnification, so no tissue was "
+                "looked at closely and every class's score is uninformative.")  # fmt: skip
+
+
+def no_patch_for(name: str) -> str:
+    """Plain words for "class ``name`` pooled no patch"."""
+    return f"No patch was kept for {name}, so its score is uninformative."
+
+
 def result_warnings(result: Any) -> list[str]:
-    """What the prediction panel warns about: LIPN kept nothing, a class pooled no patch,
-    patches that could not be read; then the pipeline's own messages not already said."""
+    """What the prediction panel warns about, in plain words: LIPN kept nothing, a class pooled
+    no patch, patches that could not be read; then the pipeline's own messages not already said."""
     out: list[str] = []
     kept = np.asarray(result.kept, bool)
     if result.use_lipn and kept.size and not kept.any():
-        out.append("LIPN kept no patch: every class was scored from an empty embedding")
+        out.append(NOTHING_KEPT)
     elif kept.any():
         att = np.asarray(result.attention)
-        for c, name in enumerate(result.classes):
-            if not np.isfinite(att[:, c]).any():
-                out.append(f"class {name!r} pooled no patch: its score comes from an empty embedding")
+        out.extend(no_patch_for(name) for c, name in enumerate(result.classes) if not np.isfinite(att[:, c]).any())
     if len(result.failed):
         out.append(f"{len(result.failed)} of the {result.n_kept} kept patches ({result.failed_share:.1%}) "
-                   "could not be decoded and were skipped")
+                   "could not be read from the file (damaged image data) and were left out")
     for e in result.errors:
         if "LIPN kept no patch" in e or "pooled no patch" in e or "could not be decoded" in e:
             continue  # said above, in shorter words

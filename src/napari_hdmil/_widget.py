@@ -51,14 +51,13 @@ _FROM_PANELS = {
 
 class HDMILWidget(QWidget):
     """Dock widget: choose slide, model, mpp; Pre-screen / Classify / Run all / Cancel; see the
-    prediction, steer the heatmaps, browse the top-k gallery, export, find similar slides.
-
-    Results are kept per slide (``results``, ``prescreens``: slide key -> the last of each, see
-    ``layer_store.slide_key``), with their layers; the panels show the chosen slide's.
+    prediction and the model's card, steer the heatmaps, browse the top-k gallery, export, find
+    similar slides. Results are kept per slide (``results``, ``prescreens``: slide key -> the last
+    of each, ``layer_store.slide_key``), with their layers; the panels show the chosen slide's.
 
     Public for scripts and tests: ``run(kind)`` returns the worker; ``result`` is the chosen
-    slide's last ``Result``; ``export_*``; ``go_to_patch(row)``; ``batch_size`` and ``device``.
-    """
+    slide's last ``Result``; ``export_*``; ``go_to_patch(row)``; ``batch_size``, ``device``;
+    ``sections`` (title -> collapsible Section)."""
 
     def __init__(self, napari_viewer: Any, parent: QWidget | None = None):
         super().__init__(parent)
@@ -71,7 +70,7 @@ class HDMILWidget(QWidget):
 
         self.inputs = InputsPanel(napari_viewer)
         self.progress = ProgressPanel()
-        self.prediction = PredictionPanel()
+        self.prediction = PredictionPanel(self.inputs)  # with the chosen model's card
         self.heatmap = HeatmapPanel(self._store, self._top_k)
         self.gallery_panel = GalleryPanel(self.go_to_patch)
         self.exports = ExportPanel(napari_viewer, lambda: self.result, self._top_k)
@@ -84,8 +83,10 @@ class HDMILWidget(QWidget):
         self.gallery = self.gallery_panel.gallery
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
-        layout.addWidget(ScrollColumn(self.inputs, self.progress, self.prediction, self.heatmap,
-                                      self.gallery_panel, self.exports, self.similar))  # fmt: skip
+        column = ScrollColumn(self.inputs, (self.progress, True), (self.prediction, True), (self.heatmap, False),
+                              (self.gallery_panel, False), (self.exports, False), (self.similar, False))  # fits 914 px
+        layout.addWidget(column)
+        self.sections = column.sections
 
         self._bridge.progress.connect(self.progress.show_progress)
         self.heatmap.class_changed.connect(self._on_class_changed)

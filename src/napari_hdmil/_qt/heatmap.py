@@ -37,6 +37,7 @@ class HeatmapPanel(QGroupBox):
         self._store = store
         self._k = k
         self.result: Any = None
+        self._follows_zoom = False
         self.class_box = ComboBox(label="class", choices=[])
         self.norm_box = ComboBox(label="scale", choices=[(NORM_LABELS[m], m) for m in _layers.NORMALISATIONS],
                                  value="percentile")  # fmt: skip
@@ -70,6 +71,19 @@ class HeatmapPanel(QGroupBox):
         for layer in self.heatmap_layers().values():
             layer.hover = _layers.heatmap_hover(self.result, int(layer.metadata["class_index"]))
             layer.colorbar.visible = layer.visible
+        camera = self._store.viewer.camera
+        if not self._follows_zoom:  # rank labels readable at every zoom
+            camera.events.zoom.connect(self.fit_rank_labels)
+            self._follows_zoom = True
+        self.fit_rank_labels()
+
+    def fit_rank_labels(self, *_: Any) -> None:
+        """Size the top-k / bottom-k rank labels of every slide for the camera's zoom."""
+        zoom = float(self._store.viewer.camera.zoom)
+        for kind in ("topk", "bottomk"):
+            for layer in self._store.of_kind(kind):
+                size, shown = _layers.rank_text_size(layer.metadata["patch_size_um"], zoom)
+                layer.text.size, layer.text.visible = size, shown
 
     def show(self, result: Any, class_name: str | None = None) -> None:
         """Steer ``result``'s layers (already in the store); the class box shows ``class_name``,

@@ -13,7 +13,7 @@ from hdmil.export import DEFAULT_TOP_K
 from hdmil.slide import MPP_RANGE  # 0 means "from the file"; above the range open_slide refuses
 from napari_hdmil._messages import Job
 
-__all__ = ["InputsPanel", "file_mpp"]
+__all__ = ["InputsPanel", "check_unchanged", "file_mpp"]
 
 
 class InputsPanel(QWidget):
@@ -75,8 +75,15 @@ class InputsPanel(QWidget):
         """The viewer's layers changed: list the slides again; a slide just opened (``added``)
         becomes the chosen one."""
         self.slide_box.reset_choices()
+        for _, layer in self.slide_choices():
+            _remember_file(layer)
         if added is not None and any(layer is added for _, layer in self.slide_choices()):
             self.slide_box.value = added  # emits changed when it differs
+            if not (added.metadata or {}).get("mpp"):
+                from napari.utils.notifications import show_warning
+
+                show_warning(f"{added.name}: the slide file has no microns-per-pixel, so it is shown in "
+                             "pixels; type its mpp (µm/px) in the HDMIL widget to run it")
         self.on_slide_changed()
 
     def on_slide_changed(self, *_: Any) -> None:
@@ -159,6 +166,7 @@ class InputsPanel(QWidget):
         path = meta.get("slide_path")
         if not path:
             raise HDMILError(f"layer {layer.name!r}: no slide file behind it (metadata has no slide_path)")
+        check_unchanged(meta)
         mpp = None
         if not file_mpp(meta) and self.mpp_box.value > 0:
             mpp = float(self.mpp_box.value)  # the file has none: the pipeline needs it, every run
@@ -177,6 +185,37 @@ def file_mpp(meta: dict[str, Any]) -> float | None:
     """The mpp the slide file has (a slide layer's metadata), None when the user gave it."""
     mpp = meta.get("mpp")
     return float(mpp) if mpp and meta.get("mpp_from") != "user" else None
+
+
+def _file_stat(path: str) -> list[int] | None:
+    """[size, mtime_ns] of the file at ``path``; None when it is not there."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _remember_file(layer: Any) -> None:
+    """Note the slide file's size and mtime on its layer the first time the widget sees it."""
+    meta = layer.metadata or {}
+    if meta.get("slide_path") and "file_stat" not in meta:
+        layer.metadata = {**meta, "file_stat": _file_stat(str(meta["slide_path"]))}
+
+
+def check_unchanged(meta: dict[str, Any]) -> None:
+    """HDMILError when the slide file behind a layer was removed or rewritten since it was
+    opened: the layer shows the old pixels, a run would classify the new ones."""
+    path, seen = str(meta.get("slide_path")), meta.get("file_stat")
+    if seen is None:
+        return
+    now = _file_stat(path)
+    if now is None:
+        raise HDMILError(f"{path}: the slide file is gone since it was opened (moved or deleted)")
+    if list(now) != list(seen):
+        what = "size" if now[0] != seen[0] else "modification time"
+        raise HDMILError(f"{path}: the slide file changed on disk since it was opened (its {what} differs); "
+                         "close its layer and open the file again to classify it")
 
 
 def _button(text: str, tip: str) -> QPushButton:

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+from html import escape
 from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QGridLayout, QGroupBox, QLabel, QProgressBar, QVBoxLayout, QWidget
 
+from hdmil.errors import HDMILError
+from hdmil.model_card import DEMO_SHORT, ModelCard, read_model_card
 from hdmil.pipeline import PreScreen
 from napari_hdmil import _layers
+from napari_hdmil._qt.column import Section
 
-__all__ = ["PredictionPanel", "timings_html"]
+__all__ = ["PredictionPanel", "model_card_html", "timings_html"]
 
 TIMING_ROWS = (("tissue", "tissue"), ("lipn", "LIPN"), ("crop", "crop"), ("features", "features"),
                ("dmin", "DMIN"), ("total", "total"))  # fmt: skip
 
 
 class PredictionPanel(QGroupBox):
-    """What a pre-screen or a classification found, and the LIPN decision layer's legend."""
+    """What a pre-screen or a classification found, the card of the model that makes it (always
+    shown: a demo model says it is not for diagnosis), and the LIPN decision layer's legend.
 
-    def __init__(self, parent: QWidget | None = None):
+    ``inputs`` (an InputsPanel): the card follows its model field; without it, ``show_model``
+    takes a checkpoint path.
+    """
+
+    def __init__(self, inputs: Any = None, parent: QWidget | None = None):
         super().__init__("prediction", parent)
         v = QVBoxLayout(self)
         self.prediction_label = _label("no result yet", rich=True, wrap=True)  # long slide names wrap
@@ -28,13 +37,41 @@ class PredictionPanel(QGroupBox):
         self._prob_grid = QGridLayout()
         v.addLayout(self._prob_grid)
         self.probability_bars: dict[str, QProgressBar] = {}
+        self.model_label = _label("", rich=True, wrap=True)
         self.counts_label = _label("", wrap=True)
         self.timings_label = _label("", rich=True)
         self.warnings_label = _label("", wrap=True)
         self.warnings_label.setStyleSheet("color: #ffb000;")
         self.legend_label = _label(f"LIPN decision: {_legend_html()}", rich=True, wrap=True)
-        for w in (self.counts_label, self.timings_label, self.warnings_label, self.legend_label):
+        details = QGroupBox("details: LIPN legend, stage seconds")  # closed: long, and seldom read
+        box = QVBoxLayout(details)
+        box.addWidget(self.legend_label)
+        box.addWidget(self.timings_label)
+        self.details_section = Section(details, expanded=False)
+        for w in (self.model_label, self.warnings_label, self.counts_label, self.details_section):
             v.addWidget(w)
+        self.card: ModelCard | None = None
+        self._inputs = inputs
+        if inputs is not None:
+            inputs.model_edit.changed.connect(self.show_model)
+            self.show_model()
+
+    def show_model(self, path: Any = None) -> None:
+        """The card of the checkpoint at ``path`` (default: the inputs' model); a checkpoint that
+        cannot be read says why instead."""
+        from hdmil.checkpoint import default_model_path
+
+        try:
+            if self._inputs is not None:
+                path = self._inputs.model_path()
+            self.card = read_model_card(default_model_path() if path is None else path)
+        except (HDMILError, OSError) as exc:
+            self.card = None
+            self.model_label.setText(f"<b>model</b>: cannot be read: {escape(str(exc))}")
+            self.model_label.setToolTip("")
+            return
+        self.model_label.setText(model_card_html(self.card))
+        self.model_label.setToolTip("\n".join(self.card.lines()))
 
     def show_prescreen(self, ps: PreScreen) -> None:
         self.prediction_label.setText(f"pre-screened <b>{Path(str(ps.slide_path)).name}</b>: press Classify")
@@ -46,7 +83,8 @@ class PredictionPanel(QGroupBox):
         )
         self.timings_label.setText(timings_html(ps.timings or {}))
         self.warnings_label.setText(
-            "LIPN kept no patch: classifying would score every class from an empty embedding"
+            "The pre-screen chose no patch to read at high magnification: Classify would look at "
+            "no tissue closely, and every class's score would be uninformative"
             if ps.use_lipn and ps.n_kept == 0 else ""
         )
 
@@ -86,6 +124,17 @@ class PredictionPanel(QGroupBox):
             self._prob_grid.addWidget(QLabel(c), i, 0)
             self._prob_grid.addWidget(bar, i, 1)
             self.probability_bars[c] = bar
+
+
+def model_card_html(card: ModelCard) -> str:
+    """The card in a few short lines; a demo model's warning first, in red (the tooltip has
+    ``card.lines()``: the whole warning)."""
+    warn = f"<b style='color: #ff6060'>⚠ {escape(DEMO_SHORT)}</b><br>" if card.demo else ""
+    rest = [card.encoder and f"encoder {card.encoder}", card.scale, card.trained_on and f"trained on {card.trained_on}"]
+    return (f"{warn}<b>model</b> {escape(card.name)}"
+            + (f" <small>(sha {card.sha256})</small>" if card.sha256 else "")
+            + f"<br>classes: {escape(', '.join(card.classes))}<br>"
+            + escape(" · ".join(r for r in rest if r)))
 
 
 def timings_html(t: dict[str, float]) -> str:

@@ -18,10 +18,12 @@ class ProgressPanel(QGroupBox):
     def __init__(self, parent: QWidget | None = None):
         super().__init__("progress", parent)
         grid = QGridLayout(self)
+        grid.setVerticalSpacing(2)  # compact: the dock is 914 px tall
         self.progress_bars: dict[str, QProgressBar] = {}
         for i, stage in enumerate(PROGRESS_STAGES):
             bar = QProgressBar()
             bar.setFormat("%v / %m")
+            bar.setMaximumHeight(18)
             grid.addWidget(QLabel(STAGE_TITLES[stage]), i, 0)
             grid.addWidget(bar, i, 1)
             self.progress_bars[stage] = bar
