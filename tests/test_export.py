@@ -153,6 +153,21 @@ def _all_points(feature):
     return [pt for ring in feature["geometry"]["coordinates"] for pt in ring]
 
 
+QUPATH_KEEPS = {"objectType", "classification", "name", "isLocked", "measurements"}
+
+
+def _assert_qupath_keeps_every_number(features):
+    """What QuPath's importer keeps of a Feature's properties (docs/ECOSYSTEM: objectType,
+    classification, name, isLocked, and measurements as a flat name -> number object): every
+    number we write must sit there, or QuPath drops it."""
+    for f in features:
+        props = f["properties"]
+        assert set(props) <= QUPATH_KEEPS, set(props) - QUPATH_KEEPS
+        meas = props.get("measurements", {})
+        assert isinstance(meas, dict)
+        assert all(isinstance(k, str) and type(v) in (int, float) for k, v in meas.items()), meas
+
+
 def test_geojson_of_cmu(tmp_path, cmu_grid):
     grid = cmu_grid
     w, h = grid.dimensions
@@ -180,13 +195,16 @@ def test_geojson_of_cmu(tmp_path, cmu_grid):
         ring = np.array(f["geometry"]["coordinates"][0])
         assert ring[:, 0].min() == x and ring[:, 0].max() == x + s
         assert ring[:, 1].min() == y and ring[:, 1].max() == y + s
-        assert (f["properties"]["row"], f["properties"]["col"]) == (r, c)
+        assert (f["properties"]["measurements"]["row"], f["properties"]["measurements"]["col"]) == (r, c)
     assert "attention" not in tiles[1]["properties"]["measurements"]  # NaN left out
     assert tiles[2]["properties"]["measurements"]["attention"] == pytest.approx(att[2])
     # Top-k: the 5 highest attentions, best first.
     best = np.argsort(-np.nan_to_num(att, nan=-1))[:5]
-    assert [f["properties"]["rank"] for f in top] == [1, 2, 3, 4, 5]
-    assert [f["properties"]["row"] for f in top] == grid.index[best, 0].tolist()
+    assert [f["properties"]["measurements"]["rank"] for f in top] == [1, 2, 3, 4, 5]
+    assert [f["properties"]["measurements"]["row"] for f in top] == grid.index[best, 0].tolist()
+    assert [f["properties"]["measurements"]["col"] for f in top] == grid.index[best, 1].tolist()
+    assert [f["properties"]["measurements"]["attention"] for f in top] == pytest.approx(att[best])
+    _assert_qupath_keeps_every_number(feats)
     # Tissue outlines span the tissue at level-0 scale (not LR pixels).
     pts = np.array([p for f in tissue for p in _all_points(f)])
     ys, xs = np.nonzero(grid.mask)
@@ -212,6 +230,10 @@ def test_geojson_switches_and_errors(tmp_path, cmu_grid):
     top = json.loads(path.read_text())["features"]
     assert [tuple(f["geometry"]["coordinates"][0][0]) for f in top] == [
         tuple(cmu_grid.coords[2]), tuple(cmu_grid.coords[0])
+    ]
+    assert [f["properties"]["measurements"] for f in top] == [  # nothing to rank by: no value
+        {"row": int(cmu_grid.index[i, 0]), "col": int(cmu_grid.index[i, 1]), "rank": k}
+        for k, i in ((1, 2), (2, 0))
     ]
 
 
@@ -318,15 +340,23 @@ def test_result_geojson_layout(tmp_path):
     doc = json.loads(write_result_geojson(tmp_path / "r.geojson", r, top_k=1).read_text())
     tiles = [f for f in doc["features"] if f["properties"]["objectType"] == "tile"]
     assert [t["properties"]["measurements"] for t in tiles] == [
-        {"kept": 1, "attention_normal": 0.5},
-        {"kept": 1, "attention_normal": pytest.approx(0.2), "attention_tumor": 0.75},
-        {"kept": 0},
-        {"kept": 1, "attention_normal": pytest.approx(0.3), "attention_tumor": 0.25},
+        {"row": 0, "col": 0, "kept": 1, "attention_normal": 0.5},
+        {"row": 0, "col": 1, "kept": 1, "attention_normal": pytest.approx(0.2), "attention_tumor": 0.75},
+        {"row": 1, "col": 1, "kept": 0},
+        {"row": 2, "col": 0, "kept": 1, "attention_normal": pytest.approx(0.3), "attention_tumor": 0.25},
     ]  # NaN tissue fraction and attention are left out, not written as invalid JSON
     tops = [f["properties"] for f in doc["features"] if f["properties"].get("name", "").startswith("Top")]
-    assert [(t["name"], t["row"], t["col"]) for t in tops] == [
-        ("Top 1: attention_normal", 0, 0), ("Top 1: attention_tumor", 0, 1)
-    ]
+    assert [(t["name"], t["measurements"]) for t in tops] == [
+        ("Top 1: attention_normal", {"row": 0, "col": 0, "rank": 1, "attention_normal": 0.5}),
+        ("Top 1: attention_tumor", {"row": 0, "col": 1, "rank": 1, "attention_tumor": 0.75}),
+    ]  # row, col and rank where QuPath keeps them, not as top-level properties it drops
+    _assert_qupath_keeps_every_number(doc["features"])
+    from hdmil.annotations import parse_geojson  # what an importer reading measurements gets back
+
+    back = parse_geojson(doc, "r.geojson")
+    assert [a.measurements for a in back if a.object_type == "tile"][3] == {
+        "row": 2.0, "col": 0.0, "kept": 1.0, "attention_normal": pytest.approx(0.3), "attention_tumor": 0.25}
+    assert [a.measurements["rank"] for a in back if a.name.startswith("Top")] == [1.0, 1.0]
     assert set(result_patch_values(r)) == {"kept", "attention_normal", "attention_tumor"}
     default = json.loads(write_result_geojson(tmp_path / "d.geojson", r).read_text())["features"]
     assert sum(f["properties"].get("name", "").startswith("Top") for f in default) == 3 + 2  # all pooled

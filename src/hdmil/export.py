@@ -197,9 +197,14 @@ def write_geojson(
 
     Features:
         * tissue outlines: ``objectType: "annotation"``, classification "Tissue";
-        * one square per tissue patch: ``objectType: "tile"`` with ``row``, ``col`` and
-          ``measurements`` {name: value} from ``patch_values`` (NaN left out);
-        * top-k patches: annotations classified "Top <name>", with ``rank`` and ``value``.
+        * one square per tissue patch: ``objectType: "tile"`` with ``measurements`` ``row``,
+          ``col``, ``tissue_fraction`` and {name: value} from ``patch_values`` (NaN left out);
+        * top-k patches: annotations classified "Top <name>", with ``measurements`` ``row``,
+          ``col``, ``rank`` and the ranked value.
+
+    Every per-patch number sits in ``properties.measurements``, a flat name -> number object:
+    QuPath's importer keeps only that (with objectType, classification, name, isLocked) and
+    drops other properties, nested and non-numeric values.
 
     Args:
         grid: a ``PatchGrid``.
@@ -250,13 +255,14 @@ def _tissue_features(grid) -> list[dict[str, Any]]:
 
 
 def _tile_features(grid, values: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    """One square "tile" per tissue patch; its measurements leave out NaN (not pooled, unknown)."""
+    """One square "tile" per tissue patch: row, col, tissue fraction and ``values`` as
+    measurements, NaN left out (not pooled, unknown)."""
     size = int(grid.patch_size_level0)
     cols = {name: v.tolist() for name, v in values.items()}
     frac = np.asarray(grid.tissue_fraction).tolist()
     features = []
     for i, ((x, y), (r, c)) in enumerate(zip(grid.coords.tolist(), grid.index.tolist())):
-        meas = {}
+        meas: dict[str, float | int] = {"row": r, "col": c}
         for name, col in (("tissue_fraction", frac), *cols.items()):
             v = _number(col[i])
             if v is not None:
@@ -265,14 +271,15 @@ def _tile_features(grid, values: Mapping[str, np.ndarray]) -> list[dict[str, Any
             {
                 "type": "Feature",
                 "geometry": {"type": "Polygon", "coordinates": [_square(x, y, size)]},
-                "properties": {"objectType": "tile", "row": r, "col": c, "measurements": meas},
+                "properties": {"objectType": "tile", "measurements": meas},
             }
         )
     return features
 
 
 def _top_k_features(grid, name: str, rows: np.ndarray, values: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Annotations "Top <rank>: <name>" on patches ``rows``, best first."""
+    """Annotations "Top <rank>: <name>" on patches ``rows``, best first; row, col, rank and the
+    ranked value as measurements."""
     size = int(grid.patch_size_level0)
     features = []
     for rank, i in enumerate(rows.tolist(), start=1):
@@ -282,13 +289,11 @@ def _top_k_features(grid, name: str, rows: np.ndarray, values: Mapping[str, np.n
             "objectType": "annotation",
             "name": f"Top {rank}: {name}",
             "classification": {"name": f"Top {name}", "color": list(TOP_K_COLOR)},
-            "row": r,
-            "col": c,
-            "rank": rank,
+            "measurements": {"row": r, "col": c, "rank": rank},
         }
-        if name in values:
-            v = _number(values[name][i].item())
-            props["measurements"] = {name: v} if v is not None else {}
+        v = _number(values[name][i].item()) if name in values else None
+        if v is not None:
+            props["measurements"][name] = v
         features.append(
             {
                 "type": "Feature",
@@ -333,9 +338,9 @@ def write_result_csv(path: str | os.PathLike, result: Any) -> Path:
 
 
 def write_result_geojson(path: str | os.PathLike, result: Any, top_k: int = DEFAULT_TOP_K) -> Path:
-    """QuPath GeoJSON of ``result``: tissue outline, every tissue patch with ``kept`` and its
-    attention per class as measurements, and the ``top_k`` highest attention of each class as
-    annotations (level-0 pixel coordinates)."""
+    """QuPath GeoJSON of ``result``: tissue outline, every tissue patch with its row, col,
+    ``kept`` and attention per class as measurements, and the ``top_k`` highest attention of each
+    class as annotations with row, col and rank (level-0 pixel coordinates)."""
     values = result_patch_values(result)
     top = {f"attention_{name}": int(top_k) for name in result.classes}
     return write_geojson(path, result.grid, values, top_k=top)

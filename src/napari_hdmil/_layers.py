@@ -23,6 +23,7 @@ import numpy as np
 from hdmil.pipeline import PreScreen  # re-exported: the LIPN layer draws pre-screens too
 
 __all__ = [
+    "ANNOTATION_COLOR",
     "LIPN_COLORS",
     "LIPN_LEGEND",
     "NORMALISATIONS",
@@ -31,6 +32,7 @@ __all__ = [
     "HeatmapImage",
     "LayerData",
     "PreScreen",
+    "annotation_layer",
     "grid_placement",
     "heatmap_colormap",
     "heatmap_data",
@@ -48,6 +50,7 @@ __all__ = [
     "NOTHING_KEPT",
     "no_patch_for",
     "result_warnings",
+    "shapes_digest",
     "bottom_k",
     "top_k",
     "topk_layer",
@@ -84,6 +87,8 @@ LIPN_COLORS = {
 }
 TOPK_COLOR = "#ff3030"
 BOTTOMK_COLOR = "#30a0ff"
+ANNOTATION_COLOR = (255, 200, 0)  # an annotation whose file gives no colour
+EXCLUSION_COLOR = (128, 128, 128)  # an exclusion (ASAP group _2) without a colour
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,3 +523,75 @@ def prototype_layer(pmap: Any, mpp: float, slide_path: str | None = None, name: 
     kwargs = {"name": name, "scale": (s, s), "translate": (half, half), "units": UNITS, "opacity": 0.5,
               "metadata": meta}  # fmt: skip
     return labels, kwargs, "labels"
+
+
+# ---------------------------------------------------------------------------------------------
+# imported annotations
+
+
+def _rings(geometry: Any) -> list[tuple[np.ndarray, bool]]:
+    """(ring level-0 (x, y) [K, 2] without the closing point, is_hole) of a Polygon or
+    MultiPolygon: each part's exterior, then its holes."""
+    parts = getattr(geometry, "geoms", [geometry])
+    out = []
+    for part in parts:
+        out.append((np.asarray(part.exterior.coords, np.float64)[:-1], False))
+        out.extend((np.asarray(h.coords, np.float64)[:-1], True) for h in part.interiors)
+    return out
+
+
+def _annotation_rgb(a: Any) -> tuple[int, int, int]:
+    if a.color is not None:
+        return tuple(int(c) for c in a.color)  # type: ignore[return-value]
+    return EXCLUSION_COLOR if a.exclusion else ANNOTATION_COLOR
+
+
+def annotation_layer(annotations: Any, mpp: float, slide_name: str = "", name: str | None = None,
+                     edge_width: float | None = None) -> LayerData:
+    """Shapes layer of ``hdmil.annotations.Annotations`` (level-0 px, ``for_slide`` first) in µm,
+    drawn over the slide layer and above the heatmaps (added after them): one polygon outline
+    per ring in the annotation's class colour (holes fainter; the ``hole`` and ``exclusion``
+    features say which), faces transparent so the heatmap underneath stays visible.
+
+    Vertices are ``px · mpp`` with scale 1 and translate 0, the inverse of
+    ``hdmil.annotations.shapes_to_annotations``: the layer used as a ROI gives back the same
+    polygons; its metadata keeps the annotations themselves (holes and exclusions included).
+    """
+    if annotations.frame != "level0":
+        raise ValueError(f"{annotations.shown}: annotations in QuPath's frame; call for_slide(slide) first "
+                         "so that the slide's bounds offset is applied")
+    mpp = float(mpp)
+    data, colors, feats = [], [], {"index": [], "classification": [], "name": [], "hole": [], "exclusion": []}
+    for a in annotations:
+        rgb = np.asarray(_annotation_rgb(a), np.float64) / 255.0
+        for ring, hole in _rings(a.geometry):
+            data.append(ring[:, ::-1] * mpp)  # (x, y) px -> (y, x) µm
+            colors.append((*rgb, 0.6 if hole else 1.0))
+            for key, value in (("index", a.index), ("classification", a.classification or ""),
+                               ("name", a.name), ("hole", hole), ("exclusion", a.exclusion)):
+                feats[key].append(value)
+    if edge_width is None:  # a few screen pixels when the whole annotated area is in view
+        extent = max((float(np.ptp(d, axis=0).max()) for d in data), default=0.0)
+        edge_width = max(4 * mpp, extent / 250.0)
+    meta = {"hdmil_layer": "annotations", "slide_name": slide_name, "mpp": mpp, "source": annotations.source,
+            "format": annotations.format, "sha256": annotations.sha256, "annotations": annotations,
+            "shapes_digest": shapes_digest(data)}  # fmt: skip
+    kwargs = {
+        "name": name or f"annotations: {Path(annotations.source).name if annotations.source else slide_name}",
+        "shape_type": "polygon", "units": UNITS, "edge_color": np.asarray(colors).reshape(-1, 4),
+        "face_color": "transparent", "edge_width": float(edge_width), "features": feats, "metadata": meta,
+    }
+    return data, kwargs, "shapes"
+
+
+def shapes_digest(data: Any) -> str:
+    """sha256 of a Shapes layer's vertices: tells an annotation layer left as imported from one
+    the user edited, and names a drawn ROI in a run's key. In float32, as napari keeps them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for verts in data:
+        v = np.ascontiguousarray(verts, np.float32)
+        h.update(np.asarray(v.shape, np.int64).tobytes())
+        h.update(v.tobytes())
+    return h.hexdigest()

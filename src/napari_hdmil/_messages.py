@@ -35,6 +35,7 @@ class Job:
     k: int  # top-k: the gallery's thumbnails are read in the worker
     device: Any = None  # encoder device; None: CUDA when available
     prescreened: PreScreen | None = None  # Classify after Pre-screen reuses its grid and LIPN mask
+    roi: Any = None  # hdmil.annotations.Annotations (level-0 px) to restrict the run to; None: all tissue
 
 
 @dataclass(frozen=True)

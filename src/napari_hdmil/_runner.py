@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hdmil.annotations import roi_key
 from hdmil.errors import Cancelled, HDMILError
 from hdmil.pipeline import prescreen
 from napari_hdmil._gallery import gallery_rows, read_result_thumbnails
@@ -28,6 +29,7 @@ class Runner:
         self._models: dict[tuple, Any] = {}
         self._encoders: dict[tuple, Any] = {}
         self._warm: set[tuple] = set()
+        self._screened: dict[int, tuple[Any, Any]] = {}  # id(pre-screen) -> (it, its ROI's key)
 
     def work(self, job: Job, cancel: threading.Event, send: Callable[[Progress], None]) -> Outcome:
         """Worker thread: the outcome of ``job``."""
@@ -47,13 +49,32 @@ class Runner:
         model = self.load_model(job.model_path)
         use_lipn = lipn_applies(model, job.use_lipn)
         if job.kind == "prescreen":
-            return PrescreenDone(prescreen(job.slide_path, model, use_lipn, job.mpp, progress, cancel))
+            ps = prescreen(job.slide_path, model, use_lipn, job.mpp, progress, cancel, roi=job.roi)
+            self._remember(ps, job.roi)
+            return PrescreenDone(ps)
         result = run_slide(
             job.slide_path, model, use_lipn=use_lipn, mpp=job.mpp, encoder=self.encoder(model, job.device),
-            batch_size=job.batch_size, progress=progress, cancel=cancel, prescreened=job.prescreened,
+            batch_size=job.batch_size, progress=progress, cancel=cancel, roi=job.roi,
+            prescreened=self._same_roi(job.prescreened, job.roi),
         )
         rows = gallery_rows(result, result.prediction_index, job.k)
         return ResultDone(result, read_result_thumbnails(result, rows))
+
+    def _remember(self, ps: Any, roi: Any) -> None:
+        """Note which ROI pre-screen ``ps`` was restricted to (the last few pre-screens)."""
+        self._screened = {k: v for k, v in list(self._screened.items())[-15:]}
+        self._screened[id(ps)] = (ps, roi_key(roi, None))
+
+    def _same_roi(self, ps: Any, roi: Any) -> Any:
+        """``ps`` when it was restricted to ``roi`` (Classify reuses it), else None: the ROI
+        changed since the pre-screen, so the run screens again. A pre-screen made elsewhere is
+        reused only when neither it nor this run has a ROI."""
+        if ps is None:
+            return None
+        seen = self._screened.get(id(ps))
+        if seen is None or seen[0] is not ps:
+            return ps if roi is None and ps.roi is None else None
+        return ps if seen[1] == roi_key(roi, None) else None
 
     def load_model(self, path: Path) -> Any:
         """The checkpoint at ``path``, loaded again only when the file changed."""

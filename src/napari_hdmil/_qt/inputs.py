@@ -1,7 +1,9 @@
-"""Inputs and run: the slide layer, checkpoint, mpp, LIPN on/off, top-k and the run buttons."""
+"""Inputs and run: the slide layer, checkpoint, mpp, LIPN on/off, top-k, the ROI (a Shapes layer)
+and the run buttons."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,11 @@ class InputsPanel(QWidget):
         self.lipn_box = CheckBox(text="use LIPN (off: HDMIL†)", value=True)
         self.lipn_box.tooltip = "hierarchical: LIPN picks the patches to read at 20x; off = HDMIL†, read all patches"
         self.k_box = SpinBox(label="top-k", min=1, max=64, value=DEFAULT_TOP_K)
-        self.form = Container(widgets=[self.slide_box, self.model_edit, self.mpp_box, self.lipn_box, self.k_box])
+        self.roi_box = ComboBox(label="ROI", choices=self.roi_choices, nullable=False)
+        self.roi_box.tooltip = ("analyse only the tissue patches inside this Shapes layer's rectangles, "
+                                "polygons and ellipses (or an imported annotation layer); none: all tissue")
+        self.form = Container(widgets=[self.slide_box, self.model_edit, self.mpp_box, self.lipn_box, self.k_box,
+                                       self.roi_box])  # fmt: skip
         self.slide_box.changed.connect(self.on_slide_changed)
 
         self.prescreen_button = _button("Pre-screen", "tissue + LIPN only: which patches would be read at 20x")
@@ -71,10 +77,17 @@ class InputsPanel(QWidget):
                 out.append((layer.name, layer))
         return out
 
+    def roi_choices(self, _widget: Any = None) -> list[tuple[str, Any]]:
+        """("none", None), then (name, layer) of the viewer's Shapes layers."""
+        from napari.layers import Shapes
+
+        return [("none", None)] + [(layer.name, layer) for layer in self.viewer.layers if isinstance(layer, Shapes)]
+
     def refresh(self, added: Any = None) -> None:
-        """The viewer's layers changed: list the slides again; a slide just opened (``added``)
-        becomes the chosen one."""
+        """The viewer's layers changed: list the slides and ROI layers again; a slide just opened
+        (``added``) becomes the chosen one."""
         self.slide_box.reset_choices()
+        self.roi_box.reset_choices()
         for _, layer in self.slide_choices():
             _remember_file(layer)
         if added is not None and any(layer is added for _, layer in self.slide_choices()):
@@ -171,7 +184,28 @@ class InputsPanel(QWidget):
         if not file_mpp(meta) and self.mpp_box.value > 0:
             mpp = float(self.mpp_box.value)  # the file has none: the pipeline needs it, every run
         return Job(kind, str(path), mpp, self.model_path(), bool(self.lipn_box.value), int(batch_size),
-                   int(self.k_box.value), device)  # fmt: skip
+                   int(self.k_box.value), device, roi=self.roi(layer))  # fmt: skip
+
+    def roi(self, slide_layer: Any) -> Any:
+        """The chosen ROI layer as ``hdmil.annotations.Annotations`` in level-0 px of the slide
+        (None: no ROI). An imported annotation layer left as it was gives its annotations
+        (holes and exclusions kept); any other Shapes layer its shapes, mapped from world µm
+        through the slide layer's scale (what the user sees them drawn over)."""
+        from hdmil.annotations import shapes_to_annotations
+        from napari_hdmil._layers import shapes_digest
+
+        layer = self.roi_box.value
+        if layer is None:
+            return None
+        if layer not in self.viewer.layers:
+            raise HDMILError(f"ROI layer {layer.name!r} is no longer in the viewer; choose another ROI")
+        meta = layer.metadata or {}
+        digest = shapes_digest(layer.data)
+        if meta.get("annotations") is not None and meta.get("shapes_digest") == digest:
+            return meta["annotations"]
+        px_um = float(slide_layer.scale[-1])  # world units per level-0 px: mpp, or 1 when shown in px
+        ann = shapes_to_annotations(layer.data, layer.shape_type, px_um, layer.scale, layer.translate)
+        return dataclasses.replace(ann, source=f"Shapes layer {layer.name!r}", sha256=digest)
 
     def set_running(self, running: bool, can_classify: bool) -> None:
         for b in (self.prescreen_button, self.run_all_button):

@@ -45,6 +45,8 @@ class LayerStore:
             layer = getattr(self.viewer, f"add_{kind}")(data, **kwargs)
         if kind == "labels" and meta.get("outline"):
             layer.contour = 1  # the areas' borders only (``_layers.lipn_layer(outline=True)``)
+        if kind in ("image", "labels"):
+            _shapes_on_top(self.viewer)
         self.layers[key] = layer
         return layer
 
@@ -90,3 +92,14 @@ class LayerStore:
     def _keys(self, slide_path: Any) -> list[tuple[str, str]]:
         want = None if slide_path is None else slide_key(slide_path)
         return [k for k in self.layers if want is None or k[0] == want]
+
+
+def _shapes_on_top(viewer: Any) -> None:
+    """Annotations and drawn ROIs (Shapes layers) stay drawn above the heatmaps added after them."""
+    from napari.layers import Image, Labels, Shapes
+
+    layers = list(viewer.layers)
+    rasters = [i for i, layer in enumerate(layers) if isinstance(layer, (Image, Labels))]
+    top = max(rasters, default=-1)
+    for layer in [layer for i, layer in enumerate(layers) if isinstance(layer, Shapes) and i < top]:
+        viewer.layers.move(viewer.layers.index(layer), len(viewer.layers))
