@@ -314,6 +314,28 @@ def test_prescreen_then_classify_reuses_the_grid_and_mask(synthetic_slide, model
     assert again.timings["tissue"] == ps.timings["tissue"]
 
 
+def test_the_report_says_where_the_mpp_came_from(synthetic_slide, model, encoder, tmp_path):
+    """``mpp_source``: "file" when the slide's metadata gave the mpp, "user" when the run (--mpp,
+    the widget's box) or ``open_slide`` did; kept by the pre-screen, the result, and reloading."""
+    from hdmil.pipeline.prescreen import prescreen
+    from hdmil.pipeline.result import load_result
+
+    ps = prescreen(synthetic_slide, model)
+    assert ps.mpp_source == "file" and ps.to_report()["mpp_source"] == "file"
+    assert ps.to_report()["mpp"] == pytest.approx(0.5)
+    with open_slide(synthetic_slide, mpp=0.5) as slide:
+        assert slide.mpp_source == "user" and prescreen(slide, model).mpp_source == "user"
+    with open_slide(synthetic_slide) as slide:
+        assert slide.mpp_source == "file"
+    typed = prescreen(synthetic_slide, model, mpp=0.5)
+    assert typed.mpp_source == "user" and typed.to_report()["mpp_source"] == "user"
+    result = run_slide(synthetic_slide, model, encoder=encoder, batch_size=8, prescreened=typed)
+    assert result.mpp_source == "user"
+    out = result.save(tmp_path / "res")
+    assert json.loads((out / "report.json").read_text())["mpp_source"] == "user"
+    assert load_result(out).mpp_source == "user"
+
+
 def test_dilating_lipn_keeps_the_neighbours_of_its_kept_patches(synthetic_slide, model, encoder, tmp_path):
     """A LIPN with dilation (0, 1) keeps, for class 1, its thresholded patches plus their 8
     neighbours on the slide's patch grid; class 0 keeps what it kept without dilation."""

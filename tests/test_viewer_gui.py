@@ -101,6 +101,8 @@ def test_a_slide_without_mpp_runs_again_with_the_users_mpp(viewer_widget, qtbot,
     _run(qtbot, w)
     assert errors() == [] and w.result is not None and w.result.mpp == pytest.approx(MPP)
     np.testing.assert_allclose(slide.scale, (MPP, MPP))  # now in µm like its result
+    assert w.result.mpp_source == "user" and w.result.to_report()["mpp_source"] == "user"
+    assert f"mpp {MPP:g} µm/px (given by the user)" in w.prediction.counts_label.text()
     assert w.mpp_box.enabled and w.mpp_box.value == pytest.approx(MPP)  # still the user's to change
     first = w.result
 
@@ -186,6 +188,7 @@ def test_several_slides_keep_their_own_results(viewer_widget, qtbot, second_slid
     w.k_box.value = 3
     _run(qtbot, w)
     r1 = w.result
+    assert r1.mpp_source == "file" and "(from the file)" in w.prediction.counts_label.text()
     mine = _ours(viewer)
     viewer.open(str(second_slide), plugin="napari-hdmil")
     second = viewer.layers["second"]

@@ -138,6 +138,8 @@ class Slide:
         # Each level's codec ("JPEG, Compression tag 7"), None where the backend does not say.
         self.compressions: tuple[str | None, ...] = self._impl.compressions
         self.mpp: float | None = float(mpp) if mpp is not None else self._impl.mpp
+        # where it came from (report.json's mpp_source): the caller ("user"), the file, or nowhere
+        self.mpp_source: str | None = "user" if mpp is not None else ("file" if self.mpp else None)
         self.objective_power: float | None = self._impl.objective_power
         self.vendor: str | None = self._impl.vendor
 

@@ -37,6 +37,8 @@ def get_reader(path: str | os.PathLike | list) -> ReaderFunction | None:
         p = _single_path(path)
         if p is None or p.suffix.lower() not in SLIDE_EXTENSIONS or not p.is_file():
             return None
+        if heatmap_description(p) is not None:
+            return read_heatmap  # a heatmap our writer saved, not a slide
         cached_slide(p)  # the header parses, one tile per level decodes, the pyramid is viewable
     except HDMILError as exc:
         # napari then says no reader opens the file; the warning says why (a notification)
@@ -138,6 +140,67 @@ def read_slide(path: str | os.PathLike | list) -> list[LayerData]:
     if mpp:  # in µm like our result layers, so napari's scale bar measures µm (pixels: no units)
         add_kwargs["units"] = ("µm", "µm")
     return [(slide.pyramid(), add_kwargs, "image")]
+
+
+def heatmap_description(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON description ``napari_hdmil._writer.write_heatmap`` puts in a heatmap TIFF, or None
+    for any other file (a slide, a plain TIFF, not a TIFF). Reads the first page's header only."""
+    import json
+
+    import tifffile
+
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        with tifffile.TiffFile(path) as tf:
+            text = tf.pages[0].description
+        desc = json.loads(text) if text.lstrip().startswith("{") else None
+    except Exception:  # noqa: BLE001 - not one of our heatmaps
+        return None
+    if not isinstance(desc, dict) or not {"hdmil", "scale_um", "translate_um"} <= set(desc):
+        return None
+    return desc
+
+
+def read_heatmap(path: str | os.PathLike | list) -> list[LayerData]:
+    """A heatmap TIFF our writer saved, as the image layer it was: its µm scale and position (so
+    it lies over its slide again), name, colours and the HDMIL metadata."""
+    import tifffile
+
+    p = _single_path(path)
+    desc = heatmap_description(p) if p is not None else None
+    if desc is None:
+        raise HDMILError(f"{path}: not a heatmap saved by napari-hdmil")
+    data = tifffile.imread(p)
+    meta = dict(desc["hdmil"])
+    meta["heatmap_file"] = str(p.resolve())
+    kwargs: dict[str, Any] = {
+        "name": str(desc.get("name") or p.stem),
+        "scale": tuple(float(v) for v in desc["scale_um"][-data.ndim:]),
+        "translate": tuple(float(v) for v in desc["translate_um"][-data.ndim:]),
+        "units": ("µm",) * data.ndim,
+        "interpolation2d": "nearest",
+        "metadata": meta,
+        **{k: desc[k] for k in ("contrast_limits", "opacity", "blending") if k in desc},
+    }
+    cmap = _heatmap_colormap(meta.get("colormap") or desc.get("colormap"))
+    if cmap is not None:
+        kwargs["colormap"] = cmap
+    return [(data, kwargs, "image")]
+
+
+def _heatmap_colormap(name: Any) -> Any:
+    """The heatmap's colormap (the lowest step clear, as ``_layers.heatmap_colormap`` draws it)
+    from its base name; None when the name is not a napari colormap."""
+    if not isinstance(name, str):
+        return None
+    from napari_hdmil._layers import heatmap_colormap
+
+    base = name.removesuffix(" (lowest clear)")
+    try:
+        return heatmap_colormap(base)
+    except (KeyError, ValueError):
+        return None
 
 
 def read_associated(path: str | os.PathLike) -> list[LayerData]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from hdmil.errors import HDMILError
 from hdmil.files import atomic_write, dumps, to_jsonable
 
 # A writer refuses gigapixel pyramids: saving a slide is not what this writer is for.
@@ -22,13 +23,18 @@ def write_heatmap(path: str, data: Any, attributes: dict) -> list[str]:
     """
     import tifffile
 
-    if isinstance(data, (list, tuple)):
-        if len(data) != 1:
-            raise ValueError(f"{path}: multiscale layers (whole slides) are not written as heatmaps")
+    # napari hands a multiscale layer over as MultiScaleData, whose array is one level: never
+    # write a slide's overview as if it were the slide
+    if isinstance(data, (list, tuple)) or attributes.get("multiscale"):
+        if len(data) != 1 or (attributes.get("metadata") or {}).get("hdmil_slide"):
+            raise HDMILError(  # not ValueError: napari would swallow it into "not a valid writer"
+                f"{path}: {attributes.get('name', 'the layer')!r} is a whole slide ({len(data)} "
+                "multiscale levels); the HDMIL writer saves heatmaps only (the slide file is the "
+                "full-resolution copy)")
         data = data[0]
     array = np.asarray(data)
     if array.nbytes > _MAX_BYTES:
-        raise ValueError(f"{path}: layer is {array.nbytes / 2**20:.0f} MB, too large for a heatmap TIFF")
+        raise HDMILError(f"{path}: layer is {array.nbytes / 2**20:.0f} MB, too large for a heatmap TIFF")
     scale = [float(s) for s in attributes.get("scale", (1.0,) * array.ndim)]
     translate = [float(t) for t in attributes.get("translate", (0.0,) * array.ndim)]
     sy, sx = scale[-2], scale[-1]
@@ -38,6 +44,7 @@ def write_heatmap(path: str, data: Any, attributes: dict) -> list[str]:
         "scale_um": scale,
         "translate_um": translate,
         "hdmil": _json_metadata(attributes.get("metadata") or {}),
+        **_display(attributes),
     }
     buffer = io.BytesIO()  # heatmaps are small: encode in memory, then write atomically
     tifffile.imwrite(
@@ -51,6 +58,22 @@ def write_heatmap(path: str, data: Any, attributes: dict) -> list[str]:
     with atomic_write(path, "wb") as fh:
         fh.write(buffer.getvalue())
     return [path]
+
+
+def _display(attributes: dict) -> dict[str, Any]:
+    """How the layer was drawn (contrast limits, opacity, blending, colormap name), so our reader
+    draws the heatmap again with the same colours."""
+    out: dict[str, Any] = {}
+    if attributes.get("contrast_limits") is not None:
+        out["contrast_limits"] = [float(v) for v in attributes["contrast_limits"]]
+    for key in ("opacity", "blending"):
+        if attributes.get(key) is not None:
+            out[key] = to_jsonable(attributes[key])
+    cmap = attributes.get("colormap")
+    name = cmap.get("name") if isinstance(cmap, dict) else getattr(cmap, "name", cmap)
+    if isinstance(name, str):
+        out["colormap"] = name
+    return out
 
 
 def _json_metadata(metadata: dict) -> dict[str, Any]:

@@ -53,6 +53,26 @@ def _tissue_grid_layer(viewer: Any, slide_path: Path) -> str:
     return grid.message
 
 
+def _close_toasts(viewer: Any) -> None:
+    """Close napari's notification pop-ups (they sit over the canvas's corner)."""
+    try:
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+    except ImportError:  # another napari: leave them
+        return
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
+
+
+DOCK_WIDTH = 420  # px: the dock the widget is made to fit (issue 15 §4)
+
+
+def _dock_width(viewer: Any, dock: Any, width: int) -> None:
+    """Give the widget's dock ``width`` px (napari's default dock is narrower)."""
+    from qtpy.QtCore import Qt
+
+    viewer.window._qt_window.resizeDocks([dock], [width], Qt.Horizontal)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import napari
@@ -82,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"napari_hdmil.demo: error: {slide_path}: cannot open: {exc}", file=sys.stderr)
         return 1
     widget = HDMILWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="HDMIL classification", area="right")
+    dock = viewer.window.add_dock_widget(widget, name="HDMIL classification", area="right")
+    _dock_width(viewer, dock, DOCK_WIDTH)
+    viewer.scale_bar.visible = True  # in µm: the slide layer has units
     widget.slide_box.value = layers[0]
 
     if not model_path.is_file():
@@ -114,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         png.parent.mkdir(parents=True, exist_ok=True)
         viewer.reset_view()
         _wait(app, lambda: False, timeout=2.0)  # let the tiles load and the canvas draw
+        _close_toasts(viewer)  # napari's own notices would cover the scale bar
         viewer.screenshot(str(png), canvas_only=False, flash=False)
         print(png)
         if widget.result is not None:

@@ -18,7 +18,7 @@ from hdmil.pipeline.folders import printable
 from hdmil.pipeline.setup import check_model
 from hdmil.pipeline.result import NoTissueError, neighbour_flags
 
-__all__ = ["PreScreen", "ProgressFn", "prescreen", "prescreen_open"]
+__all__ = ["PreScreen", "ProgressFn", "mpp_source", "prescreen", "prescreen_open"]
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -48,6 +48,7 @@ class PreScreen:
     timings: dict[str, float] = field(default_factory=dict)
     neighbour: np.ndarray | None = None  # None: no patch was kept only as a neighbour
     roi: dict[str, Any] | None = None  # the ROI / exclusions the grid was restricted to (restrict_grid)
+    mpp_source: str | None = None  # "file" (the slide's metadata) or "user" (--mpp, the widget's box)
 
     def __post_init__(self) -> None:
         self.neighbour = neighbour_flags(self.neighbour, self.kept)
@@ -89,8 +90,20 @@ class PreScreen:
             },
             "timings": dict(self.timings),
             "model": {"name": self.model_name, "sha256": self.model_sha256},
+            "mpp": self.mpp,
+            "mpp_source": self.mpp_source,
             "roi": self.roi,
         }
+
+
+def mpp_source(slide: Any, mpp: float | None) -> str:
+    """Where a run's mpp comes from: ``"user"`` when given to the run (``--mpp``, the widget's
+    box) or to ``open_slide``, else ``"file"`` (the slide's metadata)."""
+    from hdmil.slide import Slide
+
+    if mpp is not None or (isinstance(slide, Slide) and slide.mpp_source == "user"):
+        return "user"
+    return "file"
 
 
 def _tissue_grid(slide: Any, model: Any, mpp: float | None) -> Any:
@@ -160,7 +173,7 @@ def prescreen_open(
         grid=grid, classes=list(model.classes), lipn_mask=screen.mask, kept=screen.kept,
         neighbour=screen.neighbour, slide_path=str(slide.path), mpp=float(grid.mpp),
         use_lipn=use_lipn, model_name=model.name, model_sha256=str(model.sha256 or ""),
-        timings={"tissue": t_tissue, "lipn": t_lipn}, roi=roi_info,
+        timings={"tissue": t_tissue, "lipn": t_lipn}, roi=roi_info, mpp_source=mpp_source(slide, mpp),
     )
 
 

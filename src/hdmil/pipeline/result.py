@@ -115,6 +115,7 @@ class Result:
     errors: list[str] = field(default_factory=list)
     grid: Any = None
     mpp: float | None = None
+    mpp_source: str | None = None  # "file" (the slide's metadata) or "user" (--mpp, the widget's box)
     patch_size_level0: int = 0
     model_name: str = ""
     model_sha256: str = ""
@@ -188,6 +189,7 @@ class Result:
             "model": {"name": self.model_name, "sha256": self.model_sha256},
             "encoder": self.encoder,
             "mpp": self.mpp,
+            "mpp_source": self.mpp_source,
             "patch_size_level0": int(self.patch_size_level0),
             "reading": self.reading,
             "instances": self.instances,
@@ -428,7 +430,7 @@ def _result_from(report: dict[str, Any], a: dict[str, np.ndarray], attrs: dict[s
         feature_index=a.get("feature_index", np.zeros(0, np.int64)).astype(np.int64),
         failed=a.get("failed", np.zeros(0, np.int64)).astype(np.int64),
         use_lipn=bool(report.get("use_lipn", True)), timings=dict(report.get("timings") or {}),
-        errors=list(report.get("errors") or []), mpp=report.get("mpp"),
+        errors=list(report.get("errors") or []), mpp=report.get("mpp"), mpp_source=report.get("mpp_source"),
         patch_size_level0=int(report.get("patch_size_level0") or attrs.get("patch_size_level0", 0)),
         model_name=str((report.get("model") or {}).get("name", "")),
         model_sha256=str((report.get("model") or {}).get("sha256", "")),

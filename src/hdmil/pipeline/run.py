@@ -230,6 +230,7 @@ def _result(slide: Any, model: Any, encoder: Any, ps: PreScreen, read: Featurise
         errors=errors,
         grid=grid,
         mpp=float(grid.mpp) if grid.mpp else None,
+        mpp_source=ps.mpp_source,
         patch_size_level0=int(grid.patch_size_level0),
         model_name=model.name,
         model_sha256=str(model.sha256),

@@ -15,7 +15,7 @@ from hdmil.pipeline import PreScreen
 from napari_hdmil import _layers
 from napari_hdmil._qt.column import Section
 
-__all__ = ["PredictionPanel", "model_card_html", "timings_html"]
+__all__ = ["PredictionPanel", "model_card_html", "mpp_text", "timings_html"]
 
 TIMING_ROWS = (("tissue", "tissue"), ("lipn", "LIPN"), ("crop", "crop"), ("features", "features"),
                ("dmin", "DMIN"), ("total", "total"))  # fmt: skip
@@ -80,6 +80,7 @@ class PredictionPanel(QGroupBox):
             f"tissue patches {ps.n_patches} · kept {ps.n_kept} ({ps.kept_ratio:.0%}) · per class "
             + ", ".join(f"{c} {int(n)}" for c, n in zip(ps.classes, ps.lipn_mask.sum(axis=0)))
             + (f" · {int(ps.neighbour.sum())} as neighbours" if ps.neighbour.any() else "")
+            + mpp_text(ps.mpp, ps.mpp_source)
         )
         self.timings_label.setText(timings_html(ps.timings or {}))
         self.warnings_label.setText(
@@ -97,7 +98,7 @@ class PredictionPanel(QGroupBox):
         failed = f" · failed to decode {result.failed_share:.1%}" if result.failed_share > 0 else ""
         self.counts_label.setText(
             f"kept ratio {result.kept_ratio:.1%} · tissue patches {result.n_patches} · "
-            f"kept {result.n_kept} · read {result.n_read}{failed}"
+            f"kept {result.n_kept} · read {result.n_read}{failed}{mpp_text(result.mpp, result.mpp_source)}"
         )
         self.timings_label.setText(timings_html(result.timings))
         self.warnings_label.setText("\n".join(f"⚠ {w}" for w in _layers.result_warnings(result)))
@@ -135,6 +136,14 @@ def model_card_html(card: ModelCard) -> str:
             + (f" <small>(sha {card.sha256})</small>" if card.sha256 else "")
             + f"<br>classes: {escape(', '.join(card.classes))}<br>"
             + escape(" · ".join(r for r in rest if r)))
+
+
+def mpp_text(mpp: float | None, source: str | None) -> str:
+    """`` · mpp 0.5 µm/px (from the file)``: the scale the run used and who gave it."""
+    if not mpp:
+        return ""
+    said = {"file": " (from the file)", "user": " (given by the user)"}.get(str(source), "")
+    return f" · mpp {float(mpp):.4g} µm/px{said}"
 
 
 def timings_html(t: dict[str, float]) -> str:

@@ -1,0 +1,65 @@
+"""Saving (issue 15 §8): a heatmap layer saved with our writer is a TIFF with its µm size (TIFF
+resolution, read by other tools) that our reader reopens at the same scale, place and colours;
+a slide layer is refused by the writer, never written as its thumbnail."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hdmil.errors import HDMILError
+
+from napari_hdmil import _layers
+from napari_hdmil._reader import get_reader, heatmap_description, read_heatmap
+from test_layers import _result
+
+
+def test_a_saved_heatmap_reopens_in_micrometres_at_the_same_place(make_napari_viewer, tmp_path):
+    import tifffile
+
+    viewer = make_napari_viewer()
+    data, kwargs, _ = _layers.heatmap_layer(_result(), "normal")
+    heat = viewer.add_image(data, **kwargs)
+    out = tmp_path / "heat.tif"
+    viewer.layers.selection = {heat}
+    viewer.layers.save(str(out), selected=True, plugin="napari-hdmil")
+    with tifffile.TiffFile(out) as tf:  # what another tool reads: the pixel size in µm
+        x_px_per_cm = tf.pages[0].tags["XResolution"].value
+    assert 1e4 * x_px_per_cm[1] / x_px_per_cm[0] == pytest.approx(heat.scale[-1], rel=1e-6)
+    assert get_reader(str(out)) is read_heatmap and get_reader(str(tmp_path / "none.tif")) is None
+
+    (back,) = viewer.open(str(out), plugin="napari-hdmil")
+    assert back is not heat and back.name.startswith("attention: normal")
+    np.testing.assert_allclose(back.scale, heat.scale)
+    np.testing.assert_allclose(back.translate, heat.translate)
+    assert [str(u) for u in back.units] == ["micrometer", "micrometer"]
+    np.testing.assert_allclose(back.extent.world, heat.extent.world)  # over its slide again
+    np.testing.assert_array_equal(np.isnan(back.data), np.isnan(heat.data))
+    np.testing.assert_allclose(back.data[~np.isnan(back.data)], heat.data[~np.isnan(heat.data)])
+    np.testing.assert_allclose(back.contrast_limits, heat.contrast_limits)
+    assert back.colormap.name == heat.colormap.name  # the lowest step clear, as drawn
+    assert back.opacity == pytest.approx(heat.opacity)
+    assert back.metadata["hdmil_layer"] == "heatmap" and back.metadata["heatmap_file"] == str(out.resolve())
+
+
+def test_other_tiffs_are_not_taken_for_heatmaps(tmp_path):
+    import tifffile
+
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, np.zeros((8, 8), np.float32), description='{"name": "x"}')
+    assert heatmap_description(plain) is None
+    text = tmp_path / "text.tif"
+    text.write_text("not a tiff")
+    assert heatmap_description(text) is None
+
+
+def test_a_slide_layer_is_refused_by_the_heatmap_writer(make_napari_viewer, cmu_slide, tmp_path):
+    viewer = make_napari_viewer()
+    (slide,) = viewer.open(str(cmu_slide), plugin="napari-hdmil")
+    viewer.layers.selection = {slide}
+    out = tmp_path / "slide.tif"
+    # an HDMILError reaches the user with its words (napari would turn a ValueError into "not a
+    # valid writer"); nothing is written
+    with pytest.raises(HDMILError, match="'CMU-1-Small-Region' is a whole slide .* saves heatmaps only"):
+        viewer.layers.save(str(out), selected=True, plugin="napari-hdmil")
+    assert not out.exists()
