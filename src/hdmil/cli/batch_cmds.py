@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from hdmil.cli._shared import add_max_failed_share, check_max_failed_share
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -23,9 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-lipn", action="store_true", help="HDMIL†: DMIN over all tissue patches")
     p.add_argument("--mpp", type=float, help="µm per pixel for slides without that metadata")
     p.add_argument("--retries", type=int, default=2, help="retries of a task that crashed")
-    p.add_argument("--max-failed-share", type=float, default=0.5, metavar="S",
-                   help="a slide fails when more than this share of its kept patches cannot be "
-                   "decoded (default 0.5); one with none decoded always fails")
+    add_max_failed_share(p)
     p.add_argument("--roi-dir", metavar="DIR",
                    help="analyse each slide only inside its annotation file DIR/<slide stem>.geojson "
                    "(or .json, .xml: QuPath GeoJSON or ASAP XML); a slide without one fails")
@@ -38,11 +38,9 @@ def _batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from hdmil.batch import list_slides, run_batch
-    from hdmil.errors import HDMILError
     from hdmil.pipeline.folders import printable
 
-    if not 0.0 <= args.max_failed_share <= 1.0:
-        raise HDMILError(f"--max-failed-share must be in [0, 1], not {args.max_failed_share}")
+    check_max_failed_share(args)
     slides = list_slides(args.input)
     if not slides:
         print(f"hdmil batch: no slides found in {printable(args.input)}")

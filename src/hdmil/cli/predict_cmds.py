@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hdmil.cli._shared import add_max_failed_share, check_max_failed_share
 from hdmil.errors import CheckpointError, HDMILError
 from hdmil.pipeline.folders import DISK_ERRNOS, SlideEntry, disk_error, printable
 
@@ -33,9 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="HR patches per batch (default 64)")
     p.add_argument("--device", help="torch device for the encoder and DMIN (default: cuda if available)")
     p.add_argument("--workers", type=int, help="tile-decoding threads (default: all cores)")
-    p.add_argument("--max-failed-share", type=float, default=0.5, metavar="S",
-                   help="a slide fails when more than this share of its kept patches cannot be "
-                   "decoded (default 0.5); one with none decoded always fails")
+    add_max_failed_share(p)
     p.add_argument("--lipn-threshold", type=float, metavar="T",
                    help="keep a patch when LIPN's probability for any class exceeds T (default: the "
                    "checkpoint's; the paper's is 0.5, the demo model's are calibrated per class)")
@@ -105,8 +104,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise HDMILError(f"--batch-size must be at least 1, not {args.batch_size}")
     if args.mpp is not None and not args.mpp > 0:
         raise HDMILError(f"--mpp must be a positive number of µm per pixel, not {args.mpp}")
-    if not 0.0 <= args.max_failed_share <= 1.0:
-        raise HDMILError(f"--max-failed-share must be in [0, 1], not {args.max_failed_share}")
+    check_max_failed_share(args)
     if args.device:
         _check_device(args.device)
     check_result_paths(len(args.slides), geojson=args.geojson, csv=args.csv)
