@@ -1,4 +1,5 @@
-"""``hdmil info | tissue | synth``: output on real slides, and one-line errors on bad input."""
+"""``hdmil info | tissue | synth | model-card``: output on real slides and checkpoints, and
+one-line errors on bad input."""
 
 from __future__ import annotations
 
@@ -156,3 +157,28 @@ def test_console_script_one_line_error(broken_slide):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(broken_slide) in lines[0] and "not a TIFF" in lines[0]
+
+
+# -- model-card ---------------------------------------------------------------------------------
+
+
+def test_model_card_prints_the_card_the_widget_shows(capsys, tmp_path):
+    from hdmil.checkpoint import default_model_path
+    from hdmil.model_card import DEMO_WARNING, read_model_card
+
+    code, out, _ = _run(capsys, "model-card")  # the bundled demo model by default, as the widget
+    card = read_model_card(default_model_path())
+    assert code == 0 and out.splitlines() == card.lines()
+    assert out.splitlines()[0] == DEMO_WARNING and "trained on: 96 synthetic slides" in out
+    code, out, _ = _run(capsys, "model-card", default_model_path(), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["demo"] is True and data["classes"] == ["normal", "tumor"]
+    assert data["lines"] == card.lines() and data["sha256"] == card.sha256
+
+
+def test_model_card_of_a_bad_file_is_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    for path in (bad, tmp_path / "missing.safetensors"):
+        code, _, err = _run(capsys, "model-card", path)
+        _assert_one_line_error(code, err, path)

@@ -63,3 +63,78 @@ def test_a_slide_layer_is_refused_by_the_heatmap_writer(make_napari_viewer, cmu_
     with pytest.raises(HDMILError, match="'CMU-1-Small-Region' is a whole slide .* saves heatmaps only"):
         viewer.layers.save(str(out), selected=True, plugin="napari-hdmil")
     assert not out.exists()
+
+
+# -- napari's own save path picks our writer for heatmaps (the dialog's first choice) ---------
+
+
+def _heatmap_in_viewer(viewer, cmu_slide):
+    """The CMU slide opened with our reader (which activates the plugin, as any real session
+    does before it has a heatmap) and a heatmap over it."""
+    viewer.open(str(cmu_slide), plugin="napari-hdmil")
+    data, kwargs, _ = _layers.heatmap_layer(_result(), "normal")
+    heat = viewer.add_image(data, **kwargs)
+    viewer.layers.selection = {heat}
+    return heat
+
+
+def test_napari_saves_a_heatmap_with_our_writer_by_default(make_napari_viewer, cmu_slide, tmp_path):
+    import tifffile
+    from napari.plugins import _npe2
+
+    viewer = make_napari_viewer()
+    heat = _heatmap_in_viewer(viewer, cmu_slide)
+    # the save dialog's filters: ours is the first entry, the one the dialog preselects
+    filters, writers = _npe2.file_extensions_string_for_layers([heat])
+    assert writers[0].command == "napari-hdmil.write_heatmap"
+    assert filters.split(";;")[0].endswith("heatmap TIFF (µm) (*.tif *.tiff)")
+    # no plugin named, as napari's "Save Selected Layers" and scripts call it
+    out = tmp_path / "heat.tif"
+    assert viewer.layers.save(str(out), selected=True) == [str(out)]
+    assert heatmap_description(out)["name"] == heat.name
+    with tifffile.TiffFile(out) as tf:  # what Fiji / QuPath read: pixels per µm
+        x_per_um, y_per_um = tf.pages[0].get_resolution(tifffile.RESUNIT.MICROMETER)
+    assert (1 / y_per_um, 1 / x_per_um) == pytest.approx(tuple(heat.scale), rel=1e-6)
+
+
+def test_the_save_dialog_writes_a_heatmap_with_our_writer(make_napari_viewer, cmu_slide, tmp_path, monkeypatch):
+    from qtpy.QtWidgets import QFileDialog
+
+    viewer = make_napari_viewer()
+    heat = _heatmap_in_viewer(viewer, cmu_slide)
+    out = tmp_path / "dialog.tif"
+    asked = {}
+
+    def pick(*args, **kwargs):  # the user types a name and keeps the preselected (first) filter
+        asked["filters"] = kwargs["filter"]
+        return str(out), kwargs["filter"].split(";;")[0]
+
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(pick))
+    viewer.window._qt_viewer._save_layers_dialog(selected=True)
+    assert "heatmap TIFF (µm)" in asked["filters"].split(";;")[0]
+    (back,) = viewer.open(str(out), plugin="napari-hdmil")
+    np.testing.assert_allclose(back.scale, heat.scale)
+    np.testing.assert_allclose(back.translate, heat.translate)
+
+
+def test_other_image_layers_still_save_as_napari_saves_them(make_napari_viewer, cmu_slide, tmp_path):
+    import tifffile
+
+    viewer = make_napari_viewer()
+    _heatmap_in_viewer(viewer, cmu_slide)
+    plain = viewer.add_image(np.arange(64, dtype=np.uint16).reshape(8, 8), name="plain", scale=(2.0, 2.0))
+    viewer.layers.selection = {plain}
+    out = tmp_path / "plain.tif"
+    assert viewer.layers.save(str(out), selected=True) == [str(out)]
+    np.testing.assert_array_equal(tifffile.imread(out), plain.data)
+    assert heatmap_description(out) is None  # napari's own file: not taken for one of our heatmaps
+
+
+def test_napari_refuses_to_save_the_slide_layer_by_default(make_napari_viewer, cmu_slide, tmp_path):
+    viewer = make_napari_viewer()
+    _heatmap_in_viewer(viewer, cmu_slide)
+    viewer.layers.selection = {viewer.layers["CMU-1-Small-Region"]}
+    out = tmp_path / "slide.tif"
+    with pytest.raises(HDMILError, match=r"is a whole slide .* slide file .*CMU-1-Small-Region.svs is its full"):
+        viewer.layers.save(str(out), selected=True)
+    assert not out.exists()

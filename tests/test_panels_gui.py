@@ -93,6 +93,19 @@ def test_the_model_card_is_beside_the_prediction(viewer_widget, qtbot, tiny, tmp
     assert w.prediction.card is None and "cannot be read" in card.text() and "broken.safetensors" in card.text()
 
 
+def test_the_cli_prints_the_card_the_panel_shows(viewer_widget, tiny, capsys):
+    from hdmil.cli import main
+
+    _, w = viewer_widget
+    for model in (None, tiny):  # the bundled demo model (the default), then a trained one
+        if model is not None:
+            w.model_edit.value = model
+        assert main(["model-card"] + ([str(model)] if model is not None else [])) == 0
+        printed = capsys.readouterr().out.splitlines()
+        assert printed == w.prediction.model_label.toolTip().splitlines() == w.prediction.card.lines()
+        assert w.prediction.card.name in printed[int(w.prediction.card.demo)]
+
+
 def test_warnings_in_the_prediction_panel_are_in_plain_words(qtbot):
     panel = PredictionPanel()
     qtbot.addWidget(panel)

@@ -148,3 +148,77 @@ def test_slide_layer_is_in_micrometres_when_the_file_has_mpp(cmu_slide):
 
     (_, kwargs, _), = read_slide(str(cmu_slide))
     assert kwargs["units"] == ("µm", "µm") and kwargs["scale"][0] < 1.0
+
+
+# -- tiles that fail to decode while panning (issue 15 §7) -------------------------------------
+
+BAD_TILE = 14  # CMU's tiles are 240 px, 10 a row: tile 14 is row 1, column 4 (not tile 0, which
+# the reader decodes when opening, so the slide opens and fails only while panning)
+
+
+@pytest.fixture
+def bad_tile_slide(cmu_slide, tmp_path):
+    """A copy of the CMU slide with one tile's JPEG bytes zeroed."""
+    import shutil
+
+    import tifffile
+
+    path = tmp_path / "bad-tile.svs"
+    shutil.copy(cmu_slide, path)
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        assert page.tilewidth == 240 and len(page.dataoffsets) == 13 * 10
+        off, n = page.dataoffsets[BAD_TILE], page.databytecounts[BAD_TILE]
+    with open(path, "r+b") as fh:
+        fh.seek(off)
+        fh.write(b"\x00" * n)
+    yield path
+    _reader.close_cached(path)
+
+
+def _warnings_since(start: int) -> list[str]:
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    return [str(n.message) for n in notification_manager.records[start:]
+            if n.severity == NotificationSeverity.WARNING]  # fmt: skip
+
+
+def test_a_tile_that_fails_to_decode_is_white_and_said_once(bad_tile_slide, cmu_slide):
+    from napari.utils.notifications import notification_manager
+
+    start = len(notification_manager.records)
+    [(data, _, _)] = read_slide(str(bad_tile_slide))
+    assert data[0].chunksize == (240, 240, 3)  # the file's tiles, as the plain pyramid
+    shown = np.asarray(data[0])
+    again = np.asarray(read_slide(str(bad_tile_slide))[0][0][0][200:300, 900:1000])  # a redraw
+    good = np.asarray(_reader.cached_slide(cmu_slide).level_array(0))
+    differs = (shown != good).any(-1)
+    rows, cols = np.nonzero(differs)
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (240, 479, 960, 1199)  # that tile only
+    assert (shown[240:480, 960:1200] == 255).all() and (again[40:, 60:] == 255).all()
+    assert _reader.tile_failures(_reader.cached_slide(bad_tile_slide)) == 2  # read twice, both blank
+    said = _warnings_since(start)
+    assert len(said) == 1, said  # one notification per slide, not one per tile or redraw
+    assert said[0].startswith(f"{bad_tile_slide.resolve()}: some tiles of level 0 cannot be decoded (codec JPEG")
+    assert "drawn blank (white)" in said[0]
+
+
+@pytest.mark.gui
+def test_panning_over_a_broken_tile_draws_and_warns_once(make_napari_viewer, qtbot, bad_tile_slide, errors):
+    from napari.utils.notifications import notification_manager
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(700, 600)
+    start = len(notification_manager.records)
+    (layer,) = viewer.open(str(bad_tile_slide), plugin="napari-hdmil")
+    for zoom in (0.5, 1.0, 2.0, 0.5):  # redraws at several zooms, the broken tile in view each time
+        viewer.scene.camera.center = (360 * 0.499, 1080 * 0.499)
+        viewer.scene.camera.zoom = zoom
+        qtbot.wait(150)
+        shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert shot[..., :3].std() > 10  # the slide is drawn
+    assert errors() == []  # no codec error raised at napari
+    said = [m for m in _warnings_since(start) if "cannot be decoded" in m]
+    assert len(said) == 1 and str(bad_tile_slide.name) in said[0]
+    assert _reader.tile_failures(_reader.cached_slide(bad_tile_slide)) >= 1
+    assert layer.metadata["hdmil_slide"] is True

@@ -155,6 +155,7 @@ def test_every_layer_we_make_is_in_micrometres(viewer_widget, qtbot, nompp_slide
     assert errors() == []
     assert tuple(viewer.layers["nompp"].units) == (um, um)
     assert viewer.layers.selection.active is viewer.layers["nompp"]  # not the LIPN layer's brush
+    assert viewer.layers["nompp"].mode == "pan_zoom"  # after Pre-screen: panning, no paint tool
     assert all(tuple(layer.units) == (um, um) for layer in _ours(viewer, "nompp"))
 
 

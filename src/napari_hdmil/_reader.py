@@ -1,17 +1,21 @@
 """napari reader: a whole-slide image as one multiscale RGB layer in µm; a saved result (its
 folder, ``report.json`` or ``patches.h5``) as its slide plus every result layer, no model run.
 
-The layer's data is exactly the plain approach (tiffslide zarr array → ``dask.array.from_zarr``
-per level, chunks = the file's tiles), so opening and panning cost the same; the reader only adds
-``scale`` (µm per pixel) and metadata. Open slides live in a module-level cache, one per file,
+The layer's data has the plain approach's chunks (one dask chunk per file tile, per level), each
+read with ``Slide.read_region``, so opening and panning cost the same; a tile that fails to decode
+is drawn white, with one warning per slide (``viewable_pyramid``). The reader adds ``scale`` (µm
+per pixel) and metadata. Open slides live in a module-level cache, one per file,
 so repeated ``get_reader`` calls and the layers that read from a slide share one file handle.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
+import uuid
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -139,7 +143,81 @@ def read_slide(path: str | os.PathLike | list) -> list[LayerData]:
     }
     if mpp:  # in µm like our result layers, so napari's scale bar measures µm (pixels: no units)
         add_kwargs["units"] = ("µm", "µm")
-    return [(slide.pyramid(), add_kwargs, "image")]
+    return [(viewable_pyramid(slide), add_kwargs, "image")]
+
+
+# Slide -> the guard of its tiles in the viewer (one count, one warning, per slide). The guard does
+# not hold the slide: the layers' arrays do, so a slide no layer uses is freed with its entry.
+_GUARDS: weakref.WeakKeyDictionary[Slide, _TileGuard] = weakref.WeakKeyDictionary()
+_WHITE = 255  # a tile that cannot be decoded is drawn as glass, never black (reads as stain)
+
+
+def viewable_pyramid(slide: Slide) -> list:
+    """The slide's levels as dask arrays for napari, largest first: the same tiles (chunks) as
+    ``slide.pyramid()``, but a tile that fails to decode while panning is drawn white and said
+    once per slide (one warning notification), not raised again on every redraw."""
+    with _LOCK:
+        guard = _GUARDS.get(slide)
+        if guard is None:
+            guard = _GUARDS[slide] = _TileGuard(str(slide.path), slide.compressions)
+    return [guard.level(slide, i) for i in range(slide.level_count)]
+
+
+class _TileGuard:
+    """Reads a slide's tiles for napari; counts the ones that fail and warns on the first."""
+
+    def __init__(self, path: str, compressions: tuple) -> None:
+        self.path, self.compressions = path, compressions
+        self.failed = 0
+        self._lock = threading.Lock()
+
+    def level(self, slide: Slide, level: int) -> Any:
+        """Level ``level`` of ``slide`` as a dask array, one chunk per file tile."""
+        import dask.array as da
+        import numpy as np
+
+        chunks = slide.level_array(level).chunks  # the file's tiles, as the plain pyramid
+        ds = float(slide.level_downsamples[level])
+
+        def tile(block_info=None):
+            (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+            # level-0 corner that maps back to (x0, y0) exactly (read_region floors x / ds)
+            loc = (math.ceil(x0 * ds - 1e-9), math.ceil(y0 * ds - 1e-9))
+            try:
+                return slide.read_region(loc, level, (x1 - x0, y1 - y0))
+            except SlideError as exc:
+                self._failed(level, exc)
+                return np.full((y1 - y0, x1 - x0, 3), _WHITE, np.uint8)
+
+        meta = np.empty((0, 0, 3), np.uint8)
+        name = f"hdmil-view-{uuid.uuid4().hex[:12]}-{level}"  # napari's chunk cache is keyed by it
+        return da.map_blocks(tile, chunks=chunks, dtype=np.uint8, name=name, meta=meta)
+
+    def _failed(self, level: int, exc: SlideError) -> None:
+        with self._lock:
+            self.failed += 1
+            if self.failed > 1:
+                return
+        codec = self.compressions[level]
+        why = str(exc).removeprefix(f"{self.path}: ")
+        _warn(f"{self.path}: some tiles of level {level} cannot be decoded"
+              f"{f' (codec {codec})' if codec else ''}; they are drawn blank (white). First: {why}")  # fmt: skip
+
+
+def tile_failures(slide: Slide) -> int:
+    """How many tile reads of ``slide`` failed in the viewer so far (drawn white)."""
+    guard = _GUARDS.get(slide)
+    return 0 if guard is None else guard.failed
+
+
+def _warn(message: str) -> None:
+    """A warning notification in napari (from any thread), a Python warning elsewhere."""
+    try:
+        from napari.utils.notifications import show_warning
+    except ImportError:
+        warnings.warn(message, stacklevel=3)
+        return
+    show_warning(message)
 
 
 def heatmap_description(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 
     python -m napari_hdmil.demo                          # opens the viewer (needs a display)
     python -m napari_hdmil.demo --screenshot shot.png    # saves the window, report.json beside it
+    python -m napari_hdmil.demo --screenshot shot.png --dock-shot dock.png   # and the widget's dock
     python -m napari_hdmil.demo --slide S.svs --model M.safetensors --out results/
 
 Without the bundled demo model (``hdmil.checkpoint.default_model_path()``; build it with
@@ -28,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slide", metavar="PATH", help="slide to open (default: the synthetic demo slide)")
     p.add_argument("--model", metavar="CKPT", help="checkpoint (default: the bundled demo model)")
     p.add_argument("--size", default="1500x950", help="window size WxH for the screenshot (default 1500x950)")
+    p.add_argument("--dock-shot", metavar="PNG", help="with --screenshot: also save the widget's dock alone")
     return p
 
 
@@ -73,6 +75,21 @@ def _dock_width(viewer: Any, dock: Any, width: int) -> None:
     viewer.window._qt_window.resizeDocks([dock], [width], Qt.Horizontal)
 
 
+def _scale_bar(viewer: Any) -> Any:
+    """napari's scale bar overlay (``viewer.canvas.overlays`` since 0.9, ``viewer.scale_bar`` before)."""
+    canvas = getattr(viewer, "canvas", None)
+    overlays = getattr(canvas, "overlays", None)
+    return overlays.scale_bar if overlays is not None and hasattr(overlays, "scale_bar") else viewer.scale_bar
+
+
+def _save_dock(dock: Any, png: Path) -> None:
+    """The widget's dock as it is drawn (its width is the dock's: ``DOCK_WIDTH``)."""
+    png.parent.mkdir(parents=True, exist_ok=True)
+    if not dock.grab().save(str(png)):
+        raise HDMILError(f"{png}: cannot write the dock's screenshot")
+    print(f"{png} ({dock.width()} x {dock.height()} px)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import napari
@@ -104,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     widget = HDMILWidget(viewer)
     dock = viewer.window.add_dock_widget(widget, name="HDMIL classification", area="right")
     _dock_width(viewer, dock, DOCK_WIDTH)
-    viewer.scale_bar.visible = True  # in µm: the slide layer has units
+    _scale_bar(viewer).visible = True  # in µm: the slide layer has units
     widget.slide_box.value = layers[0]
 
     if not model_path.is_file():
@@ -139,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         _close_toasts(viewer)  # napari's own notices would cover the scale bar
         viewer.screenshot(str(png), canvas_only=False, flash=False)
         print(png)
+        if args.dock_shot:
+            _save_dock(dock, Path(args.dock_shot))
         if widget.result is not None:
             print(widget.export_report(png.with_name("report.json")))
         viewer.close()

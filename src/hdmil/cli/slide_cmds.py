@@ -1,4 +1,5 @@
-"""``hdmil info | tissue | synth``: look at a slide, export its tissue, make a test slide."""
+"""``hdmil info | tissue | synth | model-card``: look at a slide, export its tissue, make a test
+slide, say what a checkpoint is (the model card the napari widget shows)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tumor", type=float, default=0.2, help="tumour fraction of the tissue (0..1)")
     p.add_argument("--mpp", type=float, default=0.5, help="µm per pixel at level 0 (default 0.5)")
     p.set_defaults(func=synth)
+
+    p = subparsers.add_parser(
+        "model-card",
+        help="what a checkpoint is: classes, encoder, scale, training data, intended use",
+        description="Print a checkpoint's model card, as the napari widget shows it beside the "
+        "prediction (the bundled demo model says it was trained on synthetic slides and is not "
+        "for diagnosis). Reads the checkpoint's config only; no model is built.",
+    )
+    p.add_argument("model", nargs="?", type=Path, default=None,
+                   help="checkpoint (.safetensors); default: the bundled demo model")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=model_card_cmd)
 
 
 # -- info -----------------------------------------------------------------------------------------
@@ -202,4 +215,18 @@ def synth(args: argparse.Namespace) -> int:
 
     synth_slide(args.out, size=(w, h), seed=args.seed, tumor_fraction=args.tumor, mpp=args.mpp)
     print(f"wrote {args.out} ({w} × {h} px at {args.mpp:g} µm/px, seed {args.seed})")
+    return 0
+
+
+# -- model-card -----------------------------------------------------------------------------------
+
+
+def model_card_cmd(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from hdmil.checkpoint import default_model_path
+    from hdmil.model_card import read_model_card
+
+    card = read_model_card(args.model if args.model is not None else default_model_path())
+    print(json.dumps({**asdict(card), "lines": card.lines()}, indent=2) if args.json else "\n".join(card.lines()))
     return 0
