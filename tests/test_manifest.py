@@ -66,7 +66,8 @@ def test_writer_keeps_um_scale(tmp_path):
     heat[0, 0] = np.nan
     out = tmp_path / "heat.tif"
     written = write_heatmap(str(out), heat, {"scale": (127.7, 127.7), "translate": (64.0, 32.0),
-                                             "name": "tumor attention", "metadata": {"cls": "tumor"}})
+                                             "name": "tumor attention",
+                                             "metadata": {"cls": "tumor", "hdmil_layer": "heatmap"}})
     assert written == [str(out)]
     with tifffile.TiffFile(out) as tf:
         page = tf.pages[0]
