@@ -50,8 +50,14 @@ def slide(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     torch.manual_seed(0)
+    lipn = LIPN(LIPNConfig(n_classes=2))
+    # PyTorch's default init: a random LIPN with the reference's (zero bias, N(0, 0.01) weights)
+    # keeps all patches or none, and this test needs a kept set with and without annotation
+    for m in lipn.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.reset_parameters()
     modules = {"dmin": DMIN(DMINConfig(in_dim=8, hidden=32, attn_dim=16, n_classes=2, cheby_degree=3)),
-               "lipn": LIPN(LIPNConfig(n_classes=2))}
+               "lipn": lipn}
     return save_checkpoint(tmp_path_factory.mktemp("ann_ckpt") / "tiny.safetensors", modules,
                            {"classes": ["normal", "tumor"], "encoder": TINY})
 

@@ -66,9 +66,9 @@ def test_uib_blocks_follow_the_spec() -> None:
         assert mid.kernel_size == (kb, kb) and mid.groups == 2 * cin and mid.stride == (2, 2)
         assert project.out_channels == cout and project.kernel_size == (1, 1)
         assert not block.residual
-    # every conv is followed by BatchNorm and ReLU
+    # every conv is followed by BatchNorm; which ReLUs follow is pinned in test_reference_parity.py
     for seq in (m for m in model.modules() if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Conv2d)):
-        assert isinstance(seq[1], nn.BatchNorm2d) and isinstance(seq[2], nn.ReLU)
+        assert isinstance(seq[1], nn.BatchNorm2d)
     assert model.head[0].in_channels == 64 and model.head[0].out_channels == 64
     assert model.fc.in_features == 64 and model.fc.out_features == 2
     assert sum(p.numel() for p in model.parameters()) < 100_000  # tiny on purpose

@@ -45,6 +45,7 @@ from torch.overrides import TorchFunctionMode
 from hdmil.errors import CheckpointError, HDMILError
 from hdmil.files import atomic_path
 from hdmil.models import DMIN, LIPN, SLPD, SLPDConfig, create_model, list_models
+from hdmil.models.lipn import LEGACY_UIB_FORM
 
 __all__ = [
     "FORMAT_VERSION",
@@ -285,6 +286,10 @@ def _parse_config(path: Path, raw: Any) -> dict[str, Any]:
         )
     if not isinstance(raw.get("modules"), dict) or not raw["modules"]:
         raise CheckpointError(f"{path}: HDMIL metadata lists no modules")
+    lipn = raw["modules"].get("lipn")
+    if isinstance(lipn, dict) and "uib_form" not in lipn:
+        # saved before the field existed: trained with BatchNorm + ReLU after every UIB conv
+        raw["modules"]["lipn"] = {**lipn, "uib_form": LEGACY_UIB_FORM}
     return raw
 
 

@@ -51,8 +51,8 @@ class ChebyKANLayer(nn.Module):
         self.omega = nn.Parameter(torch.empty(in_features, out_features, degree + 1))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.xavier_normal_(self.omega)
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        nn.init.xavier_normal_(self.omega, generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

@@ -11,7 +11,8 @@ Shapes: N instances, D input width (1024), H hidden (512), A attention width (25
 
 Our choices where the reference differs (docs/method.md §7): the student's weights are normalised per class
 in training and in evaluation, the max is subtracted before exp, the kept ratio is the union over
-all C classes.
+all C classes. Initialisation is the reference's: Linear layers Xavier-normal with zero bias, the
+CKA layers' Ω Xavier-normal (``DMIN.reset_parameters``).
 """
 
 from __future__ import annotations
@@ -197,6 +198,21 @@ class DMIN(nn.Module):
         self.instance_classifiers = nn.ModuleList(
             ChebyKANLayer(cfg.hidden, 2, cfg.cheby_degree) for _ in range(c)
         )
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The reference's initialisation (``init_type xaiver``): every Linear layer (projection
+        and attention) Xavier-normal with zero bias; the CKA layers' Ω Xavier-normal too.
+
+        Draws from ``generator``, or from torch's global generator (the trainers seed it), so
+        the same seed gives the same initial weights.
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_normal_(m.weight, generator=generator)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, ChebyKANLayer):
+                m.reset_parameters(generator)
 
     @property
     def n_classes(self) -> int:

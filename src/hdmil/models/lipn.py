@@ -19,8 +19,15 @@ ceil(size / 2) and the 1×1 maps of the last stages still work):
     conv1×1                                  64     1×1
     Linear                                    C     -
 
-Every conv here is followed by BatchNorm + ReLU. MobileNetV4's UIB (the reference, docs/method.md §4)
-has no activation after its starting depthwise and projection convs; issue 20 tracks matching it.
+Every plain conv is followed by BatchNorm + ReLU. Inside a UIB block (MobileNetV4's universal
+inverted bottleneck, the reference) the starting depthwise and the projection convs get BatchNorm
+only, the expansion and middle depthwise convs BatchNorm + ReLU (``uib_form="mnv4"``, the
+default). Models saved before that fix had BatchNorm + ReLU after all four (``uib_form="all_relu"``):
+a checkpoint whose LIPN config has no ``uib_form`` is one of those and is rebuilt that way
+(``LEGACY_UIB_FORM``), so it runs as it was trained. Both forms hold the same weights.
+
+Initialisation as the reference's MobileNetV4: conv weights He-normal over fan-out
+(std sqrt(2 / (k·k·out))), BatchNorm 1 / 0, the Linear classifier N(0, 0.01) with zero bias.
 """
 
 from __future__ import annotations
@@ -38,7 +45,24 @@ from hdmil.errors import FeatureFileError
 from hdmil.models._eval import evaluating
 from hdmil.models.losses import binarize_st
 
-__all__ = ["LIPN", "LIPNConfig", "ConvBNReLU", "UIBlock", "dilate_mask", "grid_index"]
+__all__ = [
+    "LEGACY_UIB_FORM",
+    "LIPN",
+    "LIPNConfig",
+    "UIB_FORMS",
+    "ConvBN",
+    "ConvBNReLU",
+    "UIBlock",
+    "dilate_mask",
+    "grid_index",
+]
+
+# which convs of a UIB block are followed by a ReLU: (start dw, expand, middle dw, project)
+UIB_FORMS: dict[str, tuple[bool, bool, bool, bool]] = {
+    "mnv4": (False, True, True, False),  # MobileNetV4, the reference
+    "all_relu": (True, True, True, True),  # every model saved before issue 20
+}
+LEGACY_UIB_FORM = "all_relu"  # what a saved LIPN config without ``uib_form`` was trained with
 
 
 @dataclass
@@ -65,6 +89,9 @@ class LIPNConfig:
     uib_kernels: tuple[tuple[int, int], ...] = ((5, 5), (3, 3))  # (start dw, middle dw); 0 = none
     uib_expansion: float = 2.0
     head_width: int = 64  # conv1×1 after pooling
+    # which convs of a UIB block a ReLU follows (UIB_FORMS): "mnv4" the reference; "all_relu"
+    # models saved before issue 20 (their configs lack this key; checkpoint.py fills it in)
+    uib_form: str = "mnv4"
 
     def __post_init__(self) -> None:
         self.conv_widths = tuple(int(v) for v in self.conv_widths)
@@ -83,6 +110,8 @@ class LIPNConfig:
                 raise ValueError(
                     f"LIPNConfig.dilation needs {self.n_classes} ring counts >= 0, got {self.dilation}"
                 )
+        if self.uib_form not in UIB_FORMS:
+            raise ValueError(f"LIPNConfig.uib_form must be one of {', '.join(UIB_FORMS)}, got {self.uib_form!r}")
         if self.views not in (1, 4, 8):
             raise ValueError(f"LIPNConfig.views must be 1, 4 or 8, got {self.views}")
         if self.n_classes < 1:
@@ -119,35 +148,61 @@ class LIPNConfig:
         return cls(**d)
 
 
-class ConvBNReLU(nn.Sequential):
+class ConvBN(nn.Sequential):
+    """Conv2d (padding k // 2, no bias) + BatchNorm, then ReLU when ``act`` (state-dict keys
+    ``0.weight``, ``1.*`` either way, so both forms load the same weights)."""
+
+    def __init__(
+        self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = False
+    ) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        if act:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class ConvBNReLU(ConvBN):
     """Conv2d (padding k // 2, no bias) + BatchNorm + ReLU."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
-        super().__init__(
-            nn.Conv2d(cin, cout, kernel, stride, padding=kernel // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True),
-        )
+        super().__init__(cin, cout, kernel, stride, groups, act=True)
 
 
 class UIBlock(nn.Module):
     """Universal inverted bottleneck (MobileNetV4).
 
-    [depthwise k_a] → 1×1 expand (cin·expansion) → [depthwise k_b, carries the stride] → 1×1 project.
+    [depthwise k_a] → 1×1 expand (cin·expansion) → [depthwise k_b, carries the stride] → 1×1 project,
+    each conv + BatchNorm; ``form`` (``UIB_FORMS``) says which of the four a ReLU follows:
+    "mnv4" (MobileNetV4) the expansion and the middle depthwise only.
     A kernel of 0 leaves that depthwise conv out (then the start conv carries the stride, or none).
     Identity shortcut when stride = 1 and cin = cout.
     """
 
     def __init__(
-        self, cin: int, cout: int, start_kernel: int, mid_kernel: int, stride: int = 1, expansion: float = 2.0
+        self,
+        cin: int,
+        cout: int,
+        start_kernel: int,
+        mid_kernel: int,
+        stride: int = 1,
+        expansion: float = 2.0,
+        form: str = "mnv4",
     ) -> None:
         super().__init__()
+        act_start, act_expand, act_mid, act_project = UIB_FORMS[form]
         hidden = max(1, int(round(cin * expansion)))
         start_stride = stride if mid_kernel == 0 else 1
-        self.start_dw = ConvBNReLU(cin, cin, start_kernel, start_stride, groups=cin) if start_kernel else nn.Identity()
-        self.expand = ConvBNReLU(cin, hidden, 1)
-        self.mid_dw = ConvBNReLU(hidden, hidden, mid_kernel, stride, groups=hidden) if mid_kernel else nn.Identity()
-        self.project = ConvBNReLU(hidden, cout, 1)
+        self.start_dw = (
+            ConvBN(cin, cin, start_kernel, start_stride, groups=cin, act=act_start) if start_kernel else nn.Identity()
+        )
+        self.expand = ConvBN(cin, hidden, 1, act=act_expand)
+        self.mid_dw = (
+            ConvBN(hidden, hidden, mid_kernel, stride, groups=hidden, act=act_mid) if mid_kernel else nn.Identity()
+        )
+        self.project = ConvBN(hidden, cout, 1, act=act_project)
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,12 +231,29 @@ class LIPN(nn.Module):
         blocks = []
         cin = w[4]
         for cout, (ka, kb) in zip(cfg.uib_widths, cfg.uib_kernels):
-            blocks.append(UIBlock(cin, cout, ka, kb, stride=2, expansion=cfg.uib_expansion))
+            blocks.append(UIBlock(cin, cout, ka, kb, stride=2, expansion=cfg.uib_expansion, form=cfg.uib_form))
             cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = ConvBNReLU(cin, cfg.head_width, 1)
         self.fc = nn.Linear(cfg.head_width, cfg.n_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The reference's initialisation (its MobileNetV4's own): conv weights N(0, 2 / (k·k·out)),
+        i.e. He-normal over fan-out; BatchNorm weight 1, bias 0; the Linear classifier N(0, 0.01)
+        with zero bias. Draws from ``generator`` or torch's global one (the trainers seed it)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=generator)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0.0, 0.01, generator=generator)
+                nn.init.zeros_(m.bias)
 
     @property
     def n_classes(self) -> int:

@@ -10,6 +10,7 @@ LIPN's loss: L = β1·mean_c L1(M_LR[:, c], M_HR[:, c]) + β2·MSE(r̃_LR, r̃_H
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -55,27 +56,38 @@ def smooth_top1_svm(
     tau: float = 1.0,
     alpha: float = 1.0,
     reduction: str = "mean",
+    threshold: float = 1e-3,
 ) -> torch.Tensor:
-    """Smooth top-1 multiclass SVM (Berrada et al., ICLR 2018, k = 1).
+    """Smooth top-1 multiclass SVM (Berrada et al., ICLR 2018, k = 1), as smooth-topk computes it.
 
     The hinge ``max_j (Δ(j, y) + s_j) − s_y`` with Δ(j, y) = α·1[j ≠ y], its max smoothed by a
     log-sum-exp at temperature τ:  L = τ·log Σ_j exp((Δ(j, y) + s_j) / τ) − s_y.
     L ≥ hinge ≥ 0 (the j = y term alone gives s_y) and L → hinge as τ → 0; τ = 0 gives the hinge.
 
+    A sample whose top score leads the second by at least τ·log(1 / threshold) (6.9 at the
+    reference's 1e-3) gets the hard hinge instead: there the smoothing changes the loss by
+    less than about ``threshold`` and its exp terms only underflow. ``threshold=0``: never switch.
+
     scores: [B, C] float, target: [B] int -> 0-d (``mean`` / ``sum``) or [B] (``none``).
     """
     if scores.ndim != 2:
         raise ValueError(f"smooth_top1_svm expects scores [B, C], got {tuple(scores.shape)}")
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"smooth_top1_svm threshold must be in [0, 1), got {threshold}")
     target = target.long().reshape(-1)
     margin = torch.full_like(scores, float(alpha))
     margin.scatter_(1, target[:, None], 0.0)  # Δ(y, y) = 0
     augmented = scores + margin
     true = scores.gather(1, target[:, None]).squeeze(1)
+    hinge = augmented.amax(dim=1) - true
     if tau > 0:
-        top = tau * torch.logsumexp(augmented / tau, dim=1)
+        loss = tau * torch.logsumexp(augmented / tau, dim=1) - true
+        if threshold > 0 and scores.shape[1] > 1:
+            top2 = scores.detach().topk(2, dim=1).values  # the lead is read on the raw scores
+            hard = top2[:, 0] - top2[:, 1] >= tau * math.log(1.0 / threshold)
+            loss = torch.where(hard, hinge, loss)
     else:
-        top = augmented.amax(dim=1)
-    loss = top - true
+        loss = hinge
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
