@@ -34,3 +34,13 @@ def calibrated_lipn(lr: np.ndarray, keep: tuple[float, float]) -> LIPN:
         for c, frac in enumerate(keep):
             lipn.fc.bias[c] -= torch.quantile(logits[:, c], 1.0 - frac)
     return lipn
+
+
+def random_lipn(n_classes: int = 2) -> LIPN:
+    """A random LIPN that keeps some patches and not others: PyTorch's default init. With the
+    reference's init (zero bias, classifier N(0, 0.01)) a random LIPN keeps all patches or none."""
+    lipn = LIPN(LIPNConfig(n_classes=n_classes))
+    for m in lipn.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m.reset_parameters()
+    return lipn

@@ -18,8 +18,8 @@ from hdmil.annotations import (
 )
 from hdmil.checkpoint import load_model, save_checkpoint
 from hdmil.cli import main
-from hdmil.models import DMIN, LIPN, DMINConfig, LIPNConfig
-from helpers import TINY
+from hdmil.models import DMIN, DMINConfig
+from helpers import TINY, random_lipn
 
 PATCH = 256  # level-0 px of a patch at 0.5 µm/px and 20x
 
@@ -50,12 +50,7 @@ def slide(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    lipn = LIPN(LIPNConfig(n_classes=2))
-    # PyTorch's default init: a random LIPN with the reference's (zero bias, N(0, 0.01) weights)
-    # keeps all patches or none, and this test needs a kept set with and without annotation
-    for m in lipn.modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-            m.reset_parameters()
+    lipn = random_lipn()  # this test needs a kept set with and without annotation
     modules = {"dmin": DMIN(DMINConfig(in_dim=8, hidden=32, attn_dim=16, n_classes=2, cheby_degree=3)),
                "lipn": lipn}
     return save_checkpoint(tmp_path_factory.mktemp("ann_ckpt") / "tiny.safetensors", modules,
