@@ -131,7 +131,8 @@ def test_huge_header_lr_image_is_refused_without_allocating(huge_header):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    _one_line(info.value, str(huge_header), "62496 x 62496 px", "cap of 64 MP", "1000000 x 1000000")
+    lr = -(-HUGE // 256) * 16  # the padded grid's ceil(10^6 / 256) = 3907 patches of 16 LR px: 62512
+    _one_line(info.value, str(huge_header), f"{lr} x {lr} px", "cap of 64 MP", "1000000 x 1000000")
     assert peak < 64 * 2**20, peak  # an LR image of the claimed size would be 10.9 GiB
 
 

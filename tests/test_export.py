@@ -188,7 +188,12 @@ def test_geojson_of_cmu(tmp_path, cmu_grid):
         for ring in f["geometry"]["coordinates"]:
             assert ring[0] == ring[-1] and len(ring) >= 4  # closed
         pts = np.array(_all_points(f))
-        assert (pts >= 0).all() and (pts[:, 0] <= w).all() and (pts[:, 1] <= h).all()
+        # tissue ends at the slide's edge; a padded patch's square runs past it, to the grid's edge
+        ps = grid.patch_size_level0
+        gw, gh = (w, h) if f in tissue else (grid.shape[1] * ps, grid.shape[0] * ps)
+        assert (pts >= 0).all() and (pts[:, 0] <= gw).all() and (pts[:, 1] <= gh).all()
+    over = [f for f in tiles if np.array(_all_points(f))[:, 1].max() > h]
+    assert len(over) == grid.n_padded > 0
     # Patch squares at level-0 scale: corners are coords and coords + patch_size_level0.
     s = grid.patch_size_level0
     for f, (x, y), (r, c) in zip(tiles, grid.coords.tolist(), grid.index.tolist()):
@@ -374,3 +379,40 @@ def test_write_result_files_and_slide_paths(tmp_path):
     check_result_paths(3, geojson="{slide}.geojson", csv=None)
     with pytest.raises(HDMILError, match=r"--csv out\.csv: 2 slides would write the same file"):
         check_result_paths(2, geojson="{slide}.geojson", csv="out.csv")
+
+
+def test_geojson_export_applies_the_mrxs_bounds_offset_and_round_trips(tmp_path):
+    """QuPath's (0, 0) on an MRXS is OpenSlide's bounds: the export subtracts them, and
+    ``hdmil.annotations`` reading the file for that slide lands every shape on its level-0 place."""
+    import dataclasses
+
+    from hdmil.annotations import read_annotations
+
+    mask = np.zeros((48, 64), bool)
+    mask[8:40, 10:50] = True
+    plain = _grid_from_mask(mask)
+    dx, dy = 1234, 5678
+    grid = dataclasses.replace(plain, bounds_offset=(dx, dy))
+    props = {"openslide.bounds-x": str(dx), "openslide.bounds-y": str(dy)}
+    values = {"v": np.arange(grid.n, dtype=np.float64)}
+    doc = json.loads(write_geojson(tmp_path / "m.geojson", grid, values, top_k={"v": 2}).read_text())
+    ref = json.loads(write_geojson(tmp_path / "p.geojson", plain, values, top_k={"v": 2}).read_text())
+    assert len(doc["features"]) == len(ref["features"]) > grid.n
+    for got, want in zip(doc["features"], ref["features"]):  # the same shapes, moved by the offset
+        assert got["properties"] == want["properties"]
+        g = np.asarray(got["geometry"]["coordinates"][0], float)
+        np.testing.assert_allclose(g, np.asarray(want["geometry"]["coordinates"][0], float) - (dx, dy))
+
+    back = read_annotations(tmp_path / "m.geojson")
+    assert back.frame == "qupath"
+    on_slide = back.for_slide(props)
+    tiles = [a for a in on_slide if a.object_type == "tile"]
+    ps = grid.patch_size_level0
+    for a, (x, y) in zip(tiles, grid.coords.tolist()):
+        assert a.geometry.bounds == (x, y, x + ps, y + ps)
+    tissue = [a for a in on_slide if a.classification == "Tissue"]
+    outline = tissue_outlines(plain)[0][0]
+    np.testing.assert_allclose(np.asarray(tissue[0].geometry.exterior.coords), outline, atol=0.01)
+    top = [a for a in on_slide if a.name.startswith("Top 1")][0]
+    x, y = grid.coords[int(np.argmax(values["v"]))]
+    assert top.geometry.bounds == (x, y, x + ps, y + ps)

@@ -83,7 +83,8 @@ def cmu_grid(cmu_slide):
 def test_cmu_grid_geometry(cmu_grid):
     grid, (w, h) = cmu_grid
     assert grid.patch_size_level0 == 256
-    assert grid.shape == (h // 256, w // 256)
+    # The partial last row (2967 = 11 * 256 + 151) and column (2220 = 8 * 256 + 172) count.
+    assert grid.shape == (math.ceil(h / 256), math.ceil(w / 256)) == (12, 9)
     assert grid.lr_image.shape == (grid.shape[0] * 16, grid.shape[1] * 16, 3)
     assert grid.mask.shape == grid.lr_image.shape[:2]
     assert grid.lr_patch_px == 16 and grid.origin == (0, 0)
@@ -91,7 +92,12 @@ def test_cmu_grid_geometry(cmu_grid):
     assert grid.coords.dtype == np.int64 and grid.index.dtype == np.int64
     assert (grid.coords % 256 == 0).all()
     assert (grid.coords >= 0).all()
-    assert (grid.coords[:, 0] + 256 <= w).all() and (grid.coords[:, 1] + 256 <= h).all()
+    assert (grid.coords[:, 0] < w).all() and (grid.coords[:, 1] < h).all()  # corners on the slide
+    over = (grid.coords[:, 0] + 256 > w) | (grid.coords[:, 1] + 256 > h)
+    np.testing.assert_array_equal(grid.padded, over)
+    assert grid.n_padded == over.sum() > 0  # the tissue reaches the bottom edge
+    assert ((grid.index[:, 0] == 11) | (grid.index[:, 1] == 8))[over].all()
+    assert f"{grid.n_padded} at the slide's edge" in grid.message
     np.testing.assert_array_equal(grid.coords, grid.index[:, ::-1] * 256)
     assert len(np.unique(grid.index, axis=0)) == grid.n  # no patch twice
 
@@ -149,10 +155,10 @@ def test_mpp_override_changes_patch_size(cmu_slide):
     with open_slide(cmu_slide) as slide:
         g40 = build_grid(slide, mpp=0.25)
         assert g40.patch_size_level0 == 512 and g40.mpp == 0.25
-        assert g40.shape == (2967 // 512, 2220 // 512)
+        assert g40.shape == (math.ceil(2967 / 512), math.ceil(2220 / 512))
         assert (g40.coords % 512 == 0).all()
         g10 = build_grid(slide, mpp=1.0)
-        assert g10.patch_size_level0 == 128 and g10.shape == (2967 // 128, 2220 // 128)
+        assert g10.patch_size_level0 == 128 and g10.shape == (math.ceil(2967 / 128), math.ceil(2220 / 128))
         with pytest.raises(SlideError, match="mpp"):
             build_grid(slide, mpp=-1)
 
@@ -220,12 +226,19 @@ def test_reads_smallest_sufficient_pyramid_level():
     grid = build_grid(slide)
     assert grid.level == 2
     assert {lv for lv, _, _ in slide.reads} == {2}
-    assert grid.shape == (195, 195) and grid.lr_image.shape == (3120, 3120, 3)
-    # The left half (x < 25000) is tissue: the columns at least 25 % left of that line.
-    c = np.arange(195)
-    expected = (np.clip(25_000 - c * 256, 0, 256) / 256 >= 0.25).nonzero()[0]
-    assert set(grid.index[:, 1].tolist()) == set(expected.tolist())
-    assert grid.n == 195 * len(expected)
+    # 50000 px = 195 patches of 256 px and 80 px: 196 with the padded last one.
+    assert grid.shape == (196, 196) and grid.lr_image.shape == (3136, 3136, 3)
+    # The left half (x < 25000) is tissue: a patch's tissue share is the share of its columns
+    # left of that line times the share of its rows on the slide (the padded last row holds
+    # 80 / 256 = 31 %, so the corner patch with 168 / 256 of its columns in tissue falls below).
+    c = np.arange(196)
+    col_share = np.clip(25_000 - c * 256, 0, 256) / 256
+    row_share = np.clip(50_000 - c * 256, 0, 256) / 256
+    expected = np.argwhere(np.outer(row_share, col_share) >= 0.25)
+    assert {tuple(i) for i in grid.index.tolist()} == {tuple(i) for i in expected.tolist()}
+    assert 195 in grid.index[:, 0] and grid.n_padded == (grid.index[:, 0] == 195).sum()
+    # only the level's own pixels are asked for, never past its 3125 px
+    assert max(h for _, _, h in slide.reads) <= 3125 and max(w for _, w, _ in slide.reads) <= 3125
 
 
 def test_level0_is_streamed_in_bands(monkeypatch):
@@ -292,4 +305,87 @@ def test_from_coords_round_trip(cmu_grid):
     with pytest.raises(ValueError, match="not on a grid"):
         PatchGrid.from_coords(grid.coords + 3, grid.patch_size_level0, dims, grid.mpp)
     with pytest.raises(ValueError, match="outside"):
-        PatchGrid.from_coords([[(dims[0] // 256) * 256, 0]], 256, dims, grid.mpp)
+        PatchGrid.from_coords([[math.ceil(dims[0] / 256) * 256, 0]], 256, dims, grid.mpp)
+    # the padded last column is on the grid
+    edge = PatchGrid.from_coords([[(dims[0] // 256) * 256, 0]], 256, dims, grid.mpp)
+    assert edge.index.tolist() == [[0, dims[0] // 256]] and edge.n_padded == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# edge patches: the partial last row and column, padded with background
+
+
+class BlackPadSlide(FakeSlide):
+    """A backend that pads past the level with black (tiffslide pads with 0): the LR image must
+    not take its padding for slide pixels."""
+
+    def read_region(self, location, level, size):
+        out = super().read_region(location, level, size)
+        ds = self.level_downsamples[level]
+        x, y = math.floor(location[0] / ds), math.floor(location[1] / ds)
+        lw, lh = self.level_dimensions[level]
+        out[max(0, lh - y):] = 0
+        out[:, max(0, lw - x):] = 0
+        return out
+
+
+def _edge_column_slide(cls=FakeSlide, width=1024 + 150, height=1024):
+    """Glass, with tissue only in the partial last column (x >= 1024, 150 px of a 256 px patch)."""
+    img = np.full((height, width, 3), 240, np.uint8)
+    rng = np.random.default_rng(4)
+    img[:, 1024:] = np.clip(rng.normal((200, 120, 180), 15, (height, width - 1024, 3)), 0, 255)
+    return cls([img])
+
+
+def test_tissue_only_in_the_partial_last_column_is_analysed():
+    slide = _edge_column_slide()
+    grid = build_grid(slide)
+    assert grid.shape == (4, 5)  # 1174 px = 4 whole patches and 150 px
+    # 150 / 256 = 59 % of each last-column patch is tissue, the padding counts as background
+    assert grid.index.tolist() == [[r, 4] for r in range(4)]
+    assert grid.padded.all() and grid.n_padded == 4
+    np.testing.assert_allclose(grid.tissue_fraction, 150 / 256, atol=1 / 16)
+    assert "4 at the slide's edge, padded with background" in grid.message
+    np.testing.assert_array_equal(grid.coords, [[1024, r * 256] for r in range(4)])  # on the slide
+
+
+@pytest.mark.parametrize("cls", [FakeSlide, BlackPadSlide])
+def test_padded_area_reads_as_background(cls):
+    slide = _edge_column_slide(cls, width=1024 + 150, height=512 + 160)
+    grid = build_grid(slide)
+    assert grid.shape == (3, 5)
+    # LR px from ceil(1174 / 16) = 74 and 672 / 16 = 42 on lie wholly past the edge
+    assert (grid.lr_image[:, 74:] == 255).all() and (grid.lr_image[42:] == 255).all()
+    assert not grid.mask[:, 74:].any() and not grid.mask[42:].any()
+    assert grid.mask[:42, 1024 // 16 + 1 : 1174 // 16].all()  # the tissue beside it is
+    # nothing past the level was asked for: the padding is made, not read
+    assert all(w <= 1174 and h <= 672 for _, w, h in slide.reads)
+    # the corner patch is 150 / 256 x 160 / 256 = 37 % tissue: padded both ways, still analysed
+    assert grid.index.tolist() == [[0, 4], [1, 4], [2, 4]] and grid.n_padded == 3
+
+
+def test_lr_image_past_the_edge_matches_white_padding():
+    """The area mean over a padded cell is the mean of the slide's pixels and white."""
+    img = _tissue_image(300, 500, seed=2)
+    lr = read_lr_image(BlackPadSlide([img]), (32, 48), 16.0)  # 512 x 768 level-0 px
+    padded = np.full((512, 768, 3), 255, np.uint8)
+    padded[:300, :500] = img
+    expected = padded.astype(np.float64).reshape(32, 16, 48, 16, 3).mean(axis=(1, 3))
+    assert np.abs(lr - expected).max() <= 0.5 + 1e-6
+
+
+def test_grid_records_the_mrxs_bounds_offset():
+    slide = _edge_column_slide()
+    assert build_grid(slide).bounds_offset == (0, 0)
+    slide.properties = {"openslide.bounds-x": "3072", "openslide.bounds-y": "512"}
+    assert build_grid(slide).bounds_offset == (3072, 512)
+
+
+def test_grid_shape_and_padded_mask():
+    from hdmil.grid import grid_shape, padded_mask
+
+    assert grid_shape((2220, 2967), 256) == (math.ceil(2967 / 256), math.ceil(2220 / 256))
+    assert grid_shape((1024, 512), 256) == (2, 4)  # whole patches: nothing padded
+    coords = np.array([[0, 0], [768, 256], [1024, 0], [0, 512]])
+    assert padded_mask(coords, 256, (1100, 700)).tolist() == [False, False, True, True]
+    assert padded_mask(coords, 256, (0, 0)).tolist() == [False] * 4  # size unknown

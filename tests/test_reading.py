@@ -269,3 +269,37 @@ def test_synthetic_slide_grid_matches_read_region(synthetic_slide):
         for i in range(0, len(coords), 5):
             x, y = coords[i]
             np.testing.assert_array_equal(seen[i], slide.read_region((int(x), int(y)), 0, (256, 256)))
+
+
+# ------------------------------------------------------------------------------------------- edge patches
+
+
+def test_padded_edge_patches_read_as_white_background(tmp_path):
+    """The grid's partial last row and column: what lies on the slide is the slide's pixels, the
+    rest white, though the file's edge tiles hold the writer's padding (zeros) there; only the
+    tiles on the slide are decoded."""
+    import tifffile
+
+    rng = np.random.default_rng(8)
+    img = rng.integers(0, 200, (612, 1174, 3), dtype=np.uint8)  # never white
+    path = tmp_path / "edge.tiff"
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    coords = np.array([[1024, 0], [1024, 512], [512, 512], [0, 0]])  # right, corner, bottom, inside
+    with open_slide(path) as slide:
+        reader = PatchReader(slide, coords, 256, batch_size=2, workers=2)
+        fast, failed = _read_all(reader)
+
+        class NoPath:  # another backend: read_region per patch
+            level_dimensions, level_downsamples, name = slide.level_dimensions, slide.level_downsamples, "np"
+            read_region = staticmethod(slide.read_region)
+
+        slow, _ = _read_all(PatchReader(NoPath(), coords, 256, batch_size=2))
+    assert reader.tiled and not failed
+    assert reader.n_tiles_decoded == len(_tiles_touched(coords, 256, (256, 256), (1174, 612)))
+    for i, (x, y) in enumerate(coords):
+        want = np.full((256, 256, 3), 255, np.uint8)
+        part = img[y : y + 256, x : x + 256]
+        want[: part.shape[0], : part.shape[1]] = part
+        np.testing.assert_array_equal(fast[i], want)
+        np.testing.assert_array_equal(slow[i], want)

@@ -463,8 +463,8 @@ def restrict_grid(grid: Any, roi: Annotations | None = None, exclude: Annotation
 
     t = float(grid.tissue_threshold if threshold is None else threshold)
     ps0 = int(grid.patch_size_level0)
-    w, h = grid.dimensions
-    allowed = roi.region() if roi is not None else shapely.box(0, 0, max(w, ps0), max(h, ps0))
+    rows, cols = grid.shape  # the whole grid, padded edges too: padding lies outside exclusions
+    allowed = roi.region() if roi is not None else shapely.box(0, 0, max(cols, 1) * ps0, max(rows, 1) * ps0)
     out = exclude.union() if exclude is not None else None
     if out is not None:
         allowed = shapely.difference(allowed, out)

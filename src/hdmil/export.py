@@ -132,13 +132,14 @@ def tissue_outlines(grid, tolerance: float = 0.5) -> list[list[np.ndarray]]:
     Returns one polygon per connected piece of tissue: ``[exterior, *holes]``, each ring float64
     [K, 2] (x, y), closed (first point == last), exterior counter-clockwise and holes clockwise
     in (x, y). Outlines follow the LR pixel edges (corners cut diagonally), simplified by
-    ``tolerance`` LR pixels.
+    ``tolerance`` LR pixels, and end at the slide's edges (the padded grid runs past them).
     """
     from skimage.measure import approximate_polygon, find_contours
 
     mask = np.asarray(grid.mask, bool)
     scale = grid.patch_size_level0 / grid.lr_patch_px
     ox, oy = grid.origin
+    w, h = (float(v) for v in getattr(grid, "dimensions", (0, 0)))
 
     def ring(region: np.ndarray, y0: int, x0: int, connect: str) -> np.ndarray | None:
         padded = np.pad(region, 1).astype(np.float32)
@@ -152,6 +153,8 @@ def tissue_outlines(grid, tolerance: float = 0.5) -> list[list[np.ndarray]]:
             return None
         # Padded (row, col) of LR pixel centres -> level-0 (x, y).
         xy = np.stack([(c[:, 1] - 1 + x0 + 0.5) * scale + ox, (c[:, 0] - 1 + y0 + 0.5) * scale + oy], 1)
+        if w > 0 and h > 0:  # an LR pixel across the slide's edge: the outline stops at the edge
+            np.clip(xy, 0, (w, h), out=xy)
         xy[-1] = xy[0]
         return xy
 
@@ -193,7 +196,10 @@ def write_geojson(
     include_tissue: bool = True,
     include_patches: bool = True,
 ) -> Path:
-    """A QuPath-importable GeoJSON FeatureCollection in level-0 pixel coordinates.
+    """A QuPath-importable GeoJSON FeatureCollection in QuPath's pixel coordinates: level-0 px
+    less the slide's ``grid.bounds_offset`` (OpenSlide's ``openslide.bounds-x/y``, MRXS; (0, 0)
+    for other formats), so QuPath draws it on the same tissue; ``hdmil.annotations`` reads it back
+    with ``for_slide`` (the inverse).
 
     Features:
         * tissue outlines: ``objectType: "annotation"``, classification "Tissue";
@@ -237,12 +243,18 @@ def _patch_values(grid, patch_values: Mapping[str, Any] | None) -> dict[str, np.
     return values
 
 
+def _qupath_offset(grid) -> np.ndarray:
+    """float64 (dx, dy) to subtract from level-0 px for QuPath's frame (``grid.bounds_offset``)."""
+    return np.asarray(getattr(grid, "bounds_offset", (0, 0)) or (0, 0), np.float64).reshape(2)
+
+
 def _tissue_features(grid) -> list[dict[str, Any]]:
     """One locked "Tissue" annotation per piece of tissue: exterior ring, then its holes."""
+    off = _qupath_offset(grid)
     return [
         {
             "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [_round(r) for r in rings]},
+            "geometry": {"type": "Polygon", "coordinates": [_round(r - off) for r in rings]},
             "properties": {
                 "objectType": "annotation",
                 "name": "Tissue",
@@ -261,7 +273,8 @@ def _tile_features(grid, values: Mapping[str, np.ndarray]) -> list[dict[str, Any
     cols = {name: v.tolist() for name, v in values.items()}
     frac = np.asarray(grid.tissue_fraction).tolist()
     features = []
-    for i, ((x, y), (r, c)) in enumerate(zip(grid.coords.tolist(), grid.index.tolist())):
+    xy = (np.asarray(grid.coords, np.int64) - _qupath_offset(grid).astype(np.int64)).tolist()
+    for i, ((x, y), (r, c)) in enumerate(zip(xy, grid.index.tolist())):
         meas: dict[str, float | int] = {"row": r, "col": c}
         for name, col in (("tissue_fraction", frac), *cols.items()):
             v = _number(col[i])
@@ -282,8 +295,10 @@ def _top_k_features(grid, name: str, rows: np.ndarray, values: Mapping[str, np.n
     ranked value as measurements."""
     size = int(grid.patch_size_level0)
     features = []
+    dx, dy = (int(v) for v in _qupath_offset(grid))
     for rank, i in enumerate(rows.tolist(), start=1):
         x, y = grid.coords[i].tolist()
+        x, y = x - dx, y - dy
         r, c = grid.index[i].tolist()
         props: dict[str, Any] = {
             "objectType": "annotation",
@@ -340,7 +355,8 @@ def write_result_csv(path: str | os.PathLike, result: Any) -> Path:
 def write_result_geojson(path: str | os.PathLike, result: Any, top_k: int = DEFAULT_TOP_K) -> Path:
     """QuPath GeoJSON of ``result``: tissue outline, every tissue patch with its row, col,
     ``kept`` and attention per class as measurements, and the ``top_k`` highest attention of each
-    class as annotations with row, col and rank (level-0 pixel coordinates)."""
+    class as annotations with row, col and rank (QuPath's pixel coordinates: level-0 less the
+    slide's bounds offset, see ``write_geojson``)."""
     values = result_patch_values(result)
     top = {f"attention_{name}": int(top_k) for name in result.classes}
     return write_geojson(path, result.grid, values, top_k=top)

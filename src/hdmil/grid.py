@@ -2,8 +2,11 @@
 
 One grid cell is one HR patch (``patch_size_level0`` level-0 px, 128 µm at the defaults) and one LR
 patch (16 × 16 px of ``lr_image``, the whole slide at 1.25x laid out exactly on the grid). The grid
-starts at level-0 (0, 0) and covers full patches only. A patch is kept when at least
-``tissue_threshold`` of its LR cell is tissue (docs/method.md §1).
+starts at level-0 (0, 0) and covers the whole slide: its last row and column run past the slide's
+bottom and right edges and are padded with background (white, never tissue), as CLAM and TRIDENT
+pad them, so tissue at the edges is analysed (``padded`` says which patches). A patch is kept when
+at least ``tissue_threshold`` of its LR cell is tissue, padding counted as background
+(docs/method.md §1).
 
 >>> grid = build_grid(slide)                 # slide: hdmil.slide.Slide
 >>> grid.coords[:2], grid.shape, grid.patch_size_level0
@@ -22,20 +25,51 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
+from hdmil.annotations import slide_offset
 from hdmil.errors import SlideError, check_cancelled
 from hdmil.slide import MAX_WINDOW_PIXELS, MPP_RANGE, check_mpp, check_overview_size
 from hdmil.tissue import TissueParams, tissue_mask
 
-__all__ = ["PatchGrid", "build_grid", "patch_size_level0", "read_lr_image", "target_mpp"]
+__all__ = [
+    "PatchGrid", "build_grid", "grid_shape", "padded_mask", "patch_size_level0", "read_lr_image",
+    "target_mpp",
+]
 
 Progress = Callable[[str, int, int], Any]
 
+# What the LR image holds past the slide's edges: white glass, as Slide.read_region pads and as
+# the tissue mask sees background.
+_BACKGROUND = 255
 # Source pixels per band while streaming a level into the LR image (≈ 24 MB uint8, 96 MB float).
 _BAND_PIXELS = 8_000_000
 # A patch's side in level-0 px: below 16 px the LR patch (16 px) would be larger than the patch
 # it summarises (--mpp 100 gives 1 px patches, an LR image 256x the slide); above 16384 px one
 # patch is an 800 MB read (a unit mix-up the other way; 0.05 µm/px gives 2560 px at 20x).
 PATCH_LEVEL0_RANGE = (16, 16384)
+
+
+def grid_shape(dimensions: tuple[int, int], patch_size_level0: int) -> tuple[int, int]:
+    """(rows, cols) of the grid over a (w, h) level-0 slide: the partial last row and column
+    count (ceil, as CLAM and TRIDENT tile), so every slide pixel lies in one patch.
+
+    >>> grid_shape((2220, 2967), 256)       # CMU-1-Small-Region: 11 x 8 full patches + the edges
+    (12, 9)
+    """
+    w, h = (int(v) for v in dimensions)
+    ps0 = int(patch_size_level0)
+    return -(-h // ps0), -(-w // ps0)
+
+
+def padded_mask(coords: np.ndarray, patch_size_level0: int, dimensions: tuple[int, int]) -> np.ndarray:
+    """bool [N]: the patches at level-0 ``coords`` (x, y) whose footprint runs past the right or
+    bottom edge of a (w, h) slide (read with background padding). All False when (w, h) is
+    unknown (0, 0)."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    w, h = (int(v) for v in dimensions)
+    if w <= 0 or h <= 0:
+        return np.zeros(len(coords), bool)
+    end = coords + int(patch_size_level0)
+    return (end[:, 0] > w) | (end[:, 1] > h)
 
 
 def target_mpp(magnification: float) -> float:
@@ -71,6 +105,9 @@ class PatchGrid:
     slide_name: str = ""
     level: int = 0  # pyramid level the LR image was made from
     cell_fraction: np.ndarray | None = field(default=None, repr=False)  # float32 (rows, cols)
+    # OpenSlide's openslide.bounds-x/y (MRXS): the level-0 px where QuPath's (0, 0) lies; GeoJSON
+    # exports subtract it so QuPath draws them on the same tissue ((0, 0) for other formats)
+    bounds_offset: tuple[int, int] = (0, 0)
 
     @classmethod
     def from_coords(
@@ -94,7 +131,7 @@ class PatchGrid:
                 "they were made with another patch size or offset"
             )
         w, h = (int(v) for v in dimensions)
-        rows, cols = h // ps0, w // ps0
+        rows, cols = grid_shape((w, h), ps0)
         index = coords[:, ::-1] // ps0
         if len(index) and ((index[:, 0] >= rows) | (index[:, 1] >= cols)).any():
             raise ValueError(f"coordinates outside the {w} x {h} px slide's grid of {ps0} px patches")
@@ -130,6 +167,16 @@ class PatchGrid:
     @property
     def n(self) -> int:
         return int(self.coords.shape[0])
+
+    @property
+    def padded(self) -> np.ndarray:
+        """bool [N]: tissue patches that run past the slide's right or bottom edge (their
+        footprint beyond it is background padding)."""
+        return padded_mask(self.coords, self.patch_size_level0, self.dimensions)
+
+    @property
+    def n_padded(self) -> int:
+        return int(self.padded.sum())
 
     def __len__(self) -> int:
         return self.n
@@ -210,13 +257,14 @@ def build_grid(
     ps0 = patch_size_level0(mpp, patch_px, magnification, snap)
     _check_patch_size(slide, ps0, mpp, patch_px, magnification)
     w, h = (int(v) for v in slide.dimensions)
-    rows, cols = h // ps0, w // ps0
+    # Smaller than one patch either way: nothing to tile (its one cell would be mostly padding).
+    rows, cols = grid_shape((w, h), ps0) if w >= ps0 and h >= ps0 else (h // ps0, w // ps0)
     name = str(getattr(slide, "name", "") or "")
     common = dict(  # the fields an empty grid has too
         shape=(rows, cols), patch_size_level0=ps0, mpp=mpp, patch_px=int(patch_px),
         magnification=float(magnification), lr_magnification=float(lr_magnification),
         lr_patch_px=lr_px, tissue_threshold=float(tissue_threshold), dimensions=(w, h),
-        slide_name=name,
+        slide_name=name, bounds_offset=slide_offset(slide),
     )
     if rows == 0 or cols == 0:
         message = (
@@ -230,23 +278,32 @@ def build_grid(
     lr_image = read_lr_image(
         slide, (rows * lr_px, cols * lr_px), scale, level=level, progress=progress, cancel=cancel
     )
-    mask = _tissue(lr_image, tissue_params or TissueParams(), mpp * scale, progress)
+    mask = _edge_tissue(lr_image, (w, h), scale, tissue_params or TissueParams(), mpp, progress)
     cell = mask.reshape(rows, lr_px, cols, lr_px).mean(axis=(1, 3), dtype=np.float32)
     # Strictly positive: a threshold of 0 must not keep empty background cells.
     keep = (cell >= tissue_threshold) & (cell > 0)
     index = np.argwhere(keep).astype(np.int64)  # row-major order
     coords = index[:, ::-1] * ps0
-    return PatchGrid(
-        coords=coords.astype(np.int64),
-        index=index,
-        tissue_fraction=cell[keep].astype(np.float32),
-        mask=mask,
-        lr_image=lr_image,
-        message=_grid_message(slide, len(index), (rows, cols), mask, tissue_threshold, ps0, mpp),
-        level=level,
-        cell_fraction=cell,
-        **common,
-    )
+    n_padded = int(padded_mask(coords, ps0, (w, h)).sum())
+    message = _grid_message(slide, len(index), (rows, cols), mask, tissue_threshold, ps0, mpp, n_padded)
+    return PatchGrid(coords=coords.astype(np.int64), index=index, tissue_fraction=cell[keep],
+                     mask=mask, lr_image=lr_image, message=message, level=level, cell_fraction=cell,
+                     **common)  # fmt: skip
+
+
+def _edge_tissue(lr_image: np.ndarray, dimensions: tuple[int, int], scale: float,
+                 params: TissueParams, mpp: float, progress: Progress | None) -> np.ndarray:
+    """The tissue mask of the LR pixels on the slide; the padding past its edges is background.
+
+    Masking only the slide's own pixels keeps the padding out of the threshold statistics and
+    the morphology, so the mask inside the slide is the one its pixels alone give.
+    """
+    w, h = dimensions
+    in_h = min(lr_image.shape[0], math.ceil(h / scale - 1e-9))
+    in_w = min(lr_image.shape[1], math.ceil(w / scale - 1e-9))
+    mask = np.zeros(lr_image.shape[:2], bool)
+    mask[:in_h, :in_w] = _tissue(lr_image[:in_h, :in_w], params, mpp * scale, progress)
+    return mask
 
 
 def _tissue(lr_image: np.ndarray, params: TissueParams, lr_mpp: float,
@@ -294,7 +351,7 @@ def _lr_patch_px(patch_px: int, magnification: float, lr_magnification: float) -
 
 
 def _grid_message(slide, n: int, shape: tuple[int, int], mask: np.ndarray,
-                  tissue_threshold: float, ps0: int, mpp: float) -> str:
+                  tissue_threshold: float, ps0: int, mpp: float, n_padded: int = 0) -> str:
     """What a grid of ``n`` tissue patches holds, or why it holds none."""
     rows, cols = shape
     if n == 0:
@@ -304,8 +361,12 @@ def _grid_message(slide, n: int, shape: tuple[int, int], mask: np.ndarray,
         )
     return (
         f"{n} tissue patches of {rows * cols} ({rows} x {cols} grid, "
-        f"{ps0} px = {ps0 * mpp:.0f} µm)"
+        f"{ps0} px = {ps0 * mpp:.0f} µm{_padded_words(n_padded)})"
     )
+
+
+def _padded_words(n_padded: int) -> str:
+    return f"; {n_padded} at the slide's edge, padded with background" if n_padded else ""
 
 
 def read_lr_image(
@@ -320,7 +381,8 @@ def read_lr_image(
 
     Area-averages pyramid level ``level`` (default: the smallest level still at least as fine
     as needed) in horizontal bands, so a level without a pyramid above it is never held in
-    memory whole. Returns uint8 (H, W, 3).
+    memory whole. Past the slide's right and bottom edges it is white (background): only the
+    level's own pixels are read, whatever a backend would pad with. Returns uint8 (H, W, 3).
     """
     out_h, out_w = (int(v) for v in size_hw)
     check_overview_size(slide, (out_w, out_h), "low-resolution image")
@@ -347,13 +409,36 @@ def read_lr_image(
         i1 = min(out_h, i0 + band_rows)
         y0 = math.floor(i0 * s + 1e-9)
         y1 = max(y0 + 1, math.ceil(i1 * s - 1e-9))
-        # A level-0 y that maps back to level row y0 exactly (read_region floors y / ds).
-        loc_y = math.ceil(y0 * ds - 1e-9)
-        band = np.asarray(slide.read_region((0, loc_y), level, (src_w, y1 - y0)))
-        out[i0:i1] = _resample(band[..., :3], _area_matrix(i1 - i0, s, i0 * s - y0, y1 - y0), ax)
+        band = _read_band(slide, level, ds, y0, (src_w, y1 - y0))
+        out[i0:i1] = _resample(band, _area_matrix(i1 - i0, s, i0 * s - y0, y1 - y0), ax)
     if progress is not None:
         progress("lr_image", len(starts), len(starts))
     return out
+
+
+def _read_band(slide, level: int, ds: float, y0: int, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (h, w, 3) of level ``level`` from level px (0, y0): the part inside the level read,
+    the rest (past the slide's edge) white without reading it."""
+    w, h = size
+    lw, lh = _level_size(slide, level, (w, y0 + h))
+    rw, rh = min(w, lw), min(h, lh - y0)
+    if rw == w and rh == h:
+        inside = np.asarray(slide.read_region((0, math.ceil(y0 * ds - 1e-9)), level, (w, h)))
+        return inside[..., :3]
+    band = np.full((h, w, 3), _BACKGROUND, np.uint8)
+    if rw > 0 and rh > 0:
+        # A level-0 y that maps back to level row y0 exactly (read_region floors y / ds).
+        inside = np.asarray(slide.read_region((0, math.ceil(y0 * ds - 1e-9)), level, (rw, rh)))
+        band[:rh, :rw] = inside[..., :3]
+    return band
+
+
+def _level_size(slide, level: int, default: tuple[int, int]) -> tuple[int, int]:
+    """(w, h) of pyramid level ``level``; ``default`` for a slide that does not say."""
+    dims = getattr(slide, "level_dimensions", None)
+    if not dims or level >= len(dims):
+        return default
+    return int(dims[level][0]), int(dims[level][1])
 
 
 def patch_size_level0(

@@ -36,6 +36,7 @@ class Job:
     device: Any = None  # encoder device; None: CUDA when available
     prescreened: PreScreen | None = None  # Classify after Pre-screen reuses its grid and LIPN mask
     roi: Any = None  # hdmil.annotations.Annotations (level-0 px) to restrict the run to; None: all tissue
+    exclude: Any = None  # hdmil.annotations.Annotations (level-0 px) to leave out; None: nothing
 
 
 @dataclass(frozen=True)

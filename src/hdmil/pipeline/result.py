@@ -29,6 +29,8 @@ STAGES = ("tissue", "lipn", "crop", "features", "dmin", "total")
 # The slide file's fingerprint hashes this many leading bytes (plus its size): cheap on a 5 GB
 # slide, and the header and first tiles change when the file is rewritten or replaced.
 FINGERPRINT_BYTES = 1 << 20
+# Optional report.json blocks another module fills (hdmil.audit, hdmil.budget, hdmil.compute): Result.blocks.
+REPORT_BLOCKS = ("budget", "audit", "compute")
 
 
 class NoTissueError(HDMILError):
@@ -127,6 +129,8 @@ class Result:
     roi: dict[str, Any] | None = None  # the ROI / exclusions the run was restricted to (file, mm², patches)
     # the slide file when the result was made (``slide_fingerprint``); {} when not known
     slide_file: dict[str, Any] = field(default_factory=dict)
+    # more report.json blocks, written and read back as they are (REPORT_BLOCKS: "audit", "budget")
+    blocks: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.neighbour = neighbour_flags(self.neighbour, self.kept)
@@ -148,6 +152,15 @@ class Result:
     @property
     def n_patches(self) -> int:
         return int(len(self.coords))
+
+    @property
+    def n_padded(self) -> int:
+        """Tissue patches that run past the slide's right or bottom edge (read padded with
+        background, as CLAM and TRIDENT pad them); 0 without a grid that knows the slide's size."""
+        from hdmil.grid import padded_mask
+
+        dims = getattr(self.grid, "dimensions", (0, 0))
+        return int(padded_mask(self.coords, self.patch_size_level0, dims).sum())
 
     @property
     def n_kept(self) -> int:
@@ -178,6 +191,7 @@ class Result:
             "use_lipn": bool(self.use_lipn),
             "method": self.method,
             "n_patches": self.n_patches,
+            "n_padded_patches": self.n_padded,
             "n_kept": self.n_kept,
             "n_kept_as_neighbour": int(self.neighbour.sum()),
             "n_read": self.n_read,
@@ -199,6 +213,7 @@ class Result:
             "roi": self.roi,
             "slide_file": dict(self.slide_file),
             "grid": _grid_report(self.grid),
+            **{k: self.blocks[k] for k in REPORT_BLOCKS if k in self.blocks},
             "hdmil_version": __version__,
         }
 
@@ -246,7 +261,8 @@ def _grid_report(grid: Any) -> dict[str, Any]:
         return {}
     return {"shape": [int(v) for v in grid.shape], "origin": [int(v) for v in grid.origin],
             "dimensions": [int(v) for v in grid.dimensions], "lr_patch_px": int(grid.lr_patch_px),
-            "patch_px": int(grid.patch_px), "magnification": float(grid.magnification)}
+            "patch_px": int(grid.patch_px), "magnification": float(grid.magnification),
+            "bounds_offset": [int(v) for v in getattr(grid, "bounds_offset", (0, 0))]}
 
 
 def neighbour_flags(neighbour: np.ndarray | None, kept: np.ndarray) -> np.ndarray:
@@ -437,6 +453,7 @@ def _result_from(report: dict[str, Any], a: dict[str, np.ndarray], attrs: dict[s
         encoder=str(report.get("encoder", "")), reading=dict(report.get("reading") or {}),
         regions=_regions_from(a, attrs), run_key=dict(report.get("run_key") or {}),
         slide_file=dict(report.get("slide_file") or {}), roi=report.get("roi"),
+        blocks={k: report[k] for k in REPORT_BLOCKS if report.get(k) is not None},
     )
     res.grid = saved_grid(res, report.get("grid") or {}, a.get("tissue_fraction"))
     return res
@@ -471,5 +488,5 @@ def saved_grid(res: Result, info: dict[str, Any], tissue_fraction: np.ndarray | 
         message=f"{res.n_patches} patches of a saved result", lr_patch_px=lr,
         patch_px=int(info.get("patch_px", 256)), magnification=float(info.get("magnification", 20.0)),
         origin=tuple(info.get("origin", (0, 0))), dimensions=tuple(info.get("dimensions", (cols * ps0, rows * ps0))),
-        slide_name=res.slide_name,
+        slide_name=res.slide_name, bounds_offset=tuple(int(v) for v in info.get("bounds_offset", (0, 0))),
     )

@@ -972,10 +972,12 @@ class SynthSlide:
 
     def patch_truth(self, patch_size_level0: int | None = None) -> dict[str, np.ndarray]:
         """Tumour and tissue fraction per patch on the 20x grid: patch ``(row, col)`` has its
-        top-left corner at level-0 ``(col * p, row * p)``, ``p = round(256 * 0.5 / mpp)``."""
+        top-left corner at level-0 ``(col * p, row * p)``, ``p = round(256 * 0.5 / mpp)``; the
+        partial last row and column count, as on ``hdmil.grid``'s padded grid (their fractions
+        are of the part on the slide)."""
         p = patch_size_level0 or int(round(256 * 0.5 / self.mpp))
         w, h = self.size
-        rows, cols = h // p, w // p
+        rows, cols = -(-h // p), -(-w // p)
         ds = self.mask_downsample
         # coarse pixel (i, j) covers level-0 [j*ds, (j+1)*ds): assign it to the patch of its centre
         centres_r = ((np.arange(self.tumor_mask.shape[0]) + 0.5) * ds // p).astype(np.int64)

@@ -1,5 +1,5 @@
-"""Inputs and run: the slide layer, checkpoint, mpp, LIPN on/off, top-k, the ROI (a Shapes layer)
-and the run buttons."""
+"""Inputs and run: the slide layer, checkpoint, mpp, LIPN on/off, top-k, the ROI and the exclusion
+(Shapes or imported annotation layers) and the run buttons."""
 
 from __future__ import annotations
 
@@ -46,8 +46,15 @@ class InputsPanel(QWidget):
         self.roi_box = ComboBox(label="ROI", choices=self.roi_choices, nullable=False)
         self.roi_box.tooltip = ("analyse only the tissue patches inside this Shapes layer's rectangles, "
                                 "polygons and ellipses (or an imported annotation layer); none: all tissue")
+        self.exclude_box = ComboBox(label="exclude", choices=self.roi_choices, nullable=False)
+        self.exclude_box.tooltip = ("leave out the tissue patches inside this Shapes or annotation layer "
+                                    "(artefacts: folds, pen, bubbles); none: leave nothing out")
+        # one row for both, so the fixed inputs stay as tall as they were
+        regions = Container(widgets=[self.roi_box, self.exclude_box], layout="horizontal", labels=True,
+                            label="regions")  # fmt: skip
+        regions.margins = (0, 0, 0, 0)
         self.form = Container(widgets=[self.slide_box, self.model_edit, self.mpp_box, self.lipn_box, self.k_box,
-                                       self.roi_box])  # fmt: skip
+                                       regions])  # fmt: skip
         self.slide_box.changed.connect(self.on_slide_changed)
 
         self.prescreen_button = _button("Pre-screen", "tissue + LIPN only: which patches would be read at 20x")
@@ -88,6 +95,7 @@ class InputsPanel(QWidget):
         (``added``) becomes the chosen one."""
         self.slide_box.reset_choices()
         self.roi_box.reset_choices()
+        self.exclude_box.reset_choices()
         for _, layer in self.slide_choices():
             _remember_file(layer)
         if added is not None and any(layer is added for _, layer in self.slide_choices()):
@@ -184,21 +192,28 @@ class InputsPanel(QWidget):
         if not file_mpp(meta) and self.mpp_box.value > 0:
             mpp = float(self.mpp_box.value)  # the file has none: the pipeline needs it, every run
         return Job(kind, str(path), mpp, self.model_path(), bool(self.lipn_box.value), int(batch_size),
-                   int(self.k_box.value), device, roi=self.roi(layer))  # fmt: skip
+                   int(self.k_box.value), device, roi=self.roi(layer), exclude=self.exclude(layer))  # fmt: skip
 
     def roi(self, slide_layer: Any) -> Any:
         """The chosen ROI layer as ``hdmil.annotations.Annotations`` in level-0 px of the slide
         (None: no ROI). An imported annotation layer left as it was gives its annotations
         (holes and exclusions kept); any other Shapes layer its shapes, mapped from world µm
         through the slide layer's scale (what the user sees them drawn over)."""
+        return self._regions(self.roi_box.value, slide_layer, "ROI")
+
+    def exclude(self, slide_layer: Any) -> Any:
+        """The chosen exclusion layer as ``Annotations`` in level-0 px (None: nothing left out);
+        every shape of it is left out (``hdmil.annotations.restrict_grid``), as ``roi`` maps it."""
+        return self._regions(self.exclude_box.value, slide_layer, "exclusion")
+
+    def _regions(self, layer: Any, slide_layer: Any, what: str) -> Any:
         from hdmil.annotations import shapes_to_annotations
         from napari_hdmil._layers import shapes_digest
 
-        layer = self.roi_box.value
         if layer is None:
             return None
         if layer not in self.viewer.layers:
-            raise HDMILError(f"ROI layer {layer.name!r} is no longer in the viewer; choose another ROI")
+            raise HDMILError(f"{what} layer {layer.name!r} is no longer in the viewer; choose another {what}")
         meta = layer.metadata or {}
         digest = shapes_digest(layer.data)
         if meta.get("annotations") is not None and meta.get("shapes_digest") == digest:
