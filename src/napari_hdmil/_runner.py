@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hdmil.annotations import roi_key
+from hdmil.budget import measure_rate, record_budget
 from hdmil.errors import Cancelled, HDMILError
 from hdmil.pipeline import prescreen
 from napari_hdmil._gallery import gallery_rows, read_result_thumbnails
@@ -49,32 +50,38 @@ class Runner:
         model = self.load_model(job.model_path)
         use_lipn = lipn_applies(model, job.use_lipn)
         if job.kind == "prescreen":
-            ps = prescreen(job.slide_path, model, use_lipn, job.mpp, progress, cancel, roi=job.roi)
-            self._remember(ps, job.roi)
+            ps = prescreen(job.slide_path, model, use_lipn, job.mpp, progress, cancel, roi=job.roi,
+                           exclude=job.exclude)
+            self._remember(ps, roi_key(job.roi, job.exclude))
+            if use_lipn:  # the slide's HR seconds per patch: the budget control's predicted time
+                ps.timings["read_per_patch"] = measure_rate(ps, self.encoder(model, job.device))
             return PrescreenDone(ps)
+        ps = self._same_roi(job.prescreened, roi_key(job.roi, job.exclude))
         result = run_slide(
             job.slide_path, model, use_lipn=use_lipn, mpp=job.mpp, encoder=self.encoder(model, job.device),
-            batch_size=job.batch_size, progress=progress, cancel=cancel, roi=job.roi,
-            prescreened=self._same_roi(job.prescreened, job.roi),
+            batch_size=job.batch_size, progress=progress, cancel=cancel, roi=job.roi, exclude=job.exclude,
+            prescreened=ps,
         )
+        record_budget(result, ps)  # the budget control's thresholds, when Classify used them
         rows = gallery_rows(result, result.prediction_index, job.k)
         return ResultDone(result, read_result_thumbnails(result, rows))
 
-    def _remember(self, ps: Any, roi: Any) -> None:
-        """Note which ROI pre-screen ``ps`` was restricted to (the last few pre-screens)."""
+    def _remember(self, ps: Any, key: Any) -> None:
+        """Note the ROI and exclusion (``roi_key``) pre-screen ``ps`` was restricted to (the last
+        few pre-screens)."""
         self._screened = {k: v for k, v in list(self._screened.items())[-15:]}
-        self._screened[id(ps)] = (ps, roi_key(roi, None))
+        self._screened[id(ps)] = (ps, key)
 
-    def _same_roi(self, ps: Any, roi: Any) -> Any:
-        """``ps`` when it was restricted to ``roi`` (Classify reuses it), else None: the ROI
-        changed since the pre-screen, so the run screens again. A pre-screen made elsewhere is
-        reused only when neither it nor this run has a ROI."""
+    def _same_roi(self, ps: Any, key: Any) -> Any:
+        """``ps`` when it was restricted to the ROI and exclusion of ``key`` (Classify reuses it),
+        else None: they changed since the pre-screen, so the run screens again. A pre-screen made
+        elsewhere is reused only when neither it nor this run has a ROI or exclusion."""
         if ps is None:
             return None
         seen = self._screened.get(id(ps))
         if seen is None or seen[0] is not ps:
-            return ps if roi is None and ps.roi is None else None
-        return ps if seen[1] == roi_key(roi, None) else None
+            return ps if key is None and ps.roi is None else None
+        return ps if seen[1] == key else None
 
     def load_model(self, path: Path) -> Any:
         """The checkpoint at ``path``, loaded again only when the file changed."""

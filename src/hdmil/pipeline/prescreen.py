@@ -49,6 +49,7 @@ class PreScreen:
     neighbour: np.ndarray | None = None  # None: no patch was kept only as a neighbour
     roi: dict[str, Any] | None = None  # the ROI / exclusions the grid was restricted to (restrict_grid)
     mpp_source: str | None = None  # "file" (the slide's metadata) or "user" (--mpp, the widget's box)
+    budget: dict[str, Any] | None = None  # LIPN thresholds set before Classify (hdmil.budget); None: the checkpoint's
 
     def __post_init__(self) -> None:
         self.neighbour = neighbour_flags(self.neighbour, self.kept)
@@ -93,6 +94,7 @@ class PreScreen:
             "mpp": self.mpp,
             "mpp_source": self.mpp_source,
             "roi": self.roi,
+            **({"budget": self.budget} if self.budget is not None else {}),
         }
 
 
