@@ -1,7 +1,8 @@
 """The bundled model on the real CMU slide gives what the code before the pipeline-as-stages
 refactor gave (tests/data/legacy/bundled/probabilities.json, written by that code with
-make_bundled_probabilities.py): a restructuring must not move a single probability. The CMU rows' patch counts were updated on
-purpose when the grid began to include the partial last row and column (issue 17)."""
+make_bundled_probabilities.py): a restructuring must not move a single probability. The CMU
+rows' patch counts were updated on purpose when the grid began to include the partial last row
+and column (issue 17)."""
 
 from __future__ import annotations
 
