@@ -361,6 +361,17 @@ def _targets(dmin: torch.nn.Module, cohort: Cohort, ids: Sequence[str], soft: bo
     return targets
 
 
+@torch.no_grad()
+def _start_at_base_rate(lipn: torch.nn.Module, targets: Sequence[torch.Tensor]) -> None:
+    """Soft targets (ours, not the reference's): start the classifier's bias at the targets' base
+    rate, τ·logit(mean target) per class. From the reference's zero bias every patch starts at
+    P = 0.5 while most targets lie below it; the first steps then push every patch down and the
+    rare class's patches stay stuck near 0.5 with almost no gradient (seen on small cohorts)."""
+    mean = torch.cat([t.float().reshape(t.shape[0], -1) for t in targets]).mean(0)
+    p = mean.clamp(1e-3, 1 - 1e-3).to(lipn.fc.bias.device)
+    lipn.fc.bias.copy_(lipn.cfg.tau * torch.logit(p))
+
+
 class LIPNTask(TrainTask):
     """LIPN's part of ``fit``: groups of whole training slides per step (one random stain change
     per slide with ``stain_jitter``), BatchNorm re-estimated after every epoch, validation loss
@@ -375,6 +386,8 @@ class LIPNTask(TrainTask):
             cohort, split, cfg, targets, device)
         self.model = LIPN(LIPNConfig(n_classes=cohort.n_classes, tau=cfg.tau, views=cfg.views,
                                      dilation=cfg.dilation)).to(device)
+        if cfg.soft:
+            _start_at_base_rate(self.model, [targets[s] for s in split.train])
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr,
                                           weight_decay=cfg.weight_decay)
         self.jitter = StainJitter(cfg.stain_jitter)  # strength 0 (the paper): slides unchanged
