@@ -2,10 +2,18 @@
 
     python benchmarks/allocator.py                    # demo encoder and resnet50_trunc, batch 64
     python benchmarks/allocator.py --rounds 5 --batches 4 --encoders demo
+    python benchmarks/allocator.py --slide S.tiff --base-ref HEAD   # the CLI, before and after
 
 Each row is a fresh process (``HDMIL_MALLOC=default`` for the baseline, the project's default for
 the tuned one), A B A B ... ``--rounds`` times; the table reports the fastest run of each, with its
 system time, minor page faults per patch and peak RSS, and the tuned/default ratio of patches/s.
+
+``--slide``: the default ``hdmil features`` (resnet50_trunc) and ``hdmil predict --no-lipn`` (the
+bundled model) on that slide, as fresh processes, interleaved: the code of ``--base-ref`` (``git
+archive``, run from a temporary copy) with glibc's default allocator and with hdmil.allocator,
+then this checkout with exact torch (``--backend torch``) and as it is (``hdmil.compute``'s
+choice); wall seconds, the report's total (predict), peak RSS, minor faults and system seconds
+of each process (its own ``resource.getrusage`` at exit), and how far its probabilities are from the base's.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 _WORKER = r"""
 import json, resource, sys, time
@@ -44,13 +54,101 @@ def run(encoder: str, mode: str, batches: int, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _timed(cmd: list[str], env: dict) -> dict:
+    """Run ``cmd``; its wall seconds and output."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed: {err.strip().splitlines()[-1:]}")
+    return {"wall": wall, "out": out, "err": err}
+
+
+def _cli_rows(base: Path | None) -> list[tuple[str, dict, list[str]]]:
+    """(label, env, extra args) of each CLI row."""
+    here = dict(os.environ)
+    rows = []
+    if base is not None:
+        old = dict(os.environ, PYTHONPATH=str(base / "src"))
+        rows += [("base, glibc default", {**old, "HDMIL_MALLOC": "default"}, []),
+                 ("base, hdmil.allocator", {**old, "HDMIL_MALLOC": ""}, [])]
+    rows += [("now, exact torch (--backend torch)", {**here, "HDMIL_MALLOC": ""}, ["--backend", "torch"]),
+             ("now, default (hdmil.compute)", {**here, "HDMIL_MALLOC": ""}, [])]
+    return rows
+
+
+def _cli_once(slide: Path, label: str, env: dict, extra: list[str], out: Path, what: str) -> dict:
+    code = ("import resource, sys; sys.argv = ['hdmil'] + sys.argv[1:]; from hdmil.cli import main\n"
+            "rc = main(sys.argv[1:]); r = resource.getrusage(resource.RUSAGE_SELF)\n"
+            "print('RUSAGE', r.ru_maxrss, r.ru_minflt, r.ru_stime, file=sys.stderr); sys.exit(rc)")
+    folder = out / f"{what}-{abs(hash(label))}"
+    if what == "features":
+        args = ["features", str(slide), "--out", str(folder), "--overwrite"]
+    else:
+        args = ["predict", str(slide), "--out", str(folder), "--no-lipn"]
+    r = _timed([sys.executable, "-c", code, *args, *extra], env)
+    rss, flt, stime = r["err"].split("RUSAGE")[-1].split()[:3]
+    got = {"wall": r["wall"], "rss_mib": int(rss) / 1024, "faults": int(flt), "sys_s": float(stime)}
+    if what == "predict":
+        report = json.loads(next(folder.glob("*/report.json")).read_text())
+        got["total"] = report["timings"]["total"]
+        got["probs"] = report["probabilities"]
+    return got
+
+
+def cli_main(slide: Path, base_ref: str | None, rounds: int) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = None
+        if base_ref:
+            base = tmp / "base"
+            base.mkdir()
+            archive = subprocess.run(["git", "archive", base_ref, "src"], capture_output=True, check=True,
+                                     cwd=Path(__file__).resolve().parents[1]).stdout
+            subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+        rows = _cli_rows(base)
+        best: dict[tuple[str, str], dict] = {}
+        for _ in range(rounds):
+            for what in ("features", "predict"):
+                for label, env, extra in rows:
+                    got = _cli_once(slide, label, env, extra, tmp, what)
+                    print(f"  {what} {label}: {got['wall']:.1f} s, {got['rss_mib']:.0f} MiB", file=sys.stderr)
+                    key = (what, label)
+                    if key not in best or got["wall"] < best[key]["wall"]:
+                        best[key] = got
+    _cli_table(slide, rows, best)
+
+
+def _cli_table(slide: Path, rows: list, best: dict) -> None:
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    print(f"{slide.name}, fastest of the rounds; {load}")
+    print("| command | code and allocator | wall s | report total s | peak RSS MiB | minor faults "
+          "| system s | max abs Δ probability vs first row |")
+    print("|---|---|---|---|---|---|---|---|")
+    for what in ("features", "predict"):
+        ref = best.get((what, rows[0][0]), {}).get("probs")
+        for label, _, _ in rows:
+            r = best[what, label]
+            total = f"{r['total']:.2f}" if "total" in r else ""
+            dp = (f"{max(abs(a - b) for a, b in zip(r['probs'], ref)):.1e}" if ref and "probs" in r else "")
+            print(f"| hdmil {what}{' --no-lipn' if what == 'predict' else ''} | {label} | {r['wall']:.1f} | "
+                  f"{total} | {r['rss_mib']:.0f} | {r['faults']} | {r['sys_s']:.1f} | {dp} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--encoders", nargs="+", default=["demo", "resnet50_trunc"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batches", type=int, default=3, help="timed batches of 64 per process")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--slide", type=Path, help="time the CLI on this slide instead (see above)")
+    p.add_argument("--base-ref", default=None, help="with --slide: the git ref to compare against")
     args = p.parse_args()
+    if args.slide:
+        return cli_main(args.slide, args.base_ref, args.rounds)
     best: dict[tuple[str, str], dict] = {}
     for _ in range(args.rounds):
         for enc in args.encoders:

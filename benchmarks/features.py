@@ -1,34 +1,124 @@
-"""Feature extraction benchmark: patches/s of our encoders on this CPU against its compute bound.
+"""Feature extraction benchmark: every way we can run an encoder on this CPU, side by side.
 
-    python benchmarks/features.py                      # resnet50_trunc and the small encoders
-    python benchmarks/features.py --quick              # two configs, no torch.compile
-    python benchmarks/features.py --encoders resnet50_trunc --rounds 5
+    python benchmarks/features.py                         # resnet50_trunc and the demo encoder
+    python benchmarks/features.py --quick                 # four rows, one round
+    python benchmarks/features.py --encoders demo --rounds 3 --batches 4
 
-Compute bound, measured in the same run: FLOPs of one 256 px patch (counted with
-``torch.utils.flop_counter.FlopCounterMode``, 2 per multiply-add) divided by this machine's fp32
-matmul rate (a 2048² ``torch.mm``, the best seen in the run). Each config runs ``Encoder.embed``
-on uint8 patches end to end (to tensor, HWC→CHW, normalise, forward). Configs are built and
-warmed up (compiled) first, then timed one batch each, round robin, ``--rounds`` times; the best
-batch counts, so load from others on a shared machine shows less and hits all configs alike.
-Target: resnet50_trunc at >= 60% of the bound with the Encoder's default config.
+Each row runs in a fresh child process: build the encoder, set the row's configuration, warm up,
+then ``Encoder.embed`` on ``--batches`` batches of 64 uint8 patches as the reader hands them
+(to tensor, HWC→CHW, normalise, forward), timed, with the child's own ``resource.getrusage``
+deltas over the timed part: system seconds and minor page faults per patch (a per-batch mmap of
+the activations shows here, see hdmil.allocator), and its peak RSS. Rows run round robin
+``--rounds`` times and the fastest run of each counts, so a shared machine's load hits all rows
+alike (torch.compile, minutes to compile here, runs in the first round only). Each child also embeds 8 fixed patches; the table gives each row's distance from torch
+fp32's features (relative L2, worst patch): a backend is a candidate default only within 1e-4.
+
+Ceiling: the fastest row of the encoder in this run (the best configuration this machine
+reaches). For reference, the matmul bound: FLOPs of one 256 px patch (``FlopCounterMode``, 2 per
+multiply-add) over a 2048² fp32 ``torch.mm``'s rate (best in the run); convolutions may beat it
+(oneDNN's Winograd and AMX do fewer or faster operations), so it is no ceiling. Rows:
+
+  torch fp32, glibc default      what ran before hdmil.allocator: mmap per activation (HDMIL_MALLOC=default)
+  torch fp32, 64 per pass        hdmil.allocator, the whole batch in one forward pass
+  torch fp32 (library default)   16 patches per pass (hdmil.allocator.forward_batch)
+  ... 4 / 32 per pass, 1 thread, NCHW, bf16 autocast, torch.compile, onnxruntime (when installed)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from hdmil.features import Encoder, create_encoder
+_CHILD = r"""
+import json, resource, sys, time
+import numpy as np, torch
+cfg = json.loads(sys.argv[1])
+if cfg["threads"]:
+    torch.set_num_threads(cfg["threads"])
+from hdmil.checkpoint import default_model_path
+from hdmil.compute import Compute, apply_compute
+from hdmil.features import create_encoder
+name = cfg["encoder"]
+src = default_model_path().parent / "hdmil-demo-encoder.safetensors" if name == "demo" else name
+enc = create_encoder(src, device="cpu")
+if not cfg["channels_last"]:
+    enc.channels_last = False
+    enc.model.to(memory_format=torch.contiguous_format)
+if cfg["compile"]:
+    enc.model = torch.compile(enc.model)
+backend = cfg["backend"]
+apply_compute(enc, Compute("cpu", cfg["dtype"], backend, cfg["per_pass"], torch.get_num_threads()))
+x = np.random.default_rng(0).integers(0, 256, (64, 256, 256, 3), dtype=np.uint8)
+enc.embed(x)  # warm up: kernel choice, thread pool, compilation; the heap reaches its size
+r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+for _ in range(cfg["batches"]):
+    enc.embed(x)
+dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+n = 64 * cfg["batches"]
+probe = np.random.default_rng(1).integers(0, 256, (8, 256, 256, 3), dtype=np.uint8)
+np.save(cfg["features_out"], enc.embed(probe).numpy())
+print(json.dumps({"patches_s": n / dt, "sys_ms": 1000 * (r1.ru_stime - r0.ru_stime) / n,
+                  "faults": (r1.ru_minflt - r0.ru_minflt) / n, "rss_mib": r1.ru_maxrss / 1024}))
+"""
+
+
+@dataclass
+class Row:
+    name: str
+    per_pass: int | None = 16
+    threads: int = 0  # 0: torch's default
+    channels_last: bool = True
+    dtype: str = "float32"
+    backend: str = "torch"
+    compile: bool = False
+    malloc: str = ""  # "default": HDMIL_MALLOC=default
+    once: bool = False  # costly to set up (torch.compile): the first round only
+
+
+def rows(quick: bool) -> list[Row]:
+    from hdmil.compute import onnxruntime_available
+
+    out = [Row("torch fp32, glibc default (before)", per_pass=None, malloc="default"),
+           Row("torch fp32, 64 per pass", per_pass=None),
+           Row("torch fp32, 16 per pass (library default)")]
+    if onnxruntime_available():
+        out.append(Row("onnxruntime fp32, 16 per pass", backend="onnxruntime"))
+    if quick:
+        return out
+    out += [Row("torch fp32, 4 per pass", per_pass=4), Row("torch fp32, 32 per pass", per_pass=32),
+            Row("torch fp32, 16 per pass, 1 thread", threads=1),
+            Row("torch fp32, 16 per pass, NCHW", channels_last=False),
+            Row("torch bf16 autocast, 16 per pass", dtype="bfloat16"),
+            Row("torch.compile fp32, 16 per pass", compile=True, once=True)]
+    if onnxruntime_available():
+        out.append(Row("onnxruntime fp32, 64 per pass", per_pass=None, backend="onnxruntime"))
+    return out
+
+
+def run_child(encoder: str, row: Row, batches: int, feats: Path) -> dict | None:
+    cfg = {**asdict(row), "encoder": encoder, "batches": batches, "features_out": str(feats)}
+    env = dict(os.environ, HDMIL_MALLOC=row.malloc)
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cfg)], capture_output=True,
+                         text=True, env=env)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["?"])[-1][:120]
+        print(f"  {encoder} {row.name}: failed ({last})", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    import torch
+
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     best = float("inf")
@@ -39,134 +129,87 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def flops_per_patch(encoder: Encoder, size: int = 256) -> float:
-    x = torch.zeros(1, 3, size, size)
+def flops_per_patch(encoder: str, size: int = 256) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hdmil.checkpoint import default_model_path
+    from hdmil.features import create_encoder
+
+    src = default_model_path().parent / "hdmil-demo-encoder.safetensors" if encoder == "demo" else encoder
+    enc = create_encoder(src, device="cpu")
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        encoder.model(x)
+        enc.model(torch.zeros(1, 3, size, size))
     return float(counter.get_total_flops())
 
 
-@dataclass
-class Config:
-    name: str
-    batch: int = 16
-    threads: int | None = None
-    channels_last: bool = False
-    bf16: bool = False
-    compile: bool = False
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-class Runner:
-    """One config of one encoder, built and warmed up (compiled) once, timed one batch at a time."""
-
-    def __init__(self, encoder_name: str, cfg: Config, size: int = 256):
-        self.cfg = cfg
-        with self.threads():
-            enc = create_encoder(encoder_name, device="cpu")
-            enc.channels_last = cfg.channels_last
-            fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-            enc.model.to(memory_format=fmt)
-            enc.autocast_dtype = torch.bfloat16 if cfg.bf16 else None
-            if cfg.compile:
-                enc.model = torch.compile(enc.model)
-            self.x = np.random.default_rng(0).integers(0, 256, (cfg.batch, size, size, 3), dtype=np.uint8)
-            self.enc = enc
-            enc.embed(self.x)  # warm up (and compile)
-        self.best = float("inf")
-
-    def threads(self):
-        return _Threads(self.cfg.threads)
-
-    def time_batch(self) -> None:
-        with self.threads():
-            t = time.perf_counter()
-            self.enc.embed(self.x)
-            self.best = min(self.best, time.perf_counter() - t)
-
-    @property
-    def rate(self) -> float:
-        return self.cfg.batch / self.best
+def measure(encoders: list[str], table: list[Row], rounds: int, batches: int, tmp: Path):
+    best: dict[tuple[str, str], dict] = {}
+    gflops = matmul_gflops()
+    for r in range(rounds):
+        for enc in encoders:
+            for i, row in enumerate(table):
+                if row.once and r:
+                    continue
+                feats = tmp / f"{enc}-{i}.npy"
+                got = run_child(enc, row, batches, feats)
+                if got is None:
+                    continue
+                got["features"] = feats
+                key = (enc, row.name)
+                if key not in best or got["patches_s"] > best[key]["patches_s"]:
+                    best[key] = got
+                print(f"  round {r + 1} {enc:15s} {row.name:42s} {got['patches_s']:7.1f} patches/s",
+                      file=sys.stderr, flush=True)
+        gflops = max(gflops, matmul_gflops(reps=2))
+    return best, gflops
 
 
-class _Threads:
-    def __init__(self, n: int | None):
-        self.n, self.old = n, torch.get_num_threads()
-
-    def __enter__(self):
-        if self.n:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
+def feature_distance(path: Path, ref: Path) -> float:
+    a, b = np.load(path), np.load(ref)
+    return float((np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-12)).max())
 
 
-def configs(quick: bool) -> list[Config]:
-    n = torch.get_num_threads()
-    out = [
-        Config("fp32 NCHW b16 (baseline)"),
-        Config("fp32 channels_last b16 (Encoder default)", channels_last=True),
-    ]
-    if quick:
-        return out
-    out += [
-        Config("fp32 channels_last b4", batch=4, channels_last=True),
-        Config("fp32 channels_last b32", batch=32, channels_last=True),
-        Config(f"fp32 channels_last b16, 1 thread (of {n})", threads=1, channels_last=True),
-        Config("bf16 autocast channels_last b16", channels_last=True, bf16=True),
-        Config("torch.compile channels_last b16", channels_last=True, compile=True),
-    ]
-    if os.cpu_count() and os.cpu_count() != n:
-        n_cpu = os.cpu_count()
-        out.append(Config(f"fp32 channels_last b16, {n_cpu} threads", threads=n_cpu, channels_last=True))
-    return out
+def print_table(encoders: list[str], table: list[Row], best: dict, gflops: float) -> None:
+    print(f"\nfp32 matmul (2048² torch.mm, best in the run): {gflops:.0f} GFLOP/s")
+    print("| encoder | configuration | patches/s | % of ceiling | % of matmul bound | system ms / patch "
+          "| minor faults / patch | peak RSS MiB | features vs torch fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for enc in encoders:
+        got = {row.name: best[enc, row.name] for row in table if (enc, row.name) in best}
+        if not got:
+            continue
+        ceiling = max(r["patches_s"] for r in got.values())
+        bound = gflops * 1e9 / flops_per_patch(enc)
+        ref = got.get("torch fp32, 16 per pass (library default)")
+        for name, r in got.items():
+            dist = feature_distance(r["features"], ref["features"]) if ref else float("nan")
+            print(f"| {enc} | {name} | {r['patches_s']:.1f} | {100 * r['patches_s'] / ceiling:.0f}% | "
+                  f"{100 * r['patches_s'] / bound:.0f}% | {r['sys_ms']:.1f} | {r['faults']:.0f} | "
+                  f"{r['rss_mib']:.0f} | {dist:.1e} |")
+        print(f"| {enc} | ceiling (fastest above) / matmul bound | {ceiling:.1f} / {bound:.1f} | | | | | | |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--encoders", nargs="+", default=["resnet50_trunc", "resnet18_trunc", "mobilenetv3_small_100"]
-    )
-    ap.add_argument("--rounds", type=int, default=3, help="timed batches per config, round robin")
+    ap.add_argument("--encoders", nargs="+", default=["resnet50_trunc", "demo"])
+    ap.add_argument("--rounds", type=int, default=2, help="fresh processes per row, round robin")
+    ap.add_argument("--batches", type=int, default=3, help="timed batches of 64 per process")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    import torch
 
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus; {load}")
-    gflops_before = matmul_gflops()
-    print(f"fp32 matmul (2048² torch.mm, best of 5): {gflops_before:.1f} GFLOP/s")
-
-    rows, gflops = [], gflops_before
-    for name in args.encoders:
-        enc = create_encoder(name, device="cpu")
-        flops = flops_per_patch(enc)
-        del enc
-        runners = []
-        for cfg in configs(args.quick):
-            try:
-                runners.append(Runner(name, cfg))
-            except Exception as exc:  # noqa: BLE001 - e.g. torch.compile without a compiler
-                print(f"  {name} {cfg.name}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
-        # Round robin over the configs, best batch of each: load that comes and goes on a shared
-        # machine then hits every config alike instead of whichever ran during it.
-        for _ in range(args.rounds):
-            for runner in runners:
-                runner.time_batch()
-            gflops = max(gflops, matmul_gflops(reps=2))
-        base = runners[0].rate
-        for runner in runners:
-            rows.append((name, flops, runner.cfg.name, runner.rate, runner.rate / base))
-            print(f"  {name:22s} {runner.cfg.name:40s} {runner.rate:7.2f} patches/s", flush=True)
-
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print(f"\nfp32 matmul rate used for the bound (best in the run): {gflops:.1f} GFLOP/s; after: {load}\n")
-    print("| encoder | GFLOP/patch | config | patches/s | bound patches/s | % of bound | vs baseline |")
-    print("|---|---|---|---|---|---|---|")
-    for name, flops, cfg_name, rate, ratio in rows:
-        bound = gflops * 1e9 / flops
-        print(
-            f"| {name} | {flops / 1e9:.2f} | {cfg_name} | {rate:.2f} | {bound:.2f} "
-            f"| {100 * rate / bound:.0f}% | {ratio:.2f}x |"
-        )
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+          f"{torch.backends.cpu.get_cpu_capability()}; before: {uptime()}")
+    table = rows(args.quick)
+    with tempfile.TemporaryDirectory() as tmp:
+        best, gflops = measure(args.encoders, table, 1 if args.quick else args.rounds, args.batches, Path(tmp))
+        print(f"after: {uptime()}")
+        print_table(args.encoders, table, best, gflops)
 
 
 if __name__ == "__main__":

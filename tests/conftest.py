@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HDMIL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# Tests run the encoder as exact torch fp32 (no start-up probe whose choice would depend on the
+# machine's load) and never write the compute cache into the user's home.
+os.environ.setdefault("HDMIL_COMPUTE", "exact")
+os.environ.setdefault("HDMIL_CACHE", str(Path(tempfile.mkdtemp(prefix="hdmil-test-cache-"))))
 
 
 def _need(path: Path) -> Path:

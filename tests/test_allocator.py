@@ -55,3 +55,13 @@ def test_building_an_encoder_tunes_the_process():
             "create_encoder('resnet18_trunc', device='cpu'); print(a._done)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("malloc, want", [("", "16 None"), ("default", "None None")])
+def test_forward_batch_bounds_cpu_passes_only_where_memory_is_kept(malloc, want):
+    # the kept heap's high-water mark is one forward pass: 16 patches on the CPU; mmap'd blocks
+    # (glibc's default) and GPUs keep the whole batch
+    env = dict(os.environ, HDMIL_MALLOC=malloc)
+    code = "from hdmil.allocator import forward_batch as f; print(f('cpu'), f('cuda'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == want

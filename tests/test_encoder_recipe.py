@@ -196,3 +196,18 @@ def test_encoder_override_is_checked(run, tmp_path, capsys):
     # the name is not recorded as known, but the width is not the DMIN's
     err = _refused(capsys, unknown, slide, tmp_path / "o2", "--encoder", str(four))
     assert "it gives 4-d features" in err and "8-d" in err
+
+
+def test_a_named_encoders_hub_repository_is_recorded():
+    """A named encoder (hdmil.features.zoo) built with --pretrained records its hub repository,
+    so predict rebuilds the same weights (a bare timm name records none)."""
+    from hdmil.features.recipe import recipe_of
+    from hdmil.features.zoo import ZOO
+
+    spec = ZOO["uni"]
+    enc = Encoder(nn.Flatten(), spec.name, dim=spec.dim)
+    enc.weights, enc.hub_id = "pretrained", spec.hub_id
+    assert recipe_of(enc).hub_id == "hf-hub:MahmoodLab/uni"
+    plain = Encoder(nn.Flatten(), "resnet18", dim=512)
+    plain.weights = "pretrained"
+    assert recipe_of(plain).hub_id is None

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from hdmil.cli._compute import add_compute_options, configure_encoder
 from hdmil.errors import HDMILError
 from hdmil.files import WriteError
 
@@ -22,15 +23,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("slides", type=Path, nargs="+", metavar="SLIDE", help="slide files")
     p.add_argument(
         "--encoder", default="resnet50_trunc",
-        help="registered encoder (resnet50_trunc, resnet18_trunc), any timm model name, or a "
-        "weights file (.safetensors / .pth) (default resnet50_trunc)",
+        help="named encoder (resnet50_trunc, uni, uni2-h, virchow2, ...: see `hdmil encoders`), any "
+        "timm model name, or a weights file (.safetensors / .pth) (default resnet50_trunc)",
     )
     p.add_argument("--weights", type=Path, default=None, help="local weights file for --encoder")
     p.add_argument("--arch", default=None, help="architecture of a weights file without metadata")
     p.add_argument(
         "--pretrained", action="store_true",
-        help="use timm's pretrained weights (downloaded once; otherwise weights are random)",
+        help="the encoder's published weights from the Hugging Face hub (downloaded once into the hub "
+        "cache; gated models need their terms accepted and `hf auth login`); otherwise weights are random",
     )
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="autocast dtype (default: each named encoder's documented one on CUDA, "
+                   "float32 on the CPU)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
         "--layout", choices=("hdmil", "clam"), default="hdmil",
@@ -44,11 +49,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--overwrite", action="store_true",
         help="recompute slides whose <out>/<slide>.h5 exists (default: skip them when the encoder matches)",
     )
+    p.add_argument("--stain", choices=("macenko", "reinhard"), default=None,
+                   help="stain-normalise each 20x patch before the encoder (torchstain); the fitted "
+                   "target's parameters are recorded, and predict applies the same (needs --stain-target)")
+    p.add_argument("--stain-target", type=Path, default=None, metavar="IMG|JSON",
+                   help="the image (a region of well-stained tissue) --stain is fitted to, or a JSON "
+                   "normaliser recorded earlier")
+    add_compute_options(p, dtype=False)
     p.add_argument("--workers", type=int, default=None,
                    help="run the slides as Dask tasks on a local cluster of this many worker processes")
     p.add_argument("--scheduler", default=None,
                    help="run the slides as Dask tasks on a running scheduler (tcp://host:8786)")
     p.set_defaults(func=features)
+    e = subparsers.add_parser(
+        "encoders", help="list the named patch encoders (width, input, parameters, licence, hub id)",
+        description="The named pathology encoders hdmil builds as their model cards do. Pass a name "
+        "to --encoder; --pretrained loads its weights from the hub, --weights FILE from a local file.",
+    )
+    e.set_defaults(func=list_named_encoders)
 
 
 def features(args: argparse.Namespace) -> int:
@@ -56,15 +74,18 @@ def features(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise HDMILError(f"--batch-size must be at least 1, got {args.batch_size}")
+    stain = _stain(args)
     _check_writable(args.out)
     if args.workers or args.scheduler:
-        if args.layout != "hdmil":
-            raise HDMILError("--layout clam runs in this process: not with --workers / --scheduler")
+        if args.layout != "hdmil" or stain is not None:
+            raise HDMILError("--layout clam and --stain run in this process: not with --workers / --scheduler")
         return _features_on_dask(args)
     encoder = create_encoder(
         str(args.encoder), pretrained=args.pretrained, weights=args.weights, device=args.device,
-        arch=args.arch,
+        arch=args.arch, dtype=args.dtype,
     )
+    configure_encoder(encoder, args)
+    encoder = _with_stain(encoder, stain)
     print(
         f"encoder {encoder.name}: {encoder.dim}-d on {encoder.device}, weights: {encoder.weights}",
         file=sys.stderr,
@@ -92,6 +113,27 @@ def features(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
     print(f"{len(args.slides)} slides: {summary} → {args.out}", file=sys.stderr)
     return 1 if counts["failed"] else 0
+
+
+def _stain(args: argparse.Namespace):
+    """The fitted stain normaliser --stain / --stain-target ask for, or None."""
+    from hdmil.features.stain import load_stain_target
+
+    if args.stain_target is not None and args.stain is None:
+        raise HDMILError("--stain-target needs --stain macenko|reinhard")
+    if args.stain is None:
+        return None
+    if args.stain_target is None:
+        raise HDMILError(f"--stain {args.stain} needs --stain-target IMG (the stain to normalise to)")
+    return load_stain_target(args.stain, args.stain_target)
+
+
+def _with_stain(encoder, stain):
+    from hdmil.features.stain import with_stain
+
+    if stain is not None:
+        print(f"stain normalisation: {stain.describe()}, recorded with the features", file=sys.stderr)
+    return with_stain(encoder, stain)
 
 
 def _check_writable(out: Path) -> None:
@@ -131,6 +173,8 @@ def _one_slide(path: Path, encoder, args: argparse.Namespace) -> str:
         _write(args.out, out, bag, args.layout)
         failed = bag.attrs.get("n_failed", 0)
         note = f" ({failed} patches could not be read)" if failed else ""
+        if bag.attrs.get("stain_fallbacks"):
+            note += f" ({bag.attrs['stain_fallbacks']} background patches left unnormalised)"
         print(f"{slide.name}: {len(bag)} patches → {out}{note}", file=sys.stderr)
         return "written"
 
@@ -163,7 +207,9 @@ def _same_encoder(path: Path, encoder) -> bool:
         return False  # unreadable: recompute
     if recipe:
         return EncoderRecipe.from_dict(recipe).same_encoder(recipe_of(encoder))
-    return name == encoder.name
+    from hdmil.features.stain import stain_of
+
+    return name == encoder.name and stain_of(encoder) is None  # files before recipes: no stain
 
 
 def _features_on_dask(args: argparse.Namespace) -> int:
@@ -176,6 +222,7 @@ def _features_on_dask(args: argparse.Namespace) -> int:
     spec = {
         "name": str(args.encoder), "pretrained": bool(args.pretrained), "device": args.device,
         "weights": str(args.weights) if args.weights else None, "arch": args.arch,
+        **({"dtype": args.dtype} if args.dtype else {}),
     }
     bar = tqdm(total=len(args.slides), unit="slide", desc="slides", file=sys.stderr)
 
@@ -196,3 +243,23 @@ def _features_on_dask(args: argparse.Namespace) -> int:
     if cancelled:
         return 130
     return 1 if counts["failed"] else 0
+
+
+def list_named_encoders(args: argparse.Namespace) -> int:
+    """``hdmil encoders``: one row per named encoder (parameters counted on the meta device)."""
+    from hdmil.features.zoo import zoo_rows
+
+    rows = zoo_rows()
+    head = ("name", "dim", "input px", "params", "CUDA dtype", "hub id", "licence")
+    table = [head] + [(r["name"], str(r["dim"]), r["input"], _millions(r["params"]), r["cuda_dtype"],
+                       r["hub"], r["licence"]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head) - 1)]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    return 0
+
+
+def _millions(n: int | None) -> str:
+    if n is None:
+        return "(needs transformers)"
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hdmil.cli._compute import add_compute_options, configure_encoder
 from hdmil.cli._shared import add_max_failed_share, check_max_failed_share
 from hdmil.errors import CheckpointError, HDMILError
 from hdmil.pipeline.folders import DISK_ERRNOS, SlideEntry, disk_error, printable
@@ -34,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="HR patches per batch (default 64)")
     p.add_argument("--device", help="torch device for the encoder and DMIN (default: cuda if available)")
     p.add_argument("--workers", type=int, help="tile-decoding threads (default: all cores)")
+    add_compute_options(p)
     add_max_failed_share(p)
     p.add_argument("--lipn-threshold", type=float, metavar="T",
                    help="keep a patch when LIPN's probability for any class exceeds T (default: the "
@@ -59,6 +61,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", metavar="FILE",
                    help="leave out the patches inside these annotations (artefacts: folds, pen, "
                    "bubbles), same formats and {slide} as --roi")
+    p.add_argument("--audit", default="0", metavar="N",
+                   help="after classifying, also read LIPN-discarded patches at 20x (N drawn by tissue "
+                   "share, seeded; -1 or 'all': every one) and record in report.json's audit block the "
+                   "share of the slide's attention that fell in them and whether the prediction changes "
+                   "(default 0: off)")
     p.add_argument("--prescreen-only", action="store_true",
                    help="tissue + LIPN only (nothing read at 20x): writes DIR/<slide>/prescreen.json "
                    "with the kept ratio overall and per class")
@@ -110,6 +117,12 @@ def _check_args(args: argparse.Namespace) -> None:
     check_result_paths(len(args.slides), geojson=args.geojson, csv=args.csv)
     if args.prescreen_only and (args.geojson or args.csv):
         raise HDMILError("--geojson and --csv write a classification's files: not with --prescreen-only")
+    from hdmil.audit import parse_audit
+
+    args.audit_n = parse_audit(args.audit)  # 0 off, None all, else a sample
+    if args.audit_n != 0 and (args.no_lipn or args.prescreen_only):
+        raise HDMILError("--audit reads what LIPN discarded from a classification: not with --no-lipn "
+                         "or --prescreen-only")
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, bool]:
@@ -126,6 +139,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, bool]:
         if not 0.0 <= args.lipn_threshold < 1.0:
             raise HDMILError(f"--lipn-threshold must be in [0, 1), not {args.lipn_threshold}")
         if model.lipn is not None:
+            from hdmil.budget import checkpoint_thresholds
+
+            args.checkpoint_thresholds = checkpoint_thresholds(model.lipn)  # the budget block records them
             model.lipn.cfg.threshold = float(args.lipn_threshold)
             model.lipn.cfg.class_thresholds = None  # one threshold for every class, as asked
     if use_lipn and model.lipn is None:
@@ -142,6 +158,9 @@ def _encoder(args: argparse.Namespace, model: Any) -> tuple[Any, Any]:
     if args.prescreen_only:
         return None, None
     encoder = encoder_for(model, args.device, override=args.encoder)
+    configure_encoder(encoder, args)
+    if getattr(encoder, "stain", None) is not None:  # recorded in the checkpoint's encoder recipe
+        print(f"stain normalisation: {encoder.stain.describe()}, as the model was trained", file=sys.stderr)
     slpd = fit_encoder(model, encoder, args.slpd, source=f"encoder {encoder.name} named in {model.path}")
     warm_up(model, encoder, patch_px=model.patch_px)  # one-time torch setup out of slide timings
     return encoder, slpd
@@ -200,6 +219,7 @@ class _Predictor:
 
         ps = prescreen(path, self.model, use_lipn=self.use_lipn, mpp=self.args.mpp, progress=progress,
                        **self.annotations(path))
+        self.budget(ps)
         target = write_json_atomic(folder / "prescreen.json", ps.to_report())
         return (f"{printable(path.name)}: LIPN keeps {ps.n_kept}/{ps.n_patches} patches "
                 f"({ps.kept_ratio:.0%}) -> {printable(target)}")
@@ -212,7 +232,15 @@ class _Predictor:
         options = RunOptions(use_lipn=self.use_lipn, mpp=a.mpp, batch_size=a.batch_size,
                              workers=a.workers, max_failed_share=a.max_failed_share,
                              **self.annotations(path))
-        result = run_slide(path, self.model, options, encoder=self.encoder, slpd=self.slpd, progress=progress)
+        ps = None
+        if a.lipn_threshold is not None and self.use_lipn:  # the widget's budget numbers (hdmil.budget)
+            from hdmil.pipeline import prescreen
+
+            ps = self.budget(prescreen(path, self.model, True, a.mpp, progress, roi=options.roi,
+                                       exclude=options.exclude))
+        result = run_slide(path, self.model, options, encoder=self.encoder, slpd=self.slpd, progress=progress,
+                           prescreened=ps)
+        self.audit(result, ps, progress)
         target = result.save(folder)
         write_result_files(result, name, a.geojson, a.csv)
         probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(result.classes, result.probabilities))
@@ -221,6 +249,29 @@ class _Predictor:
                 f"-> {printable(target)}")
         return line, [f"  {printable(path.name)}: {_one_line(Exception(printable(err)))}"
                       for err in result.errors]
+
+    def budget(self, ps: Any) -> Any:
+        """With --lipn-threshold: the pre-screen's budget (``hdmil.budget``, as the widget's
+        control computes it), with the slide's measured seconds per HR patch when classifying."""
+        if self.args.lipn_threshold is None or not ps.use_lipn:
+            return ps
+        from hdmil.budget import apply_budget, budget_for, measure_rate
+
+        rate = measure_rate(ps, self.encoder) if self.encoder is not None else None
+        return apply_budget(ps, budget_for(self.model, ps, rate, base=getattr(self.args, "checkpoint_thresholds", None),
+                                           threshold=self.args.lipn_threshold))
+
+    def audit(self, result: Any, ps: Any, progress: Callable) -> None:
+        """The report's budget block (--lipn-threshold) and audit block (--audit N)."""
+        from hdmil.budget import record_budget
+
+        record_budget(result, ps)
+        if self.args.audit_n != 0:
+            from hdmil.audit import audit_result
+
+            audit = audit_result(result, self.model, self.encoder, self.args.audit_n, seed=0,
+                                 batch_size=self.args.batch_size, progress=progress)
+            result.blocks["audit"] = audit.to_report()
 
     def _run(self, entry: SlideEntry, progress: Callable) -> tuple[str, list[str]]:
         """The slide's line and notes, under its lock, in its folder (inside --out)."""

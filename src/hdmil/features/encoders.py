@@ -1,7 +1,8 @@
 """Patch encoders: a registry of named feature extractors over timm, plus local weight files.
 
 ``create_encoder("resnet50_trunc")`` is CLAM's encoder (ResNet-50 up to ``layer3``, global average
-pooled, 1024-d); any timm model name gives its pooled features (``num_classes=0``); a
+pooled, 1024-d); the pathology foundation encoders (``"uni"``, ``"virchow2"`` ...) are named in
+``hdmil.features.zoo``; any timm model name gives its pooled features (``num_classes=0``); a
 ``.safetensors`` / ``.pth`` / ``.bin`` file gives a registered or timm architecture with those
 weights. Loading a file never executes code (safetensors, or ``torch.load(weights_only=True)``).
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hdmil.allocator import keep_freed_memory
+from hdmil.allocator import forward_batch, keep_freed_memory
 from hdmil.errors import HDMILError
 from hdmil.files import atomic_path
 
@@ -60,11 +61,15 @@ class Encoder(nn.Module):
         device: str | torch.device | None = None,
         channels_last: bool = True,
         autocast_dtype: torch.dtype | None = None,
+        resize: int | None = None,
+        interpolation: str = "bilinear",
     ):
         super().__init__()
         self.model = model.eval()
         self.name = name
         self.input_size = int(input_size)
+        # resize: patches resized to this, then centre-cropped to input_size (GigaPath: 256 → 224)
+        self.resize, self.interpolation = (int(resize) if resize else None), interpolation
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         # Normalisation folded into one sub/div on 0..255 values: (x/255 - m)/s = (x - 255m)/(255s).
@@ -78,6 +83,10 @@ class Encoder(nn.Module):
             autocast_dtype = torch.bfloat16
         self.autocast_dtype = autocast_dtype
         self.weights = "given"  # create_encoder says where they came from: a file, pretrained, random
+        # hdmil.compute: patches per forward pass (None: all), another runtime for ``model``, the choice
+        self.max_batch: int | None = None
+        self.runtime: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.compute: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -128,18 +137,34 @@ class Encoder(nn.Module):
         x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()  # channels_last view
         if not self.channels_last:
             x = x.contiguous()
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            size = (self.input_size, self.input_size)
-            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+        x = self._resize(x)
         return (x - self._shift) / self._scale  # not in place: a float input may be the caller's
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` 0..255 → ``input_size`` square: resized (antialiased), then centre
+        crop when ``resize`` is set. Bicubic overshoot is clipped to 0..255, as on uint8 images."""
+        side = self.resize or self.input_size
+        if x.shape[-2:] != (side, side):
+            x = F.interpolate(x, size=(side, side), mode=self.interpolation, antialias=True, align_corners=False)
+            if self.interpolation == "bicubic":
+                x = x.clamp(0, 255)
+        if side != self.input_size:
+            top = (side - self.input_size) // 2
+            x = x[..., top : top + self.input_size, top : top + self.input_size]
+        return x
 
     @torch.inference_mode()
     def embed(self, patches: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 RGB patches ``[B, H, W, 3]`` → float32 features ``[B, D]`` on ``self.device``."""
         if len(patches) == 0:
             return torch.zeros(0, self.dim, device=self.device)
+        step = self.max_batch
+        if step and len(patches) > step:  # bounded working set; 16 at a time = 64 at once, bitwise
+            return torch.cat([self.embed(patches[i : i + step]) for i in range(0, len(patches), step)])
         x = self.preprocess(patches)
-        if self.autocast_dtype is not None:
+        if self.runtime is not None:
+            out = self.runtime(x)
+        elif self.autocast_dtype is not None:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype):
                 out = self.model(x)
         else:
@@ -291,15 +316,19 @@ def create_encoder(
     weights: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     arch: str | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Encoder:
     """An ``Encoder`` by registered name, timm name, or weights file.
 
     name: ``"resnet50_trunc"``, ``"resnet18_trunc"``, any timm model (``"efficientnet_b0"``), or a
         path to a ``.safetensors`` / ``.pth`` / ``.bin`` file; the file's architecture comes from
         its safetensors metadata (``arch``), from ``arch``, or from the registered encoder it fits.
-    pretrained: timm's pretrained weights (downloads on first use; never needed with ``weights``).
+    pretrained: the published weights (downloaded once: a zoo encoder's from its hub repository,
+        a timm model's from timm; never needed with ``weights``).
     weights: a local weights file for ``name``'s architecture.
     device: ``None`` → CUDA when available, else CPU.
+    dtype: autocast dtype (``"bfloat16"``, ``"float16"``, ``"float32"``); ``None``: a named zoo
+        encoder (``hdmil.features.zoo``) runs in its documented dtype on CUDA, float32 on the CPU.
 
     Building an encoder also tunes the process's allocator (``hdmil.allocator``): without it a
     CPU encoder spends more time in page faults than in convolutions.
@@ -320,12 +349,30 @@ def create_encoder(
         if name is None:
             encoder = _guess_arch(weights, state)
         else:
-            encoder = _build(str(name), pretrained=False)
-            _load_into(encoder, state, weights)
+            encoder = _from_state(str(name), state, weights)
     else:
         encoder = _build(str(name), pretrained=pretrained)
     encoder.weights = "pretrained" if pretrained and weights is None else str(weights or "random (seeded)")
-    return encoder.to(device)
+    encoder = encoder.to(device)
+    encoder.autocast_dtype = _zoo().preferred_dtype(encoder.name, device, dtype, encoder.autocast_dtype)
+    encoder.max_batch = forward_batch(device.type)  # the kept heap: one 16-patch pass, not 64
+    return encoder
+
+
+def _zoo():
+    from hdmil.features import zoo
+
+    return zoo
+
+
+def _from_state(name: str, state: dict[str, torch.Tensor], path: str | os.PathLike) -> Encoder:
+    """Encoder ``name`` holding exactly the tensors of a weights file."""
+    spec = _zoo().get_spec(name)
+    if spec is not None and spec.family != "registered":
+        return _zoo().encoder_from_state(spec, state, path)
+    encoder = _build(name, pretrained=False)
+    _load_into(encoder, state, path)
+    return encoder
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,7 +384,8 @@ def save_encoder(encoder: Encoder, path: str | os.PathLike) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.model.state_dict().items()}
+    module = _weights_module(encoder.model)  # a zoo encoder's file has the hub's key names
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"arch": encoder.name, "dim": str(encoder.dim)})
     return path
@@ -415,11 +463,17 @@ def _droppable(key: str, model: nn.Module) -> bool:
     return any(key == h or key.startswith(h + ".") for h in heads)
 
 
-def _mismatch(encoder: Encoder, state: dict[str, torch.Tensor]) -> list[str]:
-    """Problems fitting ``state`` into ``encoder.model``, in words; empty when it fits."""
-    own = encoder.model.state_dict()
+def _weights_module(model: nn.Module) -> nn.Module:
+    """The part of an encoder's network a weights file holds: a zoo network's hub module (its
+    keys are the hub's), else the whole network."""
+    return model.hub_module() if hasattr(model, "hub_module") else model
+
+
+def _mismatch(module: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Problems fitting ``state`` into ``module``, in words; empty when it fits."""
+    own = module.state_dict()
     missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own and not _droppable(k, encoder.model)]
+    extra = [k for k in state if k not in own and not _droppable(k, module)]
     shapes = [
         f"{k} (file {list(state[k].shape)}, model {list(own[k].shape)})"
         for k in own
@@ -434,7 +488,7 @@ def _mismatch(encoder: Encoder, state: dict[str, torch.Tensor]) -> list[str]:
 
 
 def _load_into(encoder: Encoder, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    problems = _mismatch(encoder, state)
+    problems = _mismatch(encoder.model, state)
     if problems:
         raise EncoderError(
             f"{path}: weights do not fit encoder {encoder.name!r} ({'; '.join(problems)})"
@@ -445,12 +499,34 @@ def _load_into(encoder: Encoder, state: dict[str, torch.Tensor], path: str | os.
 
 def _guess_arch(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> Encoder:
     """The registered encoder whose parameters match the file exactly (for bare .pth files)."""
+    zoo = _zoo()
     for name in list_encoders():
+        if zoo.get_spec(name) is not None and zoo.get_spec(name).family != "registered":
+            continue  # the zoo's networks are large: compared below on the meta device
         encoder = _build(name, pretrained=False)
-        if not _mismatch(encoder, state):
+        if not _mismatch(encoder.model, state):
             _load_into(encoder, state, path)
             return encoder
+    vit = any(k.endswith(("pos_embed", "position_embeddings")) for k in state)
+    fits = [s for s in (zoo.ZOO.values() if vit else ()) if s.family != "registered"
+            and _fits_meta(zoo.meta_reference(s), state)]
+    if len(fits) == 1:
+        return zoo.encoder_from_state(fits[0], state, path)
+    if fits:  # H-optimus-0 and -1 share one architecture: the name must come from the user
+        raise EncoderError(
+            f"{path}: cannot tell which architecture these weights are for: they fit "
+            f"{', '.join(s.name for s in fits)}; pass the architecture (--arch NAME)"
+        )
     raise EncoderError(
         f"{path}: cannot tell which architecture these weights are for (no 'arch' in the file's "
         f"metadata and no registered encoder fits); pass the architecture (--arch NAME)"
     )
+
+
+def _fits_meta(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    if hasattr(model, "adapt_state_dict"):
+        state = model.adapt_state_dict(state)
+    return not _mismatch(_weights_module(model), state)
+
+
+from hdmil.features import zoo as _named  # noqa: E402,F401 - registers the named encoders

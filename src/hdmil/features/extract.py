@@ -86,14 +86,22 @@ def extract_slide_features(
     batch_size: int = 64,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    stain: Any = None,
 ) -> FeatureBag:
     """Features of every tissue patch of ``grid``, with coords, LR patches and geometry attributes.
 
     Patches that could not be decoded are left out of the bag (features, coords and LR patches
-    alike, so rows stay aligned); ``attrs["n_failed"]`` counts them.
+    alike, so rows stay aligned); ``attrs["n_failed"]`` counts them. ``stain``: a
+    ``StainNormalizer`` applied to the HR patches first (or pass a ``StainedEncoder``); the
+    recipe records it, ``attrs["stain_fallbacks"]`` counts the background patches it left as
+    they were. LR patches (LIPN's input) are never normalised.
     """
+    from hdmil.compute import compute_of
+    from hdmil.features.stain import stain_of, with_stain
     from hdmil.reading import iter_patches
 
+    encoder = with_stain(encoder, stain)
+    stained, fallbacks0 = stain_of(encoder), getattr(encoder, "fallbacks", 0)
     coords = np.asarray(grid.coords, dtype=np.int64)
     n = len(coords)
     patch_px = int(grid.patch_px)
@@ -114,6 +122,9 @@ def extract_slide_features(
         # lets the viewer open a slide found by SLPD similarity from its feature file
         "slide_path": str(Path(slide.path).resolve()) if getattr(slide, "path", None) else None,
         "n_failed": int(n - ok.sum()),
+        "compute": compute_of(encoder).to_report(),  # how the encoder ran (hdmil.compute)
+        "stain": stained.method if stained else None,  # the recipe holds its parameters
+        "stain_fallbacks": int(encoder.fallbacks - fallbacks0) if stained else None,
         "level0_magnification": _level0_magnification(slide, grid),
         **_slide_size(slide),
     }
@@ -130,8 +141,10 @@ def _slide_size(slide: Any) -> dict[str, int]:
 
 def _recipe(encoder: Encoder) -> dict[str, Any] | None:
     from hdmil.features.recipe import recipe_of
+    from hdmil.features.stain import StainedEncoder
 
-    return recipe_of(encoder).to_dict() if isinstance(encoder, Encoder) else None
+    inner = encoder.encoder if isinstance(encoder, StainedEncoder) else encoder
+    return recipe_of(encoder).to_dict() if isinstance(inner, Encoder) else None
 
 
 def _level0_magnification(slide: Any, grid: Any) -> float | None:

@@ -100,7 +100,7 @@ def write_features(
     attrs = {k: v for k, v in (attrs or {}).items() if v is not None}
     attrs = {"slide": path.stem, **attrs, "dim": int(feats.shape[1])}  # dim always the real one
     peers = _peer_attributes(path, attrs, "coords" in datasets)
-    carry = _carry_over(path, datasets.get("coords"), attrs.get("encoder"))
+    carry = _carry_over(path, datasets.get("coords"), attrs.get("encoder"), attrs.get("encoder_recipe"))
     _write_atomic(path, datasets, attrs, carry, peers)
     return path
 
@@ -185,20 +185,27 @@ def update_feature_file(
     path: str | os.PathLike,
     datasets: dict[str, np.ndarray],
     attrs: dict[str, Any] | None = None,
+    dataset_attrs: dict[str, dict[str, Any]] | None = None,
+    out: str | os.PathLike | None = None,
 ) -> Path:
     """Add or replace datasets / attributes of an existing feature file, atomically.
 
-    For results computed from the features (SLPD's ``region_embeddings``, ``prototypes`` …).
+    For results computed from the features (SLPD's ``region_embeddings``, ``prototypes`` …, the
+    ``lr_patches`` of ``hdmil add-lr-patches``). ``dataset_attrs``: the attributes of the
+    datasets given here (the others keep theirs). ``out``: write the result there instead of
+    over ``path``. Returns the path written.
     """
     path = Path(path)
+    target = Path(out) if out is not None else path
     with _open_h5(path) as old:
         try:
             new_attrs = {**{k: _attr_value(v) for k, v in old.attrs.items()}, **(attrs or {})}
             keep = [name for name in old.keys() if name not in datasets]
         except (OSError, KeyError) as exc:
             raise FeatureFileError(f"{path}: corrupt feature file ({_first_line(exc)})") from exc
-    _write_atomic(path, {k: np.asarray(v) for k, v in datasets.items()}, new_attrs, (str(path), keep))
-    return path
+    _write_atomic(target, {k: np.asarray(v) for k, v in datasets.items()}, new_attrs, (str(path), keep),
+                  dataset_attrs)
+    return target
 
 
 def _write_atomic(
@@ -231,7 +238,8 @@ def _write_atomic(
         fh.write(buffer.getbuffer())
 
 
-def _carry_over(path: Path, coords: np.ndarray | None, encoder: str | None) -> tuple[str, list[str]] | None:
+def _carry_over(path: Path, coords: np.ndarray | None, encoder: str | None,
+                recipe: Any = None) -> tuple[str, list[str]] | None:
     """Other datasets of an existing file at ``path`` worth keeping: only when they still describe
     the same patches and encoder (else they would silently go stale)."""
     import h5py
@@ -244,10 +252,25 @@ def _carry_over(path: Path, coords: np.ndarray | None, encoder: str | None) -> t
             if not others or coords is None or "coords" not in old:
                 return None
             same_grid = old["coords"].shape == coords.shape and np.array_equal(old["coords"][()], coords)
-            same_encoder = _attr_value(old.attrs.get("encoder")) == encoder
+            same_encoder = _attr_value(old.attrs.get("encoder")) == encoder and _same_stain(
+                _attr_value(old.attrs.get("encoder_recipe")), recipe)
             return (str(path), others) if same_grid and same_encoder else None
     except OSError:  # an unreadable old file is simply replaced
         return None
+
+
+def _same_stain(old_recipe: Any, new_recipe: Any) -> bool:
+    """Whether two recorded encoder recipes (JSON or dicts) name the same stain normalisation:
+    features of normalised patches make other region embeddings than those of raw ones."""
+    def stain(raw: Any) -> Any:
+        try:
+            d = json.loads(raw) if isinstance(raw, (str, bytes)) else dict(raw or {})
+        except (TypeError, ValueError):
+            return None
+        s = d.get("stain") or {}
+        return (s.get("method"), json.dumps(s.get("params"), sort_keys=True)) if s else None
+
+    return stain(old_recipe) == stain(new_recipe)
 
 
 def _h5_attr(value: Any) -> Any:

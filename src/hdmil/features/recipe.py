@@ -12,7 +12,11 @@ A recipe is plain JSON::
      "hub_id": null,                # the hub model for "pretrained", when known
      "file": "enc.safetensors",     # "file": its name, SHA-256 and where it was when used
      "sha256": "…", "path": "/data/enc.safetensors",
-     "kwargs": {}, "dim": 256, "source": "hdmil"}    # source: who wrote the features
+     "kwargs": {}, "dim": 256, "source": "hdmil",   # source: who wrote the features
+     "stain": {"method": "macenko", "params": {…}}} # stain normalisation before the encoder
+
+``stain`` is the fitted normaliser (``hdmil.features.stain``: its parameters, not an image path);
+recipes without it (older files, peers' files) mean patches went to the encoder as read.
 
 TRIDENT writes its encoder's name on the ``features`` dataset (``encoder="uni_v1"``);
 ``recipe_from_attrs`` maps its names onto ours and the hub models TRIDENT loads.
@@ -20,6 +24,7 @@ TRIDENT writes its encoder's name on the ``features`` dataset (``encoder="uni_v1
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
@@ -62,6 +67,7 @@ class EncoderRecipe:
     kwargs: dict[str, Any] = field(default_factory=dict)
     dim: int | None = None
     source: str = "hdmil"
+    stain: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or self.weights not in WEIGHTS:
@@ -70,6 +76,14 @@ class EncoderRecipe:
             )
         if self.weights == "file" and not (self.file and self.sha256):
             raise EncoderError(f"encoder recipe {self.name!r}: a weights file needs its name and SHA-256")
+        if self.stain is not None:  # refused when read, not when a slide is normalised
+            object.__setattr__(self, "stain", self.stain_normalizer().to_dict())
+
+    def stain_normalizer(self) -> Any:
+        """The recorded ``StainNormalizer``, or None (patches went to the encoder as read)."""
+        from hdmil.features.stain import StainNormalizer
+
+        return None if self.stain is None else StainNormalizer.from_dict(self.stain)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -88,12 +102,14 @@ class EncoderRecipe:
         return recipe
 
     def describe(self) -> str:
-        """One phrase: ``resnet18_trunc (weights enc.safetensors, sha256 1a2b3c4d5e6f)``."""
+        """One phrase: ``resnet18_trunc (weights enc.safetensors, sha256 1a2b3c4d5e6f)``, with
+        ``, macenko stain normalisation`` when it has one."""
+        stain = f", {self.stain['method']} stain normalisation" if self.stain else ""
         if self.weights == "file":
-            return f"{self.name} (weights {self.file}, sha256 {str(self.sha256)[:12]})"
+            return f"{self.name} (weights {self.file}, sha256 {str(self.sha256)[:12]}{stain})"
         if self.weights == "pretrained":
-            return f"{self.name} (pretrained{f', {self.hub_id}' if self.hub_id else ''})"
-        return f"{self.name} ({self.weights} weights)"
+            return f"{self.name} (pretrained{f', {self.hub_id}' if self.hub_id else ''}{stain})"
+        return f"{self.name} ({self.weights} weights{stain})"
 
     def same_encoder(self, other: EncoderRecipe | None) -> bool:
         """Whether two recipes give the same features (where the file lies does not matter)."""
@@ -103,7 +119,9 @@ class EncoderRecipe:
 
 
 def _identity(r: EncoderRecipe) -> tuple:
-    return (r.name, r.weights, r.sha256, r.hub_id, json.dumps(r.kwargs, sort_keys=True))
+    stain = r.stain_normalizer()  # method and parameters; what it was fitted on does not count
+    stain_key = None if stain is None else json.dumps([stain.method, stain.params], sort_keys=True)
+    return (r.name, r.weights, r.sha256, r.hub_id, json.dumps(r.kwargs, sort_keys=True), stain_key)
 
 
 def _sha256(path: str | os.PathLike) -> str:
@@ -121,14 +139,21 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
 
 
 def recipe_of(encoder: Any) -> EncoderRecipe:
-    """The recipe of an encoder ``create_encoder`` built (its ``name``, ``weights``, ``dim``).
+    """The recipe of an encoder ``create_encoder`` built (its ``name``, ``weights``, ``dim``),
+    with the stain normaliser of a ``StainedEncoder``.
 
     ``encoder.weights`` says where the weights came from: ``"pretrained"``, ``"random (seeded)"``,
     a file path, or ``"given"`` (a module built by hand: unknown).
     """
+    from hdmil.features.stain import StainedEncoder
+
+    if isinstance(encoder, StainedEncoder):
+        return dataclasses.replace(recipe_of(encoder.encoder), stain=encoder.stain.to_dict())
     weights, name = str(encoder.weights), str(encoder.name)
     if weights == "pretrained":
-        hub = name if name.startswith(("hf-hub:", "hf_hub:")) else None
+        # a named encoder (hdmil.features.zoo) knows its hub repository; a timm name may be one
+        hub = getattr(encoder, "hub_id", None) or (
+            name if name.startswith(("hf-hub:", "hf_hub:")) else None)
         return EncoderRecipe(name, "pretrained", hub_id=hub, dim=int(encoder.dim))
     if weights.startswith("random"):
         return EncoderRecipe(name, "random", dim=int(encoder.dim))
@@ -182,7 +207,14 @@ def _locate(recipe: EncoderRecipe, search: list[Path], where: str) -> Path:
 
 def build_from_recipe(recipe: EncoderRecipe, device: Any = None, search: list[Path] | None = None,
                       where: str = "checkpoint") -> Any:
-    """Exactly the encoder the recipe describes, or EncoderError (never other weights)."""
+    """Exactly the encoder the recipe describes, or EncoderError (never other weights); with the
+    recorded stain normalisation applied before it (a ``StainedEncoder``) when there is one."""
+    from hdmil.features.stain import with_stain
+
+    return with_stain(_build_encoder(recipe, device, search, where), recipe.stain_normalizer())
+
+
+def _build_encoder(recipe: EncoderRecipe, device: Any, search: list[Path] | None, where: str) -> Any:
     from hdmil.features.encoders import create_encoder
 
     extra = _kwargs_arg(recipe, where)

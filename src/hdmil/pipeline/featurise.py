@@ -72,7 +72,7 @@ def featurise(
     failed: list[tuple[int, str]] = []
     reader = PatchReader(slide, coords[rows], grid.patch_size_level0, out_px=int(grid.patch_px),
                          batch_size=batch_size, workers=workers)
-    t_feat = 0.0
+    t_feat, fallbacks0 = 0.0, _fallbacks(encoder)
     report("features", 0, len(rows))
     batches = reader.batches(cancel=cancel)
     try:
@@ -91,5 +91,21 @@ def featurise(
     return Featurised(
         features=feats[got], read_rows=rows[got], failed=failed,
         timings={"crop": reader.seconds, "crop_wait": reader.wait_seconds, "features": t_feat},
-        reading=_reading_stats(reader),
+        reading={**_reading_stats(reader), **_stain_stats(encoder, fallbacks0)},
     )
+
+
+def _fallbacks(encoder: Any) -> int | None:
+    """Background patches a ``StainedEncoder`` has passed through unnormalised so far; None for
+    an encoder without stain normalisation."""
+    from hdmil.features.stain import stain_of
+
+    return int(encoder.fallbacks) if stain_of(encoder) is not None else None
+
+
+def _stain_stats(encoder: Any, fallbacks0: int | None) -> dict[str, Any]:
+    """The stain normalisation the encoder applied and how many background patches it left as
+    they were; nothing for an encoder without one."""
+    if fallbacks0 is None:
+        return {}
+    return {"stain": encoder.stain.method, "stain_fallbacks": int(encoder.fallbacks) - fallbacks0}

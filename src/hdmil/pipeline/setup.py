@@ -3,7 +3,10 @@ checks that they fit together. Done once per run of many slides, not per slide."
 
 from __future__ import annotations
 
+import importlib
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +15,15 @@ import numpy as np
 from hdmil.errors import CheckpointError, HDMILError
 
 __all__ = [
-    "check_model", "check_slpd_dims", "encoder_for", "encoder_key", "encoder_override",
-    "encoder_weights_path", "fit_encoder", "instances_of", "lipn_applies", "recorded_recipe",
-    "slpd_for", "slpd_label", "warm_up",
+    "EncoderBuild", "check_model", "check_slpd_dims", "encoder_for", "encoder_key", "encoder_override",
+    "encoder_weights_path", "fit_encoder", "import_slide_stack", "instances_of", "lipn_applies",
+    "recorded_recipe", "slpd_for", "slpd_label", "start_encoder", "warm_up",
 ]
+
+# What the first slide of a process imports besides torch (reading, tissue, writing): imported by
+# ``warm_up`` so that start-up stays out of the first slide's stage seconds.
+SLIDE_STACK = ("tiffslide", "scipy.ndimage", "skimage.filters.rank", "h5py", "hdmil.grid",
+               "hdmil.reading", "hdmil.annotations")
 
 
 def check_model(model: Any, use_lipn: bool, need_dmin: bool = True) -> None:
@@ -152,7 +160,9 @@ def encoder_override(model: Any, spec: str | os.PathLike, device: Any) -> Any:
             f"--encoder {spec}: it gives {encoder.dim}-d features, but the DMIN in {model.path} "
             f"was trained on {want}-d ones ({recorded or 'encoder not recorded'}); refused"
         )
-    return encoder
+    from hdmil.features.stain import with_stain  # the recorded stain normalisation, as trained
+
+    return with_stain(encoder, recipe.stain_normalizer() if recipe is not None else None)
 
 
 def encoder_weights_path(model: Any) -> Path:
@@ -229,6 +239,9 @@ def fit_encoder(model: Any, encoder: Any, slpd: Any = None, source: str | None =
     """CheckpointError unless the encoder's features fit the model; returns the SLPD model a
     region DMIN needs (``slpd_for``), None for a patch DMIN. ``source`` names the encoder in the
     error (default ``encoder <name>``)."""
+    from hdmil.features.stain import check_stain
+
+    check_stain(recorded_recipe(model), encoder, str(model.path))
     if model.instances == "region":
         slpd = slpd_for(model, slpd)
         check_slpd_dims(model, slpd, encoder)
@@ -259,9 +272,81 @@ def warm_up(model: Any, encoder: Any, patch_px: int = 256) -> None:
     The first call of a torch model pays one-time setup (kernel selection, thread pools, CUDA
     context): a quarter of a second for LIPN on a CPU, more than LIPN's whole per-slide cost. Call
     this once per process before timing slides so stage seconds are per slide, not per process.
+    It also imports the slide stack (``import_slide_stack``: the reader, tissue and writers).
     """
     lr = np.full((2, 16, 16, 3), 200, np.uint8)
     if model.lipn is not None:
         model.lipn.keep_mask(lr, index=np.array([[0, 0], [0, 1]]))
+    _warm_after_lipn(model, encoder, patch_px)
+
+
+def _warm_after_lipn(model: Any, encoder: Any, patch_px: int) -> None:
+    """``warm_up`` without LIPN: what ``start_encoder``'s thread warms while the pre-screen runs
+    LIPN in the caller's thread (one module is never run from two threads at once)."""
+    import_slide_stack()
     encoder.embed(np.full((2, patch_px, patch_px, 3), 200, np.uint8))
-    model.dmin.predict(np.zeros((2, int(model.dmin.cfg.in_dim)), np.float32), mask=None)
+    if model.dmin is not None:
+        model.dmin.predict(np.zeros((2, int(model.dmin.cfg.in_dim)), np.float32), mask=None)
+
+
+def import_slide_stack() -> None:
+    """Import what reading, screening and writing a slide need (``SLIDE_STACK``), once per process."""
+    for name in SLIDE_STACK:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional backend: the slide that needs it says so
+            pass
+
+
+class EncoderBuild:
+    """An encoder (and the SLPD model a region DMIN needs) built and warmed up in a thread.
+
+    ``start_encoder`` starts it; ``result()`` waits for it and returns ``(encoder, slpd)``, or
+    raises what building raised (a CheckpointError naming the checkpoint). ``run_slide`` takes one
+    as its ``encoder``: the pre-screen (tissue and LIPN need no encoder) runs while it is built.
+    ``waited`` is the seconds ``result()`` has spent waiting.
+    """
+
+    def __init__(self, build: Any) -> None:
+        self._value: tuple[Any, Any] | None = None
+        self._error: BaseException | None = None
+        self.waited = 0.0
+        self._thread = threading.Thread(target=self._run, args=(build,), name="hdmil-encoder", daemon=True)
+        self._thread.start()
+
+    def _run(self, build: Any) -> None:
+        try:
+            self._value = build()
+        except BaseException as exc:  # handed to the thread that asks for the result
+            self._error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def failed(self) -> bool:
+        return self.done() and self._error is not None
+
+    def result(self) -> tuple[Any, Any]:
+        t0 = time.perf_counter()
+        self._thread.join()
+        self.waited += time.perf_counter() - t0
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+
+def start_encoder(model: Any, device: Any = None, override: str | os.PathLike | None = None,
+                  slpd: Any = None, source: str | None = None, warm: bool = True) -> EncoderBuild:
+    """Build the model's encoder (``encoder_for``), check it fits (``fit_encoder``) and warm it and
+    DMIN up (``warm_up`` but LIPN, which the pre-screen runs meanwhile) in a background thread;
+    see ``EncoderBuild``."""
+
+    def build() -> tuple[Any, Any]:
+        encoder = encoder_for(model, device, override=override)
+        fitted = fit_encoder(model, encoder, slpd, source=source)
+        if warm:
+            _warm_after_lipn(model, encoder, model.patch_px)
+        return encoder, fitted
+
+    return EncoderBuild(build)

@@ -71,7 +71,10 @@ def balanced_order(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def feature_provenance(cohort: Cohort) -> dict[str, Any]:
     """Encoder and patch geometry from the feature files' attributes (for the checkpoint)."""
+    from hdmil.features.stain import check_same_stain  # the first file's record stands for all
+
     bags = cohort.require_bags()
+    check_same_stain(bags.files)
     attrs = bags.first_attrs()
     keys = ("encoder", "dim", "patch_size_level0", "patch_px", "magnification", "mpp")
     info = {k: attrs[k] for k in keys if k in attrs}

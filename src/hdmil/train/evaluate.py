@@ -99,6 +99,8 @@ def _as_model(model: Any, cohort: Cohort) -> Any:
 
 
 def _check_fit(model: Any, cohort: Cohort) -> None:
+    from hdmil.features.stain import check_feature_stain  # a model never runs on other patches
+
     classes = model.config.get("classes")
     if classes is not None and tuple(classes) != tuple(cohort.classes):
         raise CheckpointError(
@@ -110,6 +112,8 @@ def _check_fit(model: Any, cohort: Cohort) -> None:
             f"the model has {model.dmin.n_classes} classes, the labels {cohort.n_classes}"
         )
     bags = cohort.require_bags()
+    check_feature_stain(model.config.get("encoder_recipe"), bags.first_attrs(),
+                        str(next(iter(bags.files.values()), "the feature files")))
     if bags.dim != model.dmin.in_dim:
         raise CheckpointError(
             f"the model takes {model.dmin.in_dim}-d features, the feature files hold {bags.dim}-d ones "
