@@ -241,7 +241,17 @@ def _median_sample(sat: np.ndarray, k: int, max_pixels: int = 250_000) -> np.nda
     per pixel is the slow part, and the histogram needs no more than a quarter million samples)."""
     step = max(1, math.ceil(math.sqrt(sat.size / max_pixels)))
     sample = sat[::step, ::step]
-    return ndi.median_filter(sample, size=k, mode="reflect") if k > 1 else sample
+    if k <= 1:
+        return sample
+    if sample.dtype == np.uint8:
+        # The same numbers as ndi.median_filter(mode="reflect"), 3-7x faster: skimage's rank
+        # median keeps a running 256-bin histogram; the symmetric pad is scipy's "reflect".
+        from skimage.filters.rank import median
+
+        r = k // 2
+        padded = np.pad(sample, r, mode="symmetric")
+        return median(padded, footprint=np.ones((k, k), bool))[r : r + sample.shape[0], r : r + sample.shape[1]]
+    return ndi.median_filter(sample, size=k, mode="reflect")
 
 
 def _remove_small_objects(mask: np.ndarray, min_area: float) -> np.ndarray:

@@ -27,6 +27,7 @@ evaluation on feature files.
 Stage seconds (``Result.timings``):
 
 * ``tissue``: open the slide, tissue mask and patch grid (with the 1.25x image LIPN reads);
+* ``open``: the part of ``tissue`` spent opening the slide (0 for a slide opened by the caller);
 * ``lipn``: cutting LR patches and running LIPN on them;
 * ``crop``: read + decode + resize of the HR patches, measured in the reader's own thread (its
   working time, not time it waited for the encoder to take a batch);
@@ -35,12 +36,16 @@ Stage seconds (``Result.timings``):
 * ``total``: wall-clock of the whole run. Reading overlaps feature extraction, so
   ``crop + features`` can exceed the time they took together; ``crop_wait`` is the part of the
   total the encoder sat waiting for patches (the crop time not hidden behind features).
+* ``encoder_wait``: seconds the run waited, after the pre-screen, for an encoder still being
+  built (``start_encoder``; ``run_slide`` without an encoder builds one in a thread while
+  tissue and LIPN run): set-up, not counted in ``total``.
 """
 
 from __future__ import annotations
 
 from hdmil.pipeline.featurise import Featurised, featurise
 from hdmil.pipeline.setup import (
+    EncoderBuild,
     check_model,
     check_slpd_dims,
     encoder_for,
@@ -48,6 +53,7 @@ from hdmil.pipeline.setup import (
     instances_of,
     lipn_applies,
     slpd_for,
+    start_encoder,
     warm_up,
 )
 from hdmil.pipeline.pool import PatchPooler, Pooled, Pooler, RegionPooler, pooler_for
@@ -56,9 +62,9 @@ from hdmil.pipeline.result import STAGES, NoTissueError, RegionDetails, Result, 
 from hdmil.pipeline.run import RunOptions, run_slide
 
 __all__ = [
-    "STAGES", "Featurised", "NoTissueError", "PatchPooler", "Pooled", "Pooler", "PreScreen",
+    "STAGES", "EncoderBuild", "Featurised", "NoTissueError", "PatchPooler", "Pooled", "Pooler", "PreScreen",
     "ProgressFn", "RegionDetails", "RegionPooler", "Result", "RunOptions", "UnreadablePatchesError",
     "check_model",
     "check_slpd_dims", "encoder_for", "featurise", "fit_encoder", "instances_of", "lipn_applies",
-    "pooler_for", "prescreen", "run_slide", "slpd_for", "warm_up",
+    "pooler_for", "prescreen", "run_slide", "slpd_for", "start_encoder", "warm_up",
 ]

@@ -15,7 +15,7 @@ from hdmil.annotations import roi_key
 from hdmil.errors import CheckpointError, HDMILError
 from hdmil.pipeline.featurise import Featurised, featurise
 from hdmil.pipeline.folders import printable, run_key
-from hdmil.pipeline.setup import check_model, encoder_for, fit_encoder
+from hdmil.pipeline.setup import EncoderBuild, check_model, fit_encoder, start_encoder
 from hdmil.pipeline.pool import Pooled, Pooler, pooler_for
 from hdmil.pipeline.prescreen import PreScreen, ProgressFn, prescreen_open
 from hdmil.pipeline.result import STAGES, Result, UnreadablePatchesError
@@ -75,8 +75,10 @@ def run_slide(
         slide_or_path: a ``hdmil.slide.Slide`` or a path (opened here, closed at the end).
         model: a loaded ``HDMILModel`` (``hdmil.checkpoint.load_model``).
         options: ``RunOptions``; or give its fields as keywords (``use_lipn=False, mpp=0.5``).
-        encoder: an ``Encoder``; default: the one named in the checkpoint, built once per call
-            (pass one in when running many slides).
+        encoder: an ``Encoder``, or an ``EncoderBuild`` (``start_encoder``) still being built: the
+            pre-screen runs meanwhile and the wait is reported as ``timings["encoder_wait"]``, not
+            in ``total``. Default: the one named in the checkpoint, built in a thread while the
+            pre-screen runs, once per call (pass one in when running many slides).
         slpd: for a DMIN trained on region instances: the SLPD model (or its checkpoint path) that
             embeds regions; default: the checkpoint named in the model's config, beside it.
         prescreened: a ``prescreen`` of this slide with this model: its grid and LIPN mask are used
@@ -97,15 +99,17 @@ def run_slide(
     from hdmil.slide import open_slide
 
     opts = _options(options, option_kw)
-    encoder, slpd = _prepare(model, opts, encoder, slpd, prescreened)
-    pooler = pooler_for(model, slpd, opts.use_lipn)
+    setup = _prepare(model, opts, encoder, slpd, prescreened)
     # The clock starts after model setup: stage seconds are per slide.
     t_start = time.perf_counter()
     own = isinstance(slide_or_path, (str, os.PathLike))
     slide = open_slide(slide_or_path, mpp=opts.mpp) if own else slide_or_path
+    t_open = time.perf_counter() - t_start
     try:
-        return _run_open(slide, model, encoder, pooler, opts, prescreened,
-                         progress or _no_progress, cancel, t_start)
+        result = _run_open(slide, model, setup, opts, prescreened, progress or _no_progress, cancel,
+                           t_start)
+        result.timings["open"] = t_open
+        return result
     finally:
         if own:
             slide.close()
@@ -117,9 +121,34 @@ def _options(options: RunOptions | None, option_kw: dict[str, Any]) -> RunOption
     return dataclasses.replace(options or RunOptions(), **option_kw)
 
 
+@dataclass
+class _Setup:
+    """The encoder, SLPD model and pooler of a run; ``build`` while the encoder is still being
+    built in a thread (``EncoderBuild``): ``ready`` waits for it after the pre-screen."""
+
+    model: Any
+    use_lipn: bool
+    encoder: Any = None
+    slpd: Any = None
+    pooler: Pooler | None = None
+    build: EncoderBuild | None = None
+
+    def ready(self) -> float:
+        """Wait for the encoder when it is being built; the seconds waited."""
+        if self.build is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self.encoder, built_slpd = self.build.result()
+        self.slpd = built_slpd if built_slpd is not None else self.slpd
+        self.pooler = pooler_for(self.model, self.slpd, self.use_lipn)
+        self.build = None
+        return time.perf_counter() - t0
+
+
 def _prepare(model: Any, opts: RunOptions, encoder: Any, slpd: Any,
-             prescreened: PreScreen | None) -> tuple[Any, Any]:
-    """Check the model fits the run; the encoder (built when not given) and the SLPD model."""
+             prescreened: PreScreen | None) -> _Setup:
+    """Check the model fits the run. An encoder given is checked now; none given is built in a
+    thread (``start_encoder``) while the pre-screen runs, and checked when it is ready."""
     check_model(model, opts.use_lipn)
     if prescreened is not None and (
         prescreened.use_lipn != opts.use_lipn or list(prescreened.classes) != list(model.classes)
@@ -134,11 +163,14 @@ def _prepare(model: Any, opts: RunOptions, encoder: Any, slpd: Any,
             "all patches (use_lipn=False, --no-lipn)"
         )
     if encoder is None:
-        encoder = encoder_for(model, opts.device)
-    return encoder, fit_encoder(model, encoder, slpd)
+        encoder = start_encoder(model, opts.device, slpd=slpd)
+    if isinstance(encoder, EncoderBuild):
+        return _Setup(model, opts.use_lipn, slpd=slpd, build=encoder)
+    slpd = fit_encoder(model, encoder, slpd)
+    return _Setup(model, opts.use_lipn, encoder, slpd, pooler_for(model, slpd, opts.use_lipn))
 
 
-def _run_open(slide: Any, model: Any, encoder: Any, pooler: Pooler, opts: RunOptions,
+def _run_open(slide: Any, model: Any, setup: _Setup, opts: RunOptions,
               prescreened: PreScreen | None, report: ProgressFn, cancel: threading.Event | None,
               t_start: float) -> Result:
     """The three stages on an open slide; ``t_start`` is when opening it began."""
@@ -149,20 +181,27 @@ def _run_open(slide: Any, model: Any, encoder: Any, pooler: Pooler, opts: RunOpt
         ps = prescreened
         report("tissue", 1, 1)
         report("lipn", ps.n_patches, ps.n_patches)
+    waited = setup.ready()  # the encoder built meanwhile; its wait is setup, not this slide's
+    encoder = setup.encoder
     errors = _nothing_kept(ps, slide)
     read = featurise(slide, ps.grid, ps.kept, encoder, opts.batch_size, opts.workers, report, cancel)
     _check_decoded(read, ps, slide, opts.max_failed_share)
     errors += read.failure_messages(ps.n_kept)
     report("dmin", 0, 1)
     t0 = time.perf_counter()
-    pooled = pooler.pool(read, ps, slide)
+    pooled = setup.pooler.pool(read, ps, slide)
     t_dmin = time.perf_counter() - t0
     report("dmin", 1, 1)
     errors += _empty_classes(pooled, ps, slide)
     timings = _timings(ps, read, t_dmin, t_start)
+    timings["total"] -= waited
+    timings["encoder_wait"] = waited
     result = _result(slide, model, encoder, ps, read, pooled, timings, errors)
     result.run_key = run_key(model, ps.use_lipn, opts.mpp, encoder.name, slide.path or None)
     result.run_key["roi"] = roi_key(opts.roi, opts.exclude)
+    from hdmil.compute import compute_of  # imports torch: not at module level (the CLI parser)
+
+    result.blocks["compute"] = compute_of(encoder).to_report()  # how the encoder ran (hdmil.compute)
     return result
 
 
