@@ -48,14 +48,14 @@ demo: venv system-deps
 		$(PY) -m napari_hdmil.demo $(DEMO_ARGS); \
 	else \
 		xvfb-run -a -s "-screen 0 1600x1000x24" $(PY) -m napari_hdmil.demo \
-			--screenshot out/demo/screenshot.png --out out/demo $(DEMO_ARGS); \
+			--screenshot out/demo/screenshot.png --dock-shot out/demo/widget.png --out out/demo $(DEMO_ARGS); \
 	fi
 
 model: venv
 	$(PY) -m hdmil.cli recipe demo --out out/demo-model --install
 
 # Every benchmark in turn, each printing its table (the viewer starts its own Xvfb when needed).
-BENCHMARKS := viewer reading features allocator hierarchical accuracy batch slpd
+BENCHMARKS := viewer reading features allocator hierarchical peers review_open accuracy batch slpd
 benchmarks: venv system-deps
 	@for b in $(BENCHMARKS); do echo "== benchmarks/$$b.py"; $(PY) benchmarks/$$b.py || exit 1; done
 

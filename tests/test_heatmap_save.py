@@ -138,3 +138,18 @@ def test_napari_refuses_to_save_the_slide_layer_by_default(make_napari_viewer, c
     with pytest.raises(HDMILError, match=r"is a whole slide .* slide file .*CMU-1-Small-Region.svs is its full"):
         viewer.layers.save(str(out), selected=True)
     assert not out.exists()
+
+
+def test_the_widget_makes_our_writer_the_default(make_napari_viewer):
+    """A widget opened without our reader (npe2 never activated the plugin) still puts our
+    heatmap writer first."""
+    from npe2 import PluginManager
+
+    from napari_hdmil._widget import HDMILWidget
+
+    entries = PluginManager.instance()._contrib._writers
+    entries.sort(key=lambda e: e[3].plugin_name == "napari-hdmil")  # ours last, as before activation
+    assert entries[0][3].plugin_name != "napari-hdmil"
+    viewer = make_napari_viewer()
+    viewer.window.add_dock_widget(HDMILWidget(viewer))
+    assert entries[0][3].plugin_name == "napari-hdmil"

@@ -34,6 +34,9 @@ class ExportPanel(QGroupBox):
 
     def __init__(self, viewer: Any, result: Callable[[], Any], k: Callable[[], int], parent: QWidget | None = None):
         super().__init__("export", parent)
+        from napari_hdmil._writer import prefer_heatmap_writer
+
+        prefer_heatmap_writer()  # also when the widget was opened without our reader (npe2 not activated)
         self.viewer = viewer
         self._result = result
         self._k = k
