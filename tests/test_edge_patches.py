@@ -62,3 +62,10 @@ def test_tissue_in_the_partial_last_column_is_analysed_and_reported(edge_slide, 
     with open_slide(edge_slide) as slide:
         batch = next(iter(PatchReader(slide, result.coords[:1], 256)))
     assert (batch.pixels[0][:, 150:] == 255).all() and (batch.pixels[0][:, :150] != 255).any()
+
+
+def test_the_prescreen_report_counts_padded_patches(edge_slide, model):
+    from hdmil.pipeline import prescreen
+
+    ps = prescreen(edge_slide, model, False, 0.5)
+    assert ps.to_report()["n_padded_patches"] == ps.grid.n_padded == 3

@@ -83,6 +83,7 @@ class PreScreen:
             "use_lipn": self.use_lipn,
             "n_patches": self.n_patches,
             "n_kept": self.n_kept,
+            "n_padded_patches": self.grid.n_padded,  # past the slide's edge, padded with background
             "n_kept_as_neighbour": int(self.neighbour.sum()),
             "kept_ratio": self.kept_ratio,
             "kept_ratio_per_class": {
