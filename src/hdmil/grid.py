@@ -27,7 +27,7 @@ from scipy import sparse
 
 from hdmil.annotations import slide_offset
 from hdmil.errors import SlideError, check_cancelled
-from hdmil.slide import MAX_WINDOW_PIXELS, MPP_RANGE, check_mpp, check_overview_size
+from hdmil.slide import MAX_WINDOW_PIXELS, MPP_RANGE, check_mpp, check_overview_size, slide_label
 from hdmil.tissue import TissueParams, tissue_mask
 
 __all__ = [
@@ -268,7 +268,7 @@ def build_grid(
     )
     if rows == 0 or cols == 0:
         message = (
-            f"{_where(slide)}: the slide ({w} x {h} px) is smaller than one patch "
+            f"{slide_label(slide)}: the slide ({w} x {h} px) is smaller than one patch "
             f"({ps0} px = {ps0 * mpp:.0f} µm at {mpp:g} µm/px); no patches"
         )
         return _empty_grid(message=message, **common)
@@ -321,7 +321,7 @@ def _grid_mpp(slide, mpp: float | None) -> float:
     """The level-0 µm/px to build the grid with: the one given, else the slide's own."""
     if mpp is None:
         mpp = slide.require_mpp()
-    return check_mpp(mpp, _where(slide))
+    return check_mpp(mpp, slide_label(slide))
 
 
 def _check_patch_size(slide, ps0: int, mpp: float, patch_px: int, magnification: float) -> None:
@@ -332,7 +332,7 @@ def _check_patch_size(slide, ps0: int, mpp: float, patch_px: int, magnification:
     um = patch_px * target_mpp(magnification)  # the patch's side in µm
     mpp_lo, mpp_hi = max(MPP_RANGE[0], um / hi), min(MPP_RANGE[1], um / lo)
     raise SlideError(
-        f"{_where(slide)}: at {mpp:.6g} µm/px a {patch_px} px patch at {magnification:g}x "
+        f"{slide_label(slide)}: at {mpp:.6g} µm/px a {patch_px} px patch at {magnification:g}x "
         f"({um:g} µm) is {ps0:.6g} level-0 px; it must be {lo} to {hi} px, so the level-0 mpp "
         f"must be {mpp_lo:.3g} to {mpp_hi:.3g} µm/px for this magnification"
     )
@@ -356,7 +356,7 @@ def _grid_message(slide, n: int, shape: tuple[int, int], mask: np.ndarray,
     rows, cols = shape
     if n == 0:
         return (
-            f"{_where(slide)}: no tissue found: no patch of the {rows} x {cols} grid is "
+            f"{slide_label(slide)}: no tissue found: no patch of the {rows} x {cols} grid is "
             f"{tissue_threshold:.0%} tissue or more (tissue covers {mask.mean():.1%} of the slide)"
         )
     return (
@@ -396,14 +396,14 @@ def read_lr_image(
     src_w = math.ceil(out_w * s - 1e-9)
     if src_w * max(s, 1.0) > MAX_WINDOW_PIXELS:  # even one output row is too much to decode
         raise SlideError(
-            f"{_where(slide)}: one row of the low-resolution image needs {src_w} x {math.ceil(s)} "
+            f"{slide_label(slide)}: one row of the low-resolution image needs {src_w} x {math.ceil(s)} "
             f"px of level {level}, more than the {MAX_WINDOW_PIXELS // 2**20} MP decoded at once"
         )
     ax = _area_matrix(out_w, s, 0, src_w)
     band_rows = max(1, int(_BAND_PIXELS // max(1, src_w * max(s, 1.0))))
     starts = list(range(0, out_h, band_rows))
     for b, i0 in enumerate(starts):
-        check_cancelled(cancel, f"{_where(slide)}: reading the low-resolution image")
+        check_cancelled(cancel, f"{slide_label(slide)}: reading the low-resolution image")
         if progress is not None:
             progress("lr_image", b, len(starts))
         i1 = min(out_h, i0 + band_rows)
@@ -417,20 +417,40 @@ def read_lr_image(
 
 
 def _read_band(slide, level: int, ds: float, y0: int, size: tuple[int, int]) -> np.ndarray:
-    """uint8 (h, w, 3) of level ``level`` from level px (0, y0): the part inside the level read,
-    the rest (past the slide's edge) white without reading it."""
-    w, h = size
-    lw, lh = _level_size(slide, level, (w, y0 + h))
-    rw, rh = min(w, lw), min(h, lh - y0)
+    """uint8 (h, w, 3) of level ``level`` from level px (0, y0), white past the slide's edge."""
+    return read_level_window(slide, level, ds, (0, y0), size)
+
+
+def read_level_window(slide, level: int, ds: float, origin: tuple[int, int],
+                      size: tuple[int, int]) -> np.ndarray:
+    """uint8 (h, w, 3) of pyramid level ``level`` (downsample ``ds``) from level px ``origin``:
+    the level's own pixels, white (background) past its right and bottom edges, never read there
+    (a backend's own padding, e.g. tiffslide's black, never reaches the tissue mask)."""
+    (x0, y0), (w, h) = origin, size
+    lw, lh = _level_size(slide, level, (x0 + w, y0 + h))
+    rw, rh = min(w, lw - x0), min(h, lh - y0)
+    # level-0 coordinates that map back to level px (x0, y0) exactly (read_region floors / ds)
+    loc = (math.ceil(x0 * ds - 1e-9), math.ceil(y0 * ds - 1e-9))
     if rw == w and rh == h:
-        inside = np.asarray(slide.read_region((0, math.ceil(y0 * ds - 1e-9)), level, (w, h)))
-        return inside[..., :3]
-    band = np.full((h, w, 3), _BACKGROUND, np.uint8)
+        return np.asarray(slide.read_region(loc, level, (w, h)))[..., :3]
+    window = np.full((h, w, 3), _BACKGROUND, np.uint8)
     if rw > 0 and rh > 0:
-        # A level-0 y that maps back to level row y0 exactly (read_region floors y / ds).
-        inside = np.asarray(slide.read_region((0, math.ceil(y0 * ds - 1e-9)), level, (rw, rh)))
-        band[:rh, :rw] = inside[..., :3]
-    return band
+        window[:rh, :rw] = np.asarray(slide.read_region(loc, level, (rw, rh)))[..., :3]
+    return window
+
+
+def read_lr_patch(slide, level: int, ds: float, s: float, xy: tuple[int, int], lr_px: int) -> np.ndarray:
+    """uint8 (lr_px, lr_px, 3): the LR patch whose level-0 corner is ``xy``, area-averaged from
+    level px [x / ds, x / ds + lr_px * s) per axis (``s`` level px per LR px), as the LR image
+    averages it; white past the slide's edges."""
+    fx, fy = xy[0] / ds, xy[1] / ds
+    x0, y0 = math.floor(fx + 1e-9), math.floor(fy + 1e-9)
+    x1 = max(x0 + 1, math.ceil(fx + lr_px * s - 1e-9))
+    y1 = max(y0 + 1, math.ceil(fy + lr_px * s - 1e-9))
+    window = read_level_window(slide, level, ds, (x0, y0), (x1 - x0, y1 - y0))
+    ax = _area_matrix(lr_px, s, fx - x0, x1 - x0)
+    ay = _area_matrix(lr_px, s, fy - y0, y1 - y0)
+    return _resample(window, ay, ax)
 
 
 def _level_size(slide, level: int, default: tuple[int, int]) -> tuple[int, int]:
@@ -511,6 +531,3 @@ def _empty_grid(message: str, **common: Any) -> PatchGrid:
         **common,
     )
 
-
-def _where(slide) -> str:
-    return str(getattr(slide, "path", None) or getattr(slide, "name", None) or "slide")

@@ -355,13 +355,14 @@ def check_overview_size(slide: Any, size_wh: tuple[int, int], what: str = "overv
     if w * h > MAX_OVERVIEW_PIXELS or max(w, h) > MAX_OVERVIEW_SIDE:
         sw, sh = slide.dimensions
         raise SlideError(
-            f"{_where_of(slide)}: its {what} would be {w} x {h} px ({_mp(w * h)}), over the cap "
+            f"{slide_label(slide)}: its {what} would be {w} x {h} px ({_mp(w * h)}), over the cap "
             f"of {_mp(MAX_OVERVIEW_PIXELS)} and {MAX_OVERVIEW_SIDE} px a side; the header claims "
             f"{sw} x {sh} px, more than a glass slide holds at this mpp"
         )
 
 
-def _where_of(slide: Any) -> str:
+def slide_label(slide: Any) -> str:
+    """What messages call a slide: its path, else its name."""
     return str(getattr(slide, "path", None) or getattr(slide, "name", None) or "slide")
 
 

@@ -16,7 +16,6 @@ LIPN's dilation) and ``hdmil train-lipn`` work on them.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 
 from hdmil.errors import Cancelled, FeatureFileError, HDMILError, check_cancelled
+from hdmil.grid import padded_mask, read_lr_patch
+from hdmil.slide import slide_label
 
 __all__ = ["LROutcome", "add_lr_patches", "find_slides", "read_lr_patches"]
 
@@ -66,42 +67,13 @@ def read_lr_patches(slide: Any, coords: np.ndarray, patch_size_level0: int, lr_p
     out = np.empty((len(coords), lr_px, lr_px, 3), np.uint8)
     for i, (x, y) in enumerate(coords):
         if i % 256 == 0:
-            check_cancelled(cancel, f"{_where(slide)}: reading LR patches")
+            check_cancelled(cancel, f"{slide_label(slide)}: reading LR patches")
             if progress is not None:
                 progress("lr_patches", i, len(coords))
-        out[i] = _lr_patch(slide, level, ds, scale / ds, (int(x), int(y)), lr_px)
+        out[i] = read_lr_patch(slide, level, ds, scale / ds, (int(x), int(y)), lr_px)
     if progress is not None:
         progress("lr_patches", len(coords), len(coords))
     return out
-
-
-def _lr_patch(slide: Any, level: int, ds: float, s: float, xy: tuple[int, int], lr_px: int) -> np.ndarray:
-    """One LR patch: level px [x / ds, x / ds + lr_px * s) per axis, area-averaged."""
-    from hdmil.grid import _area_matrix, _resample
-
-    fx, fy = xy[0] / ds, xy[1] / ds
-    x0, y0 = math.floor(fx + 1e-9), math.floor(fy + 1e-9)
-    x1 = max(x0 + 1, math.ceil(fx + lr_px * s - 1e-9))
-    y1 = max(y0 + 1, math.ceil(fy + lr_px * s - 1e-9))
-    window = _read_window(slide, level, ds, (x0, y0), (x1 - x0, y1 - y0))
-    ax = _area_matrix(lr_px, s, fx - x0, x1 - x0)
-    ay = _area_matrix(lr_px, s, fy - y0, y1 - y0)
-    return _resample(window, ay, ax)
-
-
-def _read_window(slide: Any, level: int, ds: float, origin: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-    """uint8 (h, w, 3) of ``level`` from level px ``origin``: the level's own pixels, white past
-    its edges (as the grid's LR image is padded)."""
-    (x0, y0), (w, h) = origin, size
-    dims = getattr(slide, "level_dimensions", None)
-    lw, lh = (int(v) for v in dims[level]) if dims else (x0 + w, y0 + h)
-    rw, rh = min(w, lw - x0), min(h, lh - y0)
-    window = np.full((h, w, 3), 255, np.uint8)
-    if rw > 0 and rh > 0:
-        # level-0 coordinates that map back to level px (x0, y0) exactly (read_region floors / ds)
-        loc = (math.ceil(x0 * ds - 1e-9), math.ceil(y0 * ds - 1e-9))
-        window[:rh, :rw] = np.asarray(slide.read_region(loc, level, (rw, rh)))[..., :3]
-    return window
 
 
 # -- feature files ------------------------------------------------------------------------------
@@ -226,7 +198,7 @@ def _one_file(path: Path, target: Path, slide_files: dict[str, list[Path]], mpp:
             datasets["coords"], dataset_attrs["coords"] = _coords_with_geometry(path, bag, slide, geometry)
         attrs = _root_attrs(bag.attrs, slide, geometry)
     written = update_feature_file(path, datasets, attrs, dataset_attrs, out=target)
-    n_pad = int(_overhang(bag.coords, geometry["patch_size_level0"], geometry["dims"]).sum())
+    n_pad = int(padded_mask(bag.coords, geometry["patch_size_level0"], geometry["dims"]).sum())
     pad = f", {n_pad} padded past the slide's edge" if n_pad else ""
     return LROutcome(path, written, "written", f"{len(lr)} LR patches from {slide_path.name}{pad} -> {written}")
 
@@ -318,11 +290,3 @@ def _root_attrs(attrs: dict[str, Any], slide: Any, geometry: dict[str, Any]) -> 
         out["mpp"] = float(slide.mpp)
     return out
 
-
-def _overhang(coords: np.ndarray, ps0: int, dims: tuple[int, int]) -> np.ndarray:
-    end = np.asarray(coords, dtype=np.int64) + int(ps0)
-    return (end[:, 0] > dims[0]) | (end[:, 1] > dims[1])
-
-
-def _where(slide: Any) -> str:
-    return str(getattr(slide, "path", None) or getattr(slide, "name", None) or "slide")
