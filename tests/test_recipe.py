@@ -316,7 +316,8 @@ def test_patch_encoder_trains_on_the_one_loop_and_stops_on_cancel(tmp_path: Path
 
 def test_recipe_configs_come_through_the_options_table() -> None:
     from hdmil.errors import HDMILError
-    from hdmil.train import AttentionShare, DMINTrainConfig, LIPNTrainConfig, RecallShare
+    from hdmil.train import (AttentionShare, DMINTrainConfig, KeptBudget, LIPNTrainConfig,
+                             RecallShare)
 
     cfg = RecipeConfig(seed=7)
     dmin = cfg.dmin_config()
@@ -327,12 +328,14 @@ def test_recipe_configs_come_through_the_options_table() -> None:
     assert dmin.lr == DMINTrainConfig().lr  # not the recipe's encoder_lr
     lipn = cfg.lipn_config(device="cuda")
     assert isinstance(lipn, LIPNTrainConfig)
-    assert lipn.calibration == AttentionShare((0.85, 0.98))
+    assert lipn.calibration == KeptBudget(0.5) and lipn.target_temperature == 3.0
     assert (lipn.lr, lipn.batch_patches, lipn.max_epochs, lipn.patience) == (1e-3, 256, 100, 5)
     assert (lipn.targets, lipn.match, lipn.views, lipn.dilation) == ("soft", "bce", 4, (0, 1))
     assert (lipn.stain_jitter, lipn.seed, lipn.device) == (1.0, 7, "cuda")
-    recall = RecipeConfig(lipn_attention=None, lipn_recall=0.97).lipn_config()
+    recall = RecipeConfig(lipn_kept=None, lipn_recall=0.97).lipn_config()
     assert recall.calibration == RecallShare(0.97)
-    assert RecipeConfig(lipn_attention=None).lipn_config().calibration is None
-    with pytest.raises(HDMILError):
+    shares = RecipeConfig(lipn_kept=None, lipn_attention=(0.85, 0.98)).lipn_config()
+    assert shares.calibration == AttentionShare((0.85, 0.98))
+    assert RecipeConfig(lipn_kept=None).lipn_config().calibration is None
+    with pytest.raises(HDMILError, match="lipn_recall and lipn_kept both set"):
         RecipeConfig(lipn_recall=0.97).lipn_config()  # two calibrations: say which

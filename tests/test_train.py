@@ -265,6 +265,34 @@ def test_lipn_attention_calibration(trained, synth, tmp_path):
         LIPNTrainConfig(match="bce")
 
 
+def test_lipn_kept_budget_calibration(trained, synth):
+    """Per-class thresholds chosen together: LIPN keeps at most the budget (mean over slides, its
+    dilation included), and a larger budget holds at least as much of DMIN's attention."""
+    from hdmil.checkpoint import load_model
+    from hdmil.train.calibration import calibrate_kept
+
+    _, _, res = trained
+    cohort, splits = synth[4], synth[5]
+    model = load_model(res.checkpoint)
+    ids = list(splits[0].val) + list(splits[0].test)
+    model.lipn.cfg.dilation = (0, 1)
+
+    def kept_ratio() -> float:
+        return float(np.mean([model.lipn.keep_mask(cohort.bags.lr_patches(s),
+                                                   index=cohort.bags.grid_index(s))
+                              .any(dim=1).float().mean() for s in ids]))
+
+    runs = {}
+    for ratio in (0.3, 0.6):
+        runs[ratio] = calibrate_kept(model.lipn, model.dmin, cohort, ids, ratio)
+        assert model.lipn.cfg.class_thresholds == tuple(runs[ratio]["class_thresholds"])
+        assert runs[ratio]["kept_ratio"] == pytest.approx(kept_ratio(), abs=1e-6)
+        assert runs[ratio]["kept_ratio"] <= ratio
+    tight, loose = runs[0.3], runs[0.6]
+    assert np.nanmean(loose["attention_held"]) >= np.nanmean(tight["attention_held"])
+    assert loose["kept_ratio"] > tight["kept_ratio"]
+
+
 @pytest.mark.slow
 def test_lipn_attention_shares_per_class_and_dilation(trained, synth, tmp_path):
     """One share per class calibrates each class as that share alone would; a dilating LIPN keeps

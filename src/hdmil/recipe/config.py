@@ -69,15 +69,20 @@ class RecipeConfig:
     lipn_patience: int = 5
     lipn_batch_patches: int = 256  # ~2 slides per LIPN step: 8x the steps of the default 2048
     lipn_lr: float = 1e-3  # the paper's 1e-4 is for cohorts 100x larger: here it stops unconverged
-    # one LIPN threshold per class (normal, tumour), the highest whose kept set holds this share of
-    # DMIN's validation attention: normal attention is spread thin over all tissue, so 85% of it
-    # changes little; tumour attention sits on few patches (docs/demo_model.md)
-    lipn_attention: float | tuple[float, ...] | None = (0.85, 0.98)
+    # one LIPN threshold per class, chosen together on the validation slides: as much of DMIN's
+    # attention as LIPN can hold while it keeps at most this share of a slide's patches (dilation
+    # included). It works whichever DMIN branch holds DMIN's own keep budget, which DMIN's losses
+    # leave open (docs/demo_model.md): per-class attention shares assumed the tumour set small
+    lipn_kept: float | None = 0.5
+    lipn_attention: float | tuple[float, ...] | None = None  # or: per-class attention shares
     # rings of neighbours joining each patch LIPN keeps (normal, tumour): the tumour set's boundary
     lipn_dilation: tuple[int, ...] | None = (0, 1)
     lipn_recall: float | None = None  # or: one threshold keeping this share of DMIN's instances
     lipn_targets: str = "soft"  # σ(s/τ): LIPN learns DMIN's ranking, not only its 0/1 mask
     lipn_match: str = "bce"  # cross-entropy to σ(s/τ), not L1: ranks rare tumour patches higher
+    # σ(s/(3τ)): DMIN scores tumour patches far above the boundary (s ≈ 9); at T = 1 they are all
+    # ≈ 1 and LIPN's tumour ranking was worse (patch AUC 0.83 against 0.92, docs/demo_model.md)
+    lipn_target_temperature: float = 3.0
     lipn_views: int = 4  # P averaged over the 4 quarter turns of each LR patch (docs/demo_model.md)
     threads: int = 2  # torch threads
     workers: int | None = None  # slide-making processes (default up to 2)
@@ -117,8 +122,8 @@ class RecipeConfig:
 
     def lipn_config(self, device: str = "cpu"):
         """This recipe's LIPN training config (``hdmil.train.LIPNTrainConfig``): its ``lipn_*``
-        fields through the options table; ``lipn_recall`` / ``lipn_attention`` become the one
-        calibration value (setting both is an error)."""
+        fields through the options table; ``lipn_kept`` / ``lipn_attention`` / ``lipn_recall``
+        become the one calibration value (setting two is an error)."""
         from hdmil.train.options import lipn_config_from_settings
 
         return lipn_config_from_settings(self.to_dict(), device=device)

@@ -15,7 +15,8 @@ from typing import Any
 # parser without importing torch, so `hdmil info` stays small.
 _HOME = {
     "hdmil.train.data": ("Bag", "BagDataset", "Cohort", "load_cohort", "read_labels"),
-    "hdmil.train.config": ("AttentionShare", "DMINTrainConfig", "LIPNTrainConfig", "RecallShare"),
+    "hdmil.train.config": ("AttentionShare", "DMINTrainConfig", "KeptBudget", "LIPNTrainConfig",
+                           "RecallShare"),
     "hdmil.train.dmin_trainer": ("train_dmin",),
     "hdmil.train.evaluate": ("EvalResult", "FoldTable", "evaluate_folds", "evaluate_model"),
     "hdmil.train.lipn_trainer": ("train_lipn",),
@@ -42,6 +43,7 @@ __all__ = [
     "EvalResult",
     "DMINTrainConfig",
     "FoldTable",
+    "KeptBudget",
     "LIPNTrainConfig",
     "RecallShare",
     "Split",

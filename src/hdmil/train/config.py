@@ -4,8 +4,8 @@ Both are plain dataclasses with ``to_dict`` / ``from_dict``. ``from_dict`` also 
 ``TrainConfig`` dict that earlier versions stored in checkpoints and ``state.json`` (DMIN fields
 under their own names, LIPN fields as ``lipn_*``), so stored configs stay readable.
 
-LIPN's threshold calibration is one value: ``None`` (the paper's fixed 0.5), ``RecallShare`` or
-``AttentionShare``.
+LIPN's threshold calibration is one value: ``None`` (the paper's fixed 0.5), ``RecallShare``,
+``AttentionShare`` or ``KeptBudget`` (``hdmil.train.calibration``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ __all__ = [
     "AttentionShare",
     "Calibration",
     "DMINTrainConfig",
+    "KeptBudget",
     "LIPNTrainConfig",
     "RecallShare",
     "calibration_from_dict",
@@ -111,18 +112,38 @@ class AttentionShare:
         return {"attention": list(self.shares) if isinstance(self.shares, tuple) else self.shares}
 
 
-Calibration = Union[RecallShare, AttentionShare, None]
+@dataclass(frozen=True)
+class KeptBudget:
+    """Ours: one threshold per class, chosen together so that LIPN keeps at most ``ratio`` of each
+    validation slide's patches on average (its dilation included) while holding as much of DMIN's
+    attention as it can, whichever class's attention is spread thin."""
+
+    ratio: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.ratio) <= 1.0:
+            raise HDMILError(f"the LIPN kept budget must be in (0, 1], got {self.ratio}")
+        object.__setattr__(self, "ratio", float(self.ratio))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kept": self.ratio}
+
+
+Calibration = Union[RecallShare, AttentionShare, KeptBudget, None]
 
 
 def calibration_from_dict(data: dict[str, Any] | None) -> Calibration:
-    """Undo ``to_dict``: ``{"recall": s}``, ``{"attention": s | [s, ...]}`` or None."""
+    """Undo ``to_dict``: ``{"recall": s}``, ``{"attention": s | [s, ...]}``, ``{"kept": r}`` or
+    None."""
     if not data:
         return None
     if set(data) == {"recall"}:
         return RecallShare(float(data["recall"]))
     if set(data) == {"attention"}:
         return AttentionShare(data["attention"])
-    raise HDMILError(f"unknown LIPN calibration {data!r}: expected 'recall' or 'attention'")
+    if set(data) == {"kept"}:
+        return KeptBudget(float(data["kept"]))
+    raise HDMILError(f"unknown LIPN calibration {data!r}: expected 'recall', 'attention' or 'kept'")
 
 
 @dataclass
@@ -136,11 +157,16 @@ class LIPNTrainConfig:
     min_epochs: int = 0
     patience: int = 5
     batch_patches: int = 2048  # slides are batched into one LIPN step up to this many patches
-    # after training: None keeps the paper's M_LR = 1[P > 0.5]; else RecallShare / AttentionShare
+    # after training: None keeps the paper's M_LR = 1[P > 0.5]; else RecallShare, AttentionShare or
+    # KeptBudget
     calibration: Calibration = None
     # "mask": the paper's target M_HR = 1[s > 0] and LIPN's straight-through mask; "soft": target
     # σ(s / τ) and LIPN's probability, the same boundary (σ(s/τ) > 0.5 ⟺ s > 0) with DMIN's margin
     targets: str = "mask"
+    # ours, soft targets only: σ(s / (T·τ)), a distillation temperature T. The boundary stays at
+    # s = 0; with T > 1 the patches DMIN scores far above it (tumour, s ≈ 9) are no longer all
+    # ≈ 1, so LIPN learns their ranking too instead of fitting the patches near the boundary
+    target_temperature: float = 1.0
     # "l1": the paper's L1 between LIPN's and DMIN's masks; "bce" (ours, soft targets only):
     # cross-entropy between LIPN's probabilities and σ(s / τ), which ranks rare tumour patches higher
     match: str = "l1"
@@ -162,6 +188,10 @@ class LIPNTrainConfig:
             raise HDMILError(f"LIPN targets must be 'mask' or 'soft', got {self.targets!r}")
         if self.match not in ("l1", "bce"):
             raise HDMILError(f"LIPN match must be 'l1' or 'bce', got {self.match!r}")
+        if not self.target_temperature > 0:
+            raise HDMILError(f"LIPN target_temperature must be > 0, got {self.target_temperature}")
+        if self.target_temperature != 1.0 and self.targets != "soft":
+            raise HDMILError("a target temperature softens DMIN's soft targets: set targets='soft'")
         if self.match == "bce" and self.targets != "soft":
             raise HDMILError("match='bce' compares LIPN's probabilities with DMIN's soft targets: "
                              "set targets='soft' too")

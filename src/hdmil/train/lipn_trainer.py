@@ -33,7 +33,9 @@ import torch
 
 from hdmil.errors import CheckpointError, HDMILError, check_cancelled
 from hdmil.files import atomic_path, to_jsonable
-from hdmil.train.config import AttentionShare, LIPNTrainConfig, RecallShare
+from hdmil.train.calibration import (attention_shares, calibrate_attention, calibrate_kept,
+                                     calibrate_threshold)
+from hdmil.train.config import AttentionShare, KeptBudget, LIPNTrainConfig, RecallShare
 from hdmil.train.data import Cohort
 from hdmil.train.loop import (
     LoopConfig,
@@ -47,7 +49,7 @@ from hdmil.train.loop import (
 )
 from hdmil.train.splits import Split
 
-__all__ = ["LIPNTask", "calibrate_attention", "calibrate_threshold", "hr_targets", "train_lipn"]
+__all__ = ["LIPNTask", "hr_targets", "train_lipn"]
 
 HDMIL_NAME = "hdmil.safetensors"
 LIPN_LOG_NAME = "lipn_log.csv"
@@ -63,16 +65,19 @@ def hr_targets(
     slide_ids: Sequence[str],
     cancel: threading.Event | None = None,
     soft: bool = False,
+    temperature: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """slide id -> [N, C]: the frozen DMIN's evaluation mask ``1[s > 0]`` (bool, no dropout), or
-    with ``soft`` its attention logits through the mask's own sigmoid, ``σ(s / τ)`` (float)."""
+    with ``soft`` its attention logits through the mask's own sigmoid at a distillation
+    ``temperature`` T, ``σ(s / (T·τ))`` (float; T = 1: the mask's own)."""
     bags = cohort.require_bags()
     dmin.eval()
     out = {}
     for sid in slide_ids:
         check_cancelled(cancel, "training")
         pred = dmin.predict(bags[sid].features, None)
-        out[sid] = torch.sigmoid(pred.scores / dmin.cfg.tau).cpu() if soft else pred.mask.bool().cpu()
+        scale = dmin.cfg.tau * temperature
+        out[sid] = torch.sigmoid(pred.scores / scale).cpu() if soft else pred.mask.bool().cpu()
     return out
 
 
@@ -181,129 +186,6 @@ def _agreement(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, floa
     }
 
 
-def _kept(lipn: torch.nn.Module, probs: list[torch.Tensor], bags: Any, slide_ids: Sequence[str]) -> torch.Tensor:
-    """LIPN's kept sets at its current thresholds, dilation included: bool [sum N, C]."""
-    kept = [lipn.keep_from(p, bags.grid_index(sid) if lipn.dilates else None)[1]
-            for p, sid in zip(probs, slide_ids)]
-    return torch.cat(kept) if kept else torch.zeros(0, lipn.cfg.n_classes, dtype=torch.bool)
-
-
-def attention_shares(share: float | Sequence[float], classes: Sequence[str]) -> list[float]:
-    """``lipn_attention`` as one share per class: a single share applies to every class."""
-    n = len(classes)
-    shares = [float(share)] * n if np.isscalar(share) else [float(v) for v in share]
-    if len(shares) != n:
-        raise HDMILError(f"lipn_attention has {len(shares)} shares for {n} classes "
-                         f"({', '.join(classes)}): give one share, or one per class")
-    if not all(0.0 < v <= 1.0 for v in shares):
-        raise HDMILError(f"lipn_attention must be in (0, 1], got {share}")
-    return shares
-
-
-@torch.no_grad()
-def calibrate_threshold(
-    lipn: torch.nn.Module,
-    cohort: Cohort,
-    slide_ids: Sequence[str],
-    targets: dict[str, torch.Tensor],
-    recall: float,
-    cancel: threading.Event | None = None,
-) -> dict[str, float]:
-    """Set ``lipn.cfg.threshold`` so LIPN keeps ``recall`` of the (slide, patch, class) instances
-    DMIN keeps on ``slide_ids``; the threshold only goes down from the paper's 0.5.
-
-    A missed instance is never read at 20x, while an extra one costs one patch of reading and
-    features: for a screening step recall matters more than the paper's symmetric 0.5.
-    Returns the threshold and, at it, the recall and the kept ratio on those slides.
-    """
-    if not 0.0 < recall <= 1.0:
-        raise HDMILError(f"lipn_recall must be in (0, 1], got {recall}")
-    bags = cohort.require_bags()
-    probs, wanted = [], []
-    for sid in slide_ids:
-        check_cancelled(cancel, "training")
-        probs.append(lipn.probabilities(bags.lr_patches(sid)))  # [N, C]
-        wanted.append(targets[sid].cpu().float() > 0.5)  # [N, C]: DMIN keeps (σ(s/τ) > 0.5 ⟺ s > 0)
-    p, m = torch.cat(probs), torch.cat(wanted)
-    default = float(lipn.cfg.threshold)
-    if m.any():
-        # the largest t with share(P > t | M_HR) >= recall: just under the (1 - recall) quantile
-        q = np.float32(torch.quantile(p[m].double(), 1.0 - recall, interpolation="lower").item())
-        # one float32 step below it: P is float32, and so is the comparison P > threshold
-        threshold = min(default, float(np.nextafter(q, np.float32(-np.inf))))
-    else:
-        threshold = default
-    lipn.cfg.threshold = threshold
-    kept = _kept(lipn, probs, bags, slide_ids)
-    return {
-        "threshold": threshold,
-        "recall": float((kept & m).sum() / m.sum()) if m.any() else math.nan,
-        "kept_ratio": float(kept.any(dim=1).float().mean()) if len(p) else math.nan,
-        "recall_at_0.5": float(((p > default) & m).sum() / m.sum()) if m.any() else math.nan,
-    }
-
-
-@torch.no_grad()
-def calibrate_attention(
-    lipn: torch.nn.Module,
-    dmin: torch.nn.Module,
-    cohort: Cohort,
-    slide_ids: Sequence[str],
-    share: float | Sequence[float],
-    cancel: threading.Event | None = None,
-) -> dict[str, Any]:
-    """Set one LIPN threshold per class (``lipn.cfg.class_thresholds``): the highest with which
-    LIPN's kept set holds ``share`` of DMIN's attention for that class, on average over
-    ``slide_ids``. ``share``: one for every class, or one per class.
-
-    DMIN's attention for class c is its evaluation pooling weight: softmax of s[:, c] over the
-    instances it keeps (s > 0). Pooling is a weighted mean, so instances with little weight change
-    the prediction little whether LIPN keeps them or not; a class whose attention is spread thin
-    over every patch (say, "normal" on any slide) then no longer keeps every patch it marks, while a
-    class whose attention sits on a few patches (tumour) keeps those. Thresholds may lie above the
-    paper's 0.5. The thresholds are set before LIPN's dilation (which only adds patches); the kept
-    ratios returned count it. Returns per class the threshold, the attention share held, and the
-    kept ratios.
-    """
-    n_classes = lipn.cfg.n_classes
-    shares = attention_shares(share, cohort.classes)
-    bags = cohort.require_bags()
-    probs, weights = [], []
-    for sid in slide_ids:
-        check_cancelled(cancel, "training")
-        # DMIN's pooling weights [N, C], NaN outside each class's kept set: 0 there
-        weights.append(torch.nan_to_num(dmin.predict(bags[sid].features, None).attention, nan=0.0))
-        probs.append(lipn.probabilities(bags.lr_patches(sid)))  # [N, C]
-    thresholds, held = [], []
-    for c in range(n_classes):
-        # each slide that keeps anything for c counts once: its weights sum to 1 over its instances
-        slides = [i for i, w in enumerate(weights) if float(w[:, c].sum()) > 0]
-        if not slides:
-            thresholds.append(float(lipn.cfg.threshold))
-            held.append(math.nan)
-            continue
-        p = torch.cat([probs[i][:, c] for i in slides]).numpy().astype(np.float32)
-        w = torch.cat([weights[i][:, c] for i in slides]).numpy() / len(slides)
-        order = np.argsort(-p, kind="stable")
-        covered = np.cumsum(w[order])  # attention held when the threshold is just below p[order[i]]
-        i = int(np.searchsorted(covered, shares[c] * (1 - 1e-9)))
-        i = min(i, len(order) - 1)
-        # just under that patch's P (float32, as P > threshold compares): it and its ties are kept
-        t = float(np.nextafter(p[order[i]], np.float32(-np.inf)))
-        thresholds.append(t)
-        held.append(float(w[p > t].sum()))
-    lipn.cfg.class_thresholds = tuple(thresholds)
-    k_all = _kept(lipn, probs, bags, slide_ids)
-    return {
-        "share": shares if not np.isscalar(share) else float(share),
-        "class_thresholds": thresholds,
-        "attention_held": held,
-        "dilation": list(lipn.cfg.dilation) if lipn.cfg.dilation is not None else None,
-        "kept_ratio": float(k_all.any(dim=1).float().mean()) if len(k_all) else math.nan,
-        "class_kept_ratio": [float(v) for v in k_all.float().mean(dim=0)] if len(k_all) else [],
-    }
-
-
 def _load_dmin(dmin_checkpoint: str | Path | Any, cohort: Cohort) -> Any:
     """The HDMILModel whose DMIN LIPN learns from, checked against the cohort."""
     from hdmil.checkpoint import load_model
@@ -349,12 +231,13 @@ def _check_inputs(cohort: Cohort, split: Split, cfg: LIPNTrainConfig) -> None:
                          f"classes ({', '.join(cohort.classes)})")
 
 
-def _targets(dmin: torch.nn.Module, cohort: Cohort, ids: Sequence[str], soft: bool,
+def _targets(dmin: torch.nn.Module, cohort: Cohort, ids: Sequence[str], cfg: LIPNTrainConfig,
              cancel: threading.Event | None) -> dict[str, torch.Tensor]:
     """DMIN's targets for ``ids``, with every slide's LR patches read (and cached) up front, so
     that errors surface before training."""
     bags = cohort.require_bags()
-    targets = hr_targets(dmin, cohort, ids, cancel, soft=soft)
+    targets = hr_targets(dmin, cohort, ids, cancel, soft=cfg.soft,
+                          temperature=cfg.target_temperature)
     for sid in ids:
         if bags.lr_patches(sid).shape[0] != targets[sid].shape[0]:
             raise HDMILError(f"{bags.path(sid)}: LR patches and features differ in number")
@@ -469,6 +352,8 @@ def _calibrate(task: LIPNTask, dmin: torch.nn.Module,
     calibration, lipn, val = task.cfg.calibration, task.model, task.split.val
     if isinstance(calibration, AttentionShare):
         return calibrate_attention(lipn, dmin, task.cohort, val, calibration.shares, cancel)
+    if isinstance(calibration, KeptBudget):
+        return calibrate_kept(lipn, dmin, task.cohort, val, calibration.ratio, cancel)
     if isinstance(calibration, RecallShare):
         return calibrate_threshold(lipn, task.cohort, val, task.targets, calibration.share, cancel)
     return None
@@ -535,7 +420,7 @@ def train_lipn(
     ids = list(split.train) + list(split.val)
     if progress is not None:
         progress("targets", 0, len(ids))
-    targets = _targets(dmin, cohort, ids, cfg.soft, cancel)  # DMIN's eval path: no RNG drawn
+    targets = _targets(dmin, cohort, ids, cfg, cancel)  # DMIN's eval path: no RNG drawn
     seed_everything(cfg.seed)  # LIPN's initial weights
     task = LIPNTask(cohort, split, cfg, targets, out_dir, device)
     loop = LoopConfig(max_epochs=cfg.max_epochs, seed=cfg.seed, monitor="val_loss",

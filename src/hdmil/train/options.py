@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hdmil.errors import HDMILError
-from hdmil.train.config import AttentionShare, DMINTrainConfig, LIPNTrainConfig, RecallShare
+from hdmil.train.config import (AttentionShare, DMINTrainConfig, KeptBudget, LIPNTrainConfig,
+                                RecallShare)
 
 __all__ = [
     "DMIN_OPTIONS",
@@ -133,11 +134,19 @@ LIPN_OPTIONS: tuple[Option, ...] = (
            "slides, e.g. 0.95, or one share per class in class order, e.g. 0.85,0.98",
            parse_shares, metavar="SHARE[,SHARE...]", to_field=AttentionShare,
            default_help="the paper's fixed 0.5", key="lipn_attention"),
+    Option("--kept", "calibration", "instead of --recall / --attention: one threshold per class, "
+           "chosen together to hold the most of DMIN's attention while LIPN keeps at most this "
+           "share of each validation slide's patches on average (dilation included), e.g. 0.5",
+           float, metavar="RATIO", to_field=KeptBudget, default_help="the paper's fixed 0.5",
+           key="lipn_kept"),
     Option("--dilation", "dilation", "per class (in class order), rings of neighbouring patches "
            "that join each patch LIPN keeps for it, e.g. 0,1", parse_rings, metavar="R,R...",
            default_help="none", key="lipn_dilation"),
     Option("--soft-targets", "targets", "distil DMIN's scores σ(s/τ) instead of its 0/1 mask "
            "(same boundary)", const="soft", key="lipn_targets"),
+    Option("--target-temperature", "target_temperature", "with --soft-targets: distil "
+           "σ(s/(T·τ)), same boundary; T > 1 keeps the ranking of the patches DMIN scores far "
+           "above it (say 3)", float, metavar="T", key="lipn_target_temperature"),
     Option("--match", "match", "how LIPN's output is compared with DMIN's: the paper's L1 or "
            "cross-entropy (with --soft-targets; ranks rare tumour patches higher)", str,
            choices=("l1", "bce"), key="lipn_match"),
