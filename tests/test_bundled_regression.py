@@ -1,8 +1,9 @@
-"""The bundled model on the real CMU slide gives what the code before the pipeline-as-stages
-refactor gave (tests/data/legacy/bundled/probabilities.json, written by that code with
-make_bundled_probabilities.py): a restructuring must not move a single probability. The CMU
-rows' patch counts were updated on purpose when the grid began to include the partial last row
-and column (issue 17)."""
+"""The bundled model on the real CMU slide gives the probabilities pinned in
+tests/data/legacy/bundled/probabilities.json (written with make_bundled_probabilities.py): a
+restructuring must not move a single probability. The file was first written by the code before
+the pipeline-as-stages refactor, with the model of that time; it was written again on purpose
+when the grid began to include the partial last row and column (issue 17: patch counts) and when
+the bundled model was retrained (issue 20: every number; its "made_by" names the commit)."""
 
 from __future__ import annotations
 

@@ -83,8 +83,9 @@ def test_reader_gives_slide_and_every_result_layer_without_a_model(predicted, mo
     assert get_reader(folder) is None  # the slide reader leaves folders alone
     layers = read_result(str(folder))
     names = [kw["name"] for _, kw, _ in layers]
+    predicted_class = json.loads((folder / "report.json").read_text())["prediction"]
     assert names == [CMU, "LIPN decision", "attention: normal", "attention: tumor",
-                     "bottom-k: normal", "top-k: normal"]
+                     f"bottom-k: {predicted_class}", f"top-k: {predicted_class}"]
     meta = layers[0][1]["metadata"]
     assert meta["slide_path"] == str(slide.resolve()) and meta["result_folder"] == str(folder.resolve())
     st = slide.stat()
