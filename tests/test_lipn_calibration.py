@@ -70,7 +70,7 @@ def test_the_budget_goes_where_attention_is_dense():
     assert keep.any(axis=1).tolist() == [False] * 8 + [True, True]
     assert out["kept_ratio"] == pytest.approx(0.2)
     assert out["attention_held"] == pytest.approx([0.0, 1.0])
-    assert lipn.cfg.class_thresholds == tuple(out["class_thresholds"])
+    assert lipn.cfg.class_thresholds == tuple(out["class_thresholds"]) and not out["over_budget"]
     # a larger budget spends the rest on the spread class: its first four patches
     wide = calibrate_kept(lipn, dmin, cohort, ["s"], ratio=0.6)
     keep = lipn.keep_from(torch.as_tensor(probs["s"], dtype=torch.float32))[1].numpy()
@@ -111,13 +111,20 @@ def test_the_budget_is_an_average_over_slides():
     assert out["attention_held"][1] == pytest.approx(1.0)  # only slide "s" attends to class 1
 
 
-def test_a_budget_that_keeps_nothing_is_refused():
-    probs, weights = _one_slide()
-    dmin, cohort = _case(weights)
-    with pytest.raises(HDMILError, match="too small"):
-        calibrate_kept(_Table(probs), dmin, cohort, ["s"], ratio=0.01)
+def test_a_budget_too_small_for_any_step_still_keeps_something_and_says_so():
+    """P tied over every patch of a class: its first candidate keeps all of them. With no step
+    inside the budget the cheapest is taken, never a LIPN that keeps nothing."""
+    p = {"s": np.stack([np.full(10, 0.4), np.r_[np.full(5, 0.3), np.full(5, 0.9)]], axis=1)}
+    w = {"s": np.stack([np.full(10, 0.1), np.r_[np.zeros(5), np.full(5, 0.2)]], axis=1)}
+    dmin, cohort = _case(w)
+    lipn = _Table(p)
+    out = calibrate_kept(lipn, dmin, cohort, ["s"], ratio=0.2)
+    keep = lipn.keep_from(torch.as_tensor(p["s"], dtype=torch.float32))[1].numpy()
+    assert out["over_budget"] and out["kept_ratio"] == pytest.approx(0.5)
+    assert keep.any(axis=1).tolist() == [False] * 5 + [True] * 5  # class 1's five, not all ten
+    assert not calibrate_kept(lipn, dmin, cohort, ["s"], ratio=0.5)["over_budget"]
     with pytest.raises(HDMILError, match="lipn_kept must be in"):
-        calibrate_kept(_Table(probs), dmin, cohort, ["s"], ratio=1.5)
+        calibrate_kept(lipn, dmin, cohort, ["s"], ratio=1.5)
     with pytest.raises(HDMILError, match="kept budget must be in"):
         KeptBudget(0.0)
 

@@ -586,6 +586,8 @@ def test_cli_train_and_evaluate_table(synth, tmp_path, capsys):
     assert len(lipn_prov["threshold_calibration"]["class_thresholds"]) == 2
     printed = capsys.readouterr().out
     assert "branch AUC" in printed
+    t0, t1 = lipn_prov["threshold_calibration"]["class_thresholds"]
+    assert f"fold 0: thresholds normal {t0:.3f}, tumor {t1:.3f}; validation kept ratio" in printed
     with pytest.raises(SystemExit):
         main(["train-lipn", *common, "--dmin", str(out), "--out", str(out), "--dilation", "one"])
     assert "not comma-separated ring counts: 'one'" in capsys.readouterr().err
@@ -601,6 +603,15 @@ def test_cli_train_and_evaluate_table(synth, tmp_path, capsys):
     with open(tmp_path / "table.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["fold"] for r in rows] == ["0", "0", "1", "1", "mean", "std", "mean", "std"]
+    # the demo recipe's calibration from the command line: a kept budget, targets at T = 3
+    assert main(["train-lipn", *common, "--dmin", str(out), "--out", str(tmp_path / "kept"),
+                 "--fold", "0", "--epochs", "1", "--soft-targets", "--target-temperature", "3",
+                 "--kept", "0.5", "--dilation", "0,1"]) == 0
+    prov = load_model(tmp_path / "kept" / "fold_0" / "hdmil.safetensors").config["provenance"]["lipn"]
+    cal = prov["threshold_calibration"]
+    assert prov["config"]["target_temperature"] == 3.0 and cal["kept_budget"] == 0.5
+    assert (cal["kept_ratio"] <= 0.5) != cal["over_budget"]
+    assert "(budget 0.5)" in capsys.readouterr().out
 
 
 def test_cli_error_is_one_line(synth, tmp_path, capsys):

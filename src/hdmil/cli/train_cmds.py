@@ -236,7 +236,33 @@ def cmd_train_lipn(args: argparse.Namespace) -> int:
         print(f"fold {fold}: best epoch {res.best_epoch} of {res.epochs_run}, val loss "
               f"{_fmt(m.get('val_loss'))}, mask agreement {_fmt(m.get('val_agreement'))}, recall of "
               f"DMIN's kept patches {_fmt(m.get('val_recall'))} -> {res.checkpoint}")
+        line = _calibration_line(res.checkpoint)
+        if line:
+            print(f"fold {fold}: {line}")
     return 0
+
+
+def _calibration_line(checkpoint) -> str | None:
+    """What the threshold calibration chose, from the checkpoint's provenance (None: no
+    calibration, the paper's 0.5)."""
+    from hdmil.checkpoint import read_checkpoint_config
+
+    config = read_checkpoint_config(checkpoint)
+    cal = ((config.get("provenance") or {}).get("lipn") or {}).get("threshold_calibration")
+    if not cal:
+        return None
+    if "class_thresholds" in cal:
+        classes = config.get("classes") or [str(i) for i in range(len(cal["class_thresholds"]))]
+        text = "thresholds " + ", ".join(f"{c} {t:.3f}" for c, t in zip(classes, cal["class_thresholds"]))
+    else:
+        text = f"threshold {cal['threshold']:.3f}"
+    text += f"; validation kept ratio {_fmt(cal.get('kept_ratio'))}"
+    if "kept_budget" in cal:
+        text += f" (budget {cal['kept_budget']:g})"
+    if cal.get("over_budget"):
+        text += (": over the budget, LIPN's probabilities tie over too many patches to keep fewer; "
+                 "check the LIPN run or raise --kept")
+    return text
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

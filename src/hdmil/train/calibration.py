@@ -177,9 +177,9 @@ def calibrate_kept(
                                                   for s in slide_ids])
     while search.step(ratio):
         check_cancelled(cancel, "training")
-    if search.kept == 0.0:
-        raise HDMILError(f"a kept budget of {ratio:g} is too small: LIPN would keep no patch of "
-                         "the validation slides")
+    # no first step fits (P ties over many patches, or a tiny budget): never a LIPN that keeps
+    # nothing; the smallest first step is taken and the result says it is over the budget
+    over = search.kept == 0.0 and search.step(math.inf, cheapest=True)
     lipn.cfg.class_thresholds = tuple(search.thresholds)
     k_all = kept_sets(lipn, probs, bags, slide_ids)
     return {
@@ -188,6 +188,7 @@ def calibrate_kept(
         "attention_held": search.held_per_class(),
         "dilation": list(lipn.cfg.dilation) if lipn.cfg.dilation is not None else None,
         "kept_ratio": search.kept,  # mean over slides, as the budget counts
+        "over_budget": bool(over),
         "class_kept_ratio": [float(v) for v in k_all.float().mean(dim=0)] if len(k_all) else [],
     }
 
@@ -245,8 +246,9 @@ class _BudgetSearch:
         per_class, kept = self._measure(thresholds)
         return (float(np.nanmean(per_class)) if np.isfinite(per_class).any() else 0.0), kept
 
-    def step(self, ratio: float) -> bool:
-        """Lower the best class's threshold one candidate within ``ratio``; False when none can."""
+    def step(self, ratio: float, cheapest: bool = False) -> bool:
+        """Lower the best class's threshold one candidate within ``ratio``; False when none can.
+        Best: the most attention per patch added, or with ``cheapest`` the fewest patches."""
         best = None
         for c, cands in enumerate(self.candidates):
             if self.at[c] + 1 >= len(cands):
@@ -257,7 +259,7 @@ class _BudgetSearch:
             if kept > ratio:
                 continue
             cost = kept - self.kept
-            gain = math.inf if cost <= 0 else (held - self.held) / cost
+            gain = -kept if cheapest else math.inf if cost <= 0 else (held - self.held) / cost
             if best is None or gain > best[0]:
                 best = (gain, c, held, kept)
         if best is None:
