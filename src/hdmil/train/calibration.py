@@ -181,7 +181,6 @@ def calibrate_kept(
     # nothing; the smallest first step is taken and the result says it is over the budget
     over = search.kept == 0.0 and search.step(math.inf, cheapest=True)
     lipn.cfg.class_thresholds = tuple(search.thresholds)
-    k_all = kept_sets(lipn, probs, bags, slide_ids)
     return {
         "kept_budget": float(ratio),
         "class_thresholds": list(search.thresholds),
@@ -189,7 +188,7 @@ def calibrate_kept(
         "dilation": list(lipn.cfg.dilation) if lipn.cfg.dilation is not None else None,
         "kept_ratio": search.kept,  # mean over slides, as the budget counts
         "over_budget": bool(over),
-        "class_kept_ratio": [float(v) for v in k_all.float().mean(dim=0)] if len(k_all) else [],
+        "class_kept_ratio": search.class_kept_ratio(),
     }
 
 
@@ -205,17 +204,22 @@ def _probabilities_and_attention(lipn: torch.nn.Module, dmin: torch.nn.Module, b
 
 
 class _BudgetSearch:
-    """``calibrate_kept``'s greedy search: the thresholds so far, their attention and kept ratio."""
+    """``calibrate_kept``'s greedy search: the thresholds so far, each slide's kept sets at them
+    (dilation included), their attention and kept ratio. A trial step recomputes only the class
+    it lowers."""
 
     def __init__(self, lipn: torch.nn.Module, probs: list[torch.Tensor],
                  weights: list[torch.Tensor], index: list[np.ndarray | None]) -> None:
         from hdmil.models.lipn import dilate_mask
 
+        self.dilate = dilate_mask
         self.p = [p.numpy().astype(np.float32) for p in probs]
         self.w = [w.numpy() for w in weights]
+        self.index = index
         self.rings = lipn.cfg.dilation if lipn.dilates else None
-        self.grow = lambda keep, i: dilate_mask(keep, index[i], self.rings) if self.rings else keep
         n_classes = lipn.cfg.n_classes
+        self.has = [w.sum(axis=0) > 0 for w in self.w]  # each slide attending to a class counts once
+        self.counted = np.sum(self.has, axis=0) if self.has else np.zeros(n_classes)
         pooled = np.concatenate(self.p) if self.p else np.zeros((0, n_classes), np.float32)
         # candidates, highest first; each just under a quantile, so that patch is kept (P > t)
         self.candidates = [
@@ -224,26 +228,35 @@ class _BudgetSearch:
             for c in range(n_classes)]
         self.at = [-1] * n_classes  # -1: above every P (keeps nothing)
         self.thresholds = [1.0] * n_classes
-        self.held, self.kept = self._score(self.thresholds)
+        self.keep = [np.zeros(p.shape, bool) for p in self.p]  # bool [N, C] per slide
+        self.held, self.kept = self._score(self.keep)
 
-    def _measure(self, thresholds: Sequence[float]) -> tuple[np.ndarray, float]:
+    def _trial(self, c: int, threshold: float) -> list[np.ndarray]:
+        """Every slide's kept sets with class ``c`` at ``threshold``, the other classes as now."""
+        out = []
+        for i, keep in enumerate(self.keep):
+            column = self.p[i][:, c] > threshold
+            if self.rings and self.rings[c] > 0:
+                column = self.dilate(column[:, None], self.index[i], (self.rings[c],))[:, 0]
+            trial = keep.copy()
+            trial[:, c] = column
+            out.append(trial)
+        return out
+
+    def _measure(self, keeps: list[np.ndarray]) -> tuple[np.ndarray, float]:
         """(attention held per class, NaN for a class no slide attends to; mean over slides of
         the kept share)."""
-        t = np.asarray(thresholds, np.float32)
-        held, counted, kept = np.zeros(len(t)), np.zeros(len(t)), []
-        for i, (p, w) in enumerate(zip(self.p, self.w)):
-            keep = self.grow(p > t, i)
-            has = w.sum(axis=0) > 0  # each slide with attention for the class counts once
+        held = np.zeros(len(self.candidates))
+        for keep, w, has in zip(keeps, self.w, self.has):
             held += np.where(has, (w * keep).sum(axis=0), 0.0)
-            counted += has
-            kept.append(keep.any(axis=1).mean() if len(p) else 0.0)
+        kept = [keep.any(axis=1).mean() if len(keep) else 0.0 for keep in keeps]
         with np.errstate(invalid="ignore", divide="ignore"):
-            per_class = np.where(counted > 0, held / counted, np.nan)
+            per_class = np.where(self.counted > 0, held / self.counted, np.nan)
         return per_class, float(np.mean(kept)) if kept else 0.0
 
-    def _score(self, thresholds: Sequence[float]) -> tuple[float, float]:
+    def _score(self, keeps: list[np.ndarray]) -> tuple[float, float]:
         """(mean over classes of the attention held, mean over slides of the kept share)."""
-        per_class, kept = self._measure(thresholds)
+        per_class, kept = self._measure(keeps)
         return (float(np.nanmean(per_class)) if np.isfinite(per_class).any() else 0.0), kept
 
     def step(self, ratio: float, cheapest: bool = False) -> bool:
@@ -253,21 +266,24 @@ class _BudgetSearch:
         for c, cands in enumerate(self.candidates):
             if self.at[c] + 1 >= len(cands):
                 continue
-            trial = list(self.thresholds)
-            trial[c] = cands[self.at[c] + 1]
+            trial = self._trial(c, cands[self.at[c] + 1])
             held, kept = self._score(trial)
             if kept > ratio:
                 continue
             cost = kept - self.kept
             gain = -kept if cheapest else math.inf if cost <= 0 else (held - self.held) / cost
             if best is None or gain > best[0]:
-                best = (gain, c, held, kept)
+                best = (gain, c, held, kept, trial)
         if best is None:
             return False
-        _, c, self.held, self.kept = best
+        _, c, self.held, self.kept, self.keep = best
         self.at[c] += 1
         self.thresholds[c] = self.candidates[c][self.at[c]]
         return True
 
     def held_per_class(self) -> list[float]:
-        return [float(v) for v in self._measure(self.thresholds)[0]]
+        return [float(v) for v in self._measure(self.keep)[0]]
+
+    def class_kept_ratio(self) -> list[float]:
+        """Per class, the share of all the slides' patches its kept set holds (pooled)."""
+        return [float(v) for v in np.concatenate(self.keep).mean(axis=0)] if self.keep else []
